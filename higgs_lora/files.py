@@ -1,0 +1,62 @@
+"""Atomic file writes: a reader sees the old file or the new one, never half of either.
+
+Every file the project writes that something later reads (configs, manifests, reports, checkpoints) goes through
+here: write to a temporary name in the same directory, flush and fsync, then `os.replace`, which is atomic on POSIX
+file systems when source and target share a directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` atomically, creating parent directories; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        # The temporary file is ours alone; remove it so a failed write leaves no debris, then re-raise.
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write UTF-8 `text` to `path` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
+    """Write `obj` as UTF-8 JSON (non-ASCII kept readable: Arabic text stays Arabic) atomically."""
+    return atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=indent) + "\n")
+
+
+def replace_directory(staging: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Move a fully written `staging` directory to `target`, replacing any previous `target`.
+
+    The previous directory is renamed aside first and deleted only after the new one is in place, so an
+    interruption leaves either the old or the new directory under `target` (plus, at worst, a `.old` leftover).
+    """
+    staging, target = Path(staging), Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    old = target.with_name(target.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    if old.exists():
+        shutil.rmtree(old)
+    return target
