@@ -1,0 +1,1 @@
+"""Data: corpus sources, the codec-token cache, the pair sampler and the collator."""

@@ -1,0 +1,138 @@
+"""From codec codes and texts to model inputs and zero-shot training labels.
+
+Pure functions of their inputs (no codec, no model): the delay pattern, its inverse, the target-audio labels, and
+the zero-shot example (system, reference transcript, reference audio, target text, target audio). See
+docs/architecture.md for the layout of a sample; the rules are those of the released model:
+
+- T frames of codes (K codebooks) become K x (T + K + 1) delayed codes: BOS, the codes, EOS, shifted right by k
+  for codebook k (upper-left padded with BOS, lower-right with EOS). T frames take T + 9 positions for K = 8.
+- Only the target audio is trained. Its real codes are labelled, and for each codebook exactly one EOS, right after
+  its last code: generation stops when all codebooks have emitted EOS, so the model must be shown it. The reference
+  audio, all prompt text and padding are ignored (-100).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+SYSTEM_PROMPT = "Generate audio following instruction."
+
+
+def build_delay_pattern(codes: torch.Tensor, bos_id: int, eos_id: int) -> torch.Tensor:
+    """Delay-pattern (K, T) codes into (K, T + K + 1): row k is [BOS]*(k+1), codes, [EOS]*(K-k)."""
+    num_codebooks, num_frames = codes.shape
+    delayed = torch.full((num_codebooks, num_frames + num_codebooks + 1), eos_id, dtype=torch.long)
+    for k in range(num_codebooks):
+        delayed[k, : k + 1] = bos_id
+        delayed[k, k + 1 : k + 1 + num_frames] = codes[k]
+    return delayed
+
+
+def revert_delay_pattern(delayed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `build_delay_pattern`: (K, L) delayed codes -> the (K, L - K - 1) codes (BOS/EOS removed)."""
+    num_codebooks, length = delayed.shape
+    num_frames = length - num_codebooks - 1
+    if num_frames < 0:
+        raise ValueError(f"{length} positions are fewer than the {num_codebooks + 1} a delay pattern adds")
+    return torch.stack([delayed[k, k + 1 : k + 1 + num_frames] for k in range(num_codebooks)])
+
+
+def target_audio_labels(delayed: torch.Tensor, eos_id: int, bos_id: int) -> torch.Tensor:
+    """Labels for a delayed target segment (K, L): its codes, one EOS per codebook after its last code, else -100."""
+    labels = torch.full_like(delayed, IGNORE_INDEX)
+    is_code = delayed < min(bos_id, eos_id)
+    labels[is_code] = delayed[is_code]
+    num_codebooks = delayed.shape[0]
+    for k in range(num_codebooks):
+        eos_positions = (delayed[k] == eos_id).nonzero()
+        if len(eos_positions) == 0:
+            raise ValueError(f"codebook {k} of the target has no EOS: the segment is not delay-patterned")
+        labels[k, eos_positions[0, 0]] = eos_id
+    return labels
+
+
+@dataclass
+class Example:
+    """One zero-shot training sample, unpadded."""
+
+    input_ids: torch.Tensor
+    """(L,) text token ids with audio placeholders (`<|AUDIO_OUT|>` and delay tokens) for every audio position."""
+    audio_input_ids: torch.Tensor
+    """(A, K) delayed codes of the reference then the target segment, one row per audio position."""
+    audio_labels: torch.Tensor
+    """(A, K) labels aligned with `audio_input_ids`: -100 except on the target's codes and first EOS."""
+
+    @property
+    def num_positions(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def render_zero_shot_prompt(processor, reference_text: str, target_text: str, scene: str = "") -> str:
+    """The chat-template text of a cloning conversation with an assistant audio turn for reference and target."""
+    conversation = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]}]
+    if scene:
+        conversation.append({"role": "scene", "content": [{"type": "text", "text": scene}]})
+    conversation += [
+        {"role": "user", "content": [{"type": "text", "text": reference_text}]},
+        {"role": "assistant", "content": [{"type": "audio", "audio": "reference"}]},
+        {"role": "user", "content": [{"type": "text", "text": target_text}]},
+        {"role": "assistant", "content": [{"type": "audio", "audio": "target"}]},
+    ]
+    return processor.apply_chat_template(conversation, tokenize=False)
+
+
+def build_example(
+    processor,
+    reference_text: str,
+    reference_codes: torch.Tensor,
+    target_text: str,
+    target_codes: torch.Tensor,
+    scene: str = "",
+) -> Example:
+    """A zero-shot training example from texts and (K, T) codec codes of the reference and target audio."""
+    bos_id, eos_id = processor.audio_stream_bos_id, processor.audio_stream_eos_id
+    segments = [build_delay_pattern(c.long(), bos_id, eos_id) for c in (reference_codes, target_codes)]
+    text = render_zero_shot_prompt(processor, reference_text, target_text, scene)
+    pieces = text.split(processor.audio_token)
+    if len(pieces) != len(segments) + 1:
+        raise ValueError(f"the chat template rendered {len(pieces) - 1} audio placeholders, expected {len(segments)}")
+    expanded = pieces[0]
+    for segment, piece in zip(segments, pieces[1:]):
+        expanded += processor.get_audio_tokens(segment.shape[1]) + piece
+    input_ids = processor.tokenizer(expanded, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    labels = [torch.full_like(segments[0], IGNORE_INDEX), target_audio_labels(segments[1], eos_id, bos_id)]
+    return Example(
+        input_ids=input_ids,
+        audio_input_ids=torch.cat(segments, dim=1).T.contiguous(),
+        audio_labels=torch.cat(labels, dim=1).T.contiguous(),
+    )
+
+
+def collate(examples: list[Example], pad_token_id: int, audio_pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of examples into a batch for HiggsAudioV2ForConditionalGeneration."""
+    max_len = max(e.num_positions for e in examples)
+    max_audio = max(e.audio_input_ids.shape[0] for e in examples)
+    num_codebooks = examples[0].audio_input_ids.shape[1]
+    batch = len(examples)
+    input_ids = torch.full((batch, max_len), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, max_len), dtype=torch.long)
+    audio_input_ids = torch.full((batch, max_audio, num_codebooks), audio_pad_id, dtype=torch.long)
+    audio_labels = torch.full((batch, max_audio, num_codebooks), IGNORE_INDEX, dtype=torch.long)
+    audio_mask = torch.zeros((batch, max_audio), dtype=torch.bool)
+    for i, e in enumerate(examples):
+        n, a = e.num_positions, e.audio_input_ids.shape[0]
+        input_ids[i, :n] = e.input_ids
+        attention_mask[i, :n] = 1
+        audio_input_ids[i, :a] = e.audio_input_ids
+        audio_labels[i, :a] = e.audio_labels
+        audio_mask[i, :a] = True
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "audio_input_ids": audio_input_ids,
+        "audio_input_ids_mask": audio_mask,
+        "audio_labels": audio_labels,
+    }

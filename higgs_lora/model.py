@@ -1,0 +1,229 @@
+"""Loading the base model, its processor and codec from local directories, and applying LoRA.
+
+One code path for real and tiny checkpoints: `from_pretrained(local_dir)` on the transformers layout. Boson's
+original layout (downloads from before the transformers port) is recognised and refused with the command that
+converts it. Nothing here downloads: every path must be a local directory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from higgs_lora.config import ModelConfig, LoraConfig
+
+if TYPE_CHECKING:
+    import torch
+
+REQUIRED_CODEBOOK_SIZE = 1026
+"""1024 codes + stream BOS (1024) + stream EOS (1025): what the released weights were trained with."""
+
+
+class CheckpointError(ValueError):
+    """A model directory that cannot be used as it is, with what to do about it."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a model directory holds."""
+
+    path: Path
+    layout: str
+    """'transformers' (loadable) or 'original' (Boson's pre-port layout: convert it first)."""
+    config: dict
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
+    """Identify the layout of a local Higgs Audio v2 checkpoint directory, or raise CheckpointError."""
+    path = Path(path).expanduser()
+    if not str(path):
+        raise CheckpointError("model.path is not set: point it at a local Higgs Audio v2 checkpoint directory")
+    if not path.is_dir():
+        raise CheckpointError(
+            f"model.path={path} is not a directory. Nothing is downloaded here: download the checkpoint yourself "
+            "and give its local directory (or build a tiny one with `python -m higgs_lora.tiny`)."
+        )
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path} has no config.json: not a model checkpoint directory")
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    model_type = config.get("model_type")
+    if model_type == "higgs_audio_v2":
+        return CheckpointInfo(path=path, layout="transformers", config=config)
+    if model_type == "higgs_audio" or "audio_decoder_proj" in _weight_names(path):
+        return CheckpointInfo(path=path, layout="original", config=config)
+    raise CheckpointError(f"{config_file} has model_type={model_type!r}; expected 'higgs_audio_v2'")
+
+
+def _weight_names(path: Path) -> str:
+    """The safetensors index as text (cheap check for original-layout key names); empty when absent."""
+    index = path / "model.safetensors.index.json"
+    return index.read_text(encoding="utf-8") if index.is_file() else ""
+
+
+def check_loadable(info: CheckpointInfo) -> None:
+    """Raise CheckpointError unless `info` is a transformers-layout checkpoint with codebook_size 1026."""
+    if info.layout == "original":
+        raise CheckpointError(
+            f"{info.path} is in Boson's original checkpoint layout. Convert it once to the transformers layout:\n"
+            f"  python -m higgs_lora.convert --src {info.path} --out {info.path}-hf\n"
+            "then set model.path to the converted directory (see docs/deploy.md)."
+        )
+    codebook_size = info.config.get("codebook_size")
+    if codebook_size != REQUIRED_CODEBOOK_SIZE:
+        raise CheckpointError(
+            f"{info.path}/config.json has codebook_size={codebook_size}; the released weights need "
+            f"{REQUIRED_CODEBOOK_SIZE} (1024 codes + stream BOS + stream EOS). With 1024 the BOS/EOS ids collide "
+            "with the next codebook. Set \"codebook_size\": 1026 in that config.json."
+        )
+
+
+def load_base_model(cfg: ModelConfig, device: "str | torch.device | None" = None):
+    """Load the frozen base HiggsAudioV2ForConditionalGeneration as `cfg` says (bf16/fp16/fp32 or NF4 4-bit)."""
+    from transformers import HiggsAudioV2ForConditionalGeneration
+
+    info = inspect_checkpoint(cfg.path)
+    check_loadable(info)
+    dtype = torch_dtype(cfg.dtype)
+    kwargs: dict = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
+    if cfg.use_text_head:
+        kwargs["use_text_head"] = True
+    if cfg.quantization == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            # Storage dtype equal to the compute dtype lets ZeRO-3 partition the packed 4-bit weights.
+            bnb_4bit_quant_storage=dtype,
+            # Heads and embeddings stay in full precision: they are small and quality-critical.
+            llm_int8_skip_modules=["audio_lm_head", "text_lm_head", "embed_tokens", "embed_audio_tokens"],
+        )
+    if device is not None and cfg.quantization == "none":
+        kwargs["device_map"] = {"": str(device)}
+    model = HiggsAudioV2ForConditionalGeneration.from_pretrained(str(info.path), **kwargs)
+    model.requires_grad_(False)
+    return model
+
+
+def resolve_codec_path(cfg: ModelConfig) -> Path:
+    """The codec directory: `cfg.codec_path`, else the processor config's reference if local, else `../codec`."""
+    if cfg.codec_path:
+        path = Path(cfg.codec_path).expanduser()
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"model.codec_path={path} is not a codec directory (no config.json)")
+        return path
+    candidates = []
+    processor_config = Path(cfg.path) / "processor_config.json"
+    if processor_config.is_file():
+        reference = json.loads(processor_config.read_text(encoding="utf-8")).get("audio_tokenizer", {})
+        named = reference.get("audio_tokenizer_name_or_path")
+        if named:
+            candidates.append(Path(named).expanduser())
+            candidates.append(Path(cfg.path) / named)
+    candidates.append(Path(cfg.path).parent / "codec")
+    candidates.append(Path(cfg.path) / "audio_tokenizer")
+    for candidate in candidates:
+        if (candidate / "config.json").is_file():
+            return candidate
+    tried = ", ".join(str(c) for c in candidates)
+    raise CheckpointError(
+        f"no local codec found for {cfg.path} (tried {tried}). Download the Higgs Audio v2 tokenizer and set "
+        "model.codec_path to its directory."
+    )
+
+
+def load_codec(path: str | Path, device: "str | torch.device | None" = None):
+    """The audio codec (HiggsAudioV2TokenizerModel) from a local directory, in eval mode, float32."""
+    from transformers import HiggsAudioV2TokenizerModel
+
+    codec = HiggsAudioV2TokenizerModel.from_pretrained(str(path))
+    if device is not None:
+        codec = codec.to(device)
+    return codec.eval()
+
+
+def load_processor(cfg: ModelConfig, codec=None):
+    """The HiggsAudioV2Processor of a checkpoint, built from local files only.
+
+    Assembled from its parts rather than through `AutoProcessor.from_pretrained`, because the released processor
+    config names its codec by Hub id, which cannot be fetched here; the codec comes from `resolve_codec_path`.
+    """
+    from transformers import AutoTokenizer, DacFeatureExtractor, HiggsAudioV2Processor
+
+    model_dir = Path(cfg.path)
+    if codec is None:
+        codec = load_codec(resolve_codec_path(cfg))
+    settings = {}
+    processor_config = model_dir / "processor_config.json"
+    if processor_config.is_file():
+        settings = json.loads(processor_config.read_text(encoding="utf-8"))
+    feature_settings = settings.get("feature_extractor") or {
+        "feature_size": 1, "hop_length": 1, "padding_side": "right", "padding_value": 0.0,
+        "sampling_rate": 24000, "return_attention_mask": True,
+    }
+    feature_settings = {k: v for k, v in feature_settings.items() if k != "feature_extractor_type"}
+    template_file = model_dir / "chat_template.jinja"
+    chat_template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
+    if chat_template is None:
+        raise CheckpointError(f"{model_dir} has no chat_template.jinja: the processor cannot render prompts")
+    keys = ("audio_token", "audio_bos_token", "audio_eos_token", "audio_delay_token",
+            "audio_stream_bos_id", "audio_stream_eos_id")
+    return HiggsAudioV2Processor(
+        feature_extractor=DacFeatureExtractor(**feature_settings),
+        tokenizer=AutoTokenizer.from_pretrained(str(model_dir)),
+        audio_tokenizer=codec,
+        chat_template=chat_template,
+        **{k: settings[k] for k in keys if k in settings},
+    )
+
+
+def apply_lora(model, lora: LoraConfig, model_cfg: ModelConfig):
+    """Wrap the frozen base in a PEFT LoRA model; only adapter weights require grad.
+
+    Raises ValueError naming the targets that match no module (a typo would otherwise train nothing there).
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in lora.target_modules if t not in names]
+    if missing:
+        raise ValueError(
+            f"lora.target_modules {missing} match no module of the model; "
+            f"linear layers are named e.g. q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
+        )
+    if model_cfg.quantization == "nf4":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=model_cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif model_cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # With every base weight frozen the checkpointed blocks would see no input requiring grad.
+        model.enable_input_require_grads()
+    peft_config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts (4-bit packed weights count as stored elements)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
