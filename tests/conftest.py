@@ -1,0 +1,134 @@
+"""Test-wide rules: no network, no model hub, tiny models built once per session, markers that skip honestly."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_CORPUS = REPO_ROOT / "examples" / "demo_corpus"
+
+# Offline before anything imports transformers / huggingface_hub / datasets, and an empty HF home, so a test can
+# never pass because something happened to be in a local hub cache.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="higgs-lora-test-hf-home-")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# ------------------------------------------------------------------------------------------ network guard
+
+
+class NetworkAccessError(OSError):
+    """Raised when a test tries to connect to anything but the loopback interface."""
+
+
+_blocked_attempts: list[str] = []
+
+
+def _is_loopback(address) -> bool:
+    if isinstance(address, (str, bytes)) and not isinstance(address, tuple):
+        return True  # AF_UNIX path
+    host = address[0]
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost: resolving it would already be network access
+
+
+_real_connect = socket.socket.connect
+_real_connect_ex = socket.socket.connect_ex
+
+
+def _guarded_connect(self, address):
+    if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address):
+        _blocked_attempts.append(f"connect to {address!r}")
+        raise NetworkAccessError(f"tests may only connect to loopback addresses, not {address!r}")
+    return _real_connect(self, address)
+
+
+def _guarded_connect_ex(self, address):
+    if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address):
+        _blocked_attempts.append(f"connect_ex to {address!r}")
+        raise NetworkAccessError(f"tests may only connect to loopback addresses, not {address!r}")
+    return _real_connect_ex(self, address)
+
+
+socket.socket.connect = _guarded_connect  # type: ignore[method-assign]
+socket.socket.connect_ex = _guarded_connect_ex  # type: ignore[method-assign]
+
+
+@pytest.fixture(autouse=True)
+def _fail_on_network_access():
+    """Fail the test if it tried to reach a non-loopback address, even if the code under test caught the error."""
+    _blocked_attempts.clear()
+    yield
+    if _blocked_attempts:
+        attempts = "; ".join(_blocked_attempts)
+        _blocked_attempts.clear()
+        pytest.fail(f"network access outside loopback attempted: {attempts}")
+
+
+@pytest.fixture
+def network_attempts():
+    """The list of blocked connection attempts (for the guard's own test, which clears it)."""
+    return _blocked_attempts
+
+
+# ------------------------------------------------------------------------------------------------ markers
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    has_cuda = _cuda_available()
+    has_slurm = any((Path(p) / "sbatch").exists() for p in os.environ.get("PATH", "").split(os.pathsep))
+    skip_gpu = pytest.mark.skip(reason="needs CUDA: torch.cuda.is_available() is False on this machine")
+    skip_slurm = pytest.mark.skip(reason="needs SLURM: no sbatch on PATH (.ci/run installs and starts one)")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+        if "slurm" in item.keywords and not has_slurm:
+            item.add_marker(skip_slurm)
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny Higgs checkpoint (model/ + codec/) in the released layout, built once per test session."""
+    import torch
+
+    from higgs_lora.tiny import DEFAULT_TRANSCRIPTS, write_tiny
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    return write_tiny(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0, transcripts=DEFAULT_TRANSCRIPTS)
+
+
+@pytest.fixture(scope="session")
+def demo_rows():
+    """The demo corpus manifest rows with absolute audio paths."""
+    from higgs_lora.demo import read_manifest
+
+    return read_manifest(DEMO_CORPUS / "manifest.jsonl")
+
+
+def pytest_report_header(config):
+    return f"higgs-lora tests: offline (HF_HOME={os.environ['HF_HOME']}), loopback-only sockets, python {sys.version.split()[0]}"

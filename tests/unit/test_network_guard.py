@@ -1,0 +1,34 @@
+"""The test suite refuses network access beyond loopback, and runs with the hub offline."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from tests.conftest import NetworkAccessError
+
+
+def test_non_loopback_connection_is_blocked_and_recorded(network_attempts):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        with pytest.raises(NetworkAccessError):
+            sock.connect(("192.0.2.1", 80))  # TEST-NET-1: never routed; blocked before any packet anyway
+    assert network_attempts == ["connect to ('192.0.2.1', 80)"]
+    network_attempts.clear()  # this test wanted the attempt; others fail on one
+
+
+def test_loopback_is_allowed():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        with socket.create_connection(server.getsockname(), timeout=5):
+            pass
+
+
+def test_hub_is_offline():
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["TRANSFORMERS_OFFLINE"] == "1"
+    from transformers import AutoConfig
+
+    with pytest.raises(OSError):
+        AutoConfig.from_pretrained("bosonai/higgs-audio-v2-generation-3B-base")
