@@ -53,25 +53,23 @@ def demo_pairs(rows: list[dict], num_pairs: int) -> list[tuple[dict, dict]]:
     return pairs[:num_pairs]
 
 
-def foundation_step(cfg: RunConfig, num_pairs: int = 2) -> dict:
-    """Load the model through the real loaders, apply LoRA, run forward + backward on a demo batch.
+def build_model_and_batch(cfg: RunConfig, num_pairs: int = 2):
+    """Load the base through the real loaders, apply LoRA, and build a zero-shot batch from the demo corpus.
 
-    Returns a summary with the loss, per-codebook losses, parameter counts and the adapter gradient norm.
+    Returns (model, batch, load_seconds). Each pair is a reference and a target of the same speaker.
     """
     import torch
 
     from higgs_lora.audio import load_audio
     from higgs_lora.data.collate import build_example, collate
-    from higgs_lora.model import apply_lora, count_parameters, load_base_model, load_processor
+    from higgs_lora.model import apply_lora, load_base_model, load_processor
 
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
     processor = load_processor(cfg.model)
     codec = processor.audio_tokenizer
-    model = load_base_model(cfg.model)
-    model = apply_lora(model, cfg.lora, cfg.model)
+    model = apply_lora(load_base_model(cfg.model), cfg.lora, cfg.model)
     model.train()
-    trainable, total = count_parameters(model)
     load_seconds = time.perf_counter() - started
 
     # The codec runs here only because this stage predates the token cache; `prepare` will own it.
@@ -80,41 +78,63 @@ def foundation_step(cfg: RunConfig, num_pairs: int = 2) -> dict:
         with torch.no_grad():
             return codec.encode(samples[None, None]).audio_codes[0]
 
-    examples = []
-    for reference, target in demo_pairs(read_manifest(cfg.data.corpus), num_pairs):
-        examples.append(
-            build_example(processor, reference["text"], encode(reference), target["text"], encode(target),
-                          scene=cfg.data.scene)
-        )
+    examples = [
+        build_example(processor, reference["text"], encode(reference), target["text"], encode(target),
+                      scene=cfg.data.scene)
+        for reference, target in demo_pairs(read_manifest(cfg.data.corpus), num_pairs)
+    ]
     batch = collate(examples, processor.tokenizer.pad_token_id, processor.audio_stream_eos_id)
+    return model, batch, load_seconds
+
+
+def per_codebook_losses(model, batch: dict, logits) -> list[float]:
+    """Cross-entropy of each codebook over the labelled positions of `batch` (the model reports only their sum)."""
+    import torch
+
+    num_codebooks, codebook_size = model.config.num_codebooks, model.config.codebook_size
+    logits = logits.float().reshape(*logits.shape[:2], num_codebooks, codebook_size)
+    labels = torch.full((*batch["input_ids"].shape, num_codebooks), -100, dtype=torch.long)
+    audio_positions = model.get_base_model().model.get_placeholder_mask(batch["input_ids"], None, None)
+    labels[audio_positions] = batch["audio_labels"][batch["audio_input_ids_mask"]]
+    return [
+        torch.nn.functional.cross_entropy(
+            logits[:, :-1, k].reshape(-1, codebook_size), labels[:, 1:, k].reshape(-1), ignore_index=-100
+        ).item()
+        for k in range(num_codebooks)
+    ]
+
+
+def forward_backward(model, batch: dict):
+    """One forward and backward pass; returns (outputs, adapter gradient norm, seconds)."""
+    import torch
 
     started = time.perf_counter()
     outputs = model(**batch)
-    loss = outputs.loss
-    loss.backward()
-    step_seconds = time.perf_counter() - started
+    outputs.loss.backward()
+    seconds = time.perf_counter() - started
     grad_norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters() if p.grad is not None))
+    return outputs, grad_norm.item(), seconds
 
-    with torch.no_grad():  # per-codebook cross-entropy, for the report
-        num_codebooks, codebook_size = model.config.num_codebooks, model.config.codebook_size
-        logits = outputs.logits.float().reshape(*outputs.logits.shape[:2], num_codebooks, codebook_size)
-        labels = torch.full((*batch["input_ids"].shape, num_codebooks), -100, dtype=torch.long)
-        audio_positions = model.base_model.model.model.get_placeholder_mask(batch["input_ids"], None, None)
-        labels[audio_positions] = batch["audio_labels"][batch["audio_input_ids_mask"]]
-        per_codebook = [
-            torch.nn.functional.cross_entropy(
-                logits[:, :-1, k].reshape(-1, codebook_size), labels[:, 1:, k].reshape(-1), ignore_index=-100
-            ).item()
-            for k in range(num_codebooks)
-        ]
+
+def foundation_step(cfg: RunConfig, num_pairs: int = 2) -> dict:
+    """Load through the real loaders, apply LoRA, run forward + backward on a demo batch; returns a summary."""
+    import torch
+
+    from higgs_lora.model import count_parameters
+
+    model, batch, load_seconds = build_model_and_batch(cfg, num_pairs)
+    outputs, grad_norm, step_seconds = forward_backward(model, batch)
+    with torch.no_grad():
+        per_codebook = per_codebook_losses(model, batch, outputs.logits)
+    trainable, total = count_parameters(model)
     return {
-        "loss": loss.item(),
+        "loss": outputs.loss.item(),
         "per_codebook_loss": per_codebook,
         "labelled_positions": int((batch["audio_labels"] != -100).sum()),
         "batch_shape": list(batch["input_ids"].shape),
         "trainable_parameters": trainable,
         "total_parameters": total,
-        "adapter_grad_norm": grad_norm.item(),
+        "adapter_grad_norm": grad_norm,
         "load_seconds": round(load_seconds, 3),
         "forward_backward_seconds": round(step_seconds, 3),
     }
