@@ -192,3 +192,13 @@ def test_config_module_imports_no_torch():
     code = "import sys, higgs_lora.config; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_yaml_file_with_unknown_key_and_wrong_type(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  path: build/tiny/model\ntrain:\n  lr: 1.0e-4\n  max_stepz: 10\n  log_every: often\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "train.max_stepz" in message and "did you mean train.max_steps" in message
+    assert "train.log_every='often' is not an integer" in message
