@@ -117,8 +117,50 @@ class DataConfig:
     """Longest reference (voice prompt) drawn for a target, in seconds."""
     strip_diacritics: bool = False
     """Remove Arabic diacritics from training text (kept by default: they guide pronunciation)."""
+    fold_letters: bool = False
+    """Fold alef/hamza forms, alef maqsura and ta marbuta in training text (off by default: it loses information)."""
+    numbers_to_words: bool = True
+    """Spell digits out as Arabic words (the model reads words; digits are ambiguous in speech)."""
+    require_arabic_letters: bool = True
+    """Reject transcripts with no Arabic letter when data.language is 'ar' (catches misrouted Latin transcripts)."""
+    max_letters_per_second: float = 25.0
+    """Reject a transcript with more letters (diacritics not counted) per second of audio than this: the text is
+    implausibly long for its recording."""
     scene: str = ""
     """Optional scene description added to the system prompt (e.g. 'Audio is recorded in a quiet room.')."""
+
+
+@dataclass
+class AudioConfig:
+    """How recordings are checked and conditioned before the codec sees them (in `prepare`)."""
+
+    target_lufs: float = -20.0
+    """Integrated loudness every utterance is normalised to, in LUFS (ITU-R BS.1770); 0 disables it."""
+    trim_silence: bool = True
+    """Trim leading and trailing silence."""
+    trim_db: float = 40.0
+    """Silence for trimming: frames quieter than the loudest frame minus this many dB."""
+    trim_pad_seconds: float = 0.05
+    """Silence kept before the first and after the last loud frame when trimming, in seconds."""
+    silence_dbfs: float = -55.0
+    """Reject an utterance whose RMS level is below this (dBFS): silent or nearly so."""
+    max_clipped_fraction: float = 0.001
+    """Reject an utterance with more than this fraction of samples at full scale (|x| >= 0.999)."""
+
+
+@dataclass
+class PrepareConfig:
+    """How `python -m higgs_lora.prepare` runs: shards, workers, codec batching."""
+
+    shard_size: int = 256
+    """Utterances per cache shard: the unit of resumption (a killed run redoes at most one shard per process)."""
+    num_workers: int = 2
+    """Threads decoding, checking and conditioning audio while the codec encodes."""
+    codec_batch_size: int = 16
+    """Utterances per codec call. Only clips of the same frame count are batched, so batching never changes the
+    codes (the codec's attention has no padding mask)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the codec runs; 'auto' uses a GPU when one is present."""
 
 
 @dataclass
@@ -190,6 +232,10 @@ class RunConfig:
     """The adapter."""
     data: DataConfig = field(default_factory=DataConfig)
     """The corpus and sampling."""
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    """Audio conditioning and checks."""
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    """The cache-building run."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The optimisation loop."""
     plan: PlanConfig = field(default_factory=PlanConfig)
@@ -255,6 +301,14 @@ def _validate_run(cfg: RunConfig) -> list[str]:
     if model.attn_implementation == "flash_attention_2" and model.dtype == "fp32":
         problems.append("model.attn_implementation=flash_attention_2 needs model.dtype=bf16 or fp16; or use sdpa")
 
+    if data.max_letters_per_second <= 0:
+        problems.append(f"data.max_letters_per_second={data.max_letters_per_second} must be > 0")
+    for key in ("shard_size", "num_workers", "codec_batch_size"):
+        positive(f"prepare.{key}", getattr(cfg.prepare, key))
+    if not 0 <= cfg.audio.max_clipped_fraction <= 1:
+        problems.append(f"audio.max_clipped_fraction={cfg.audio.max_clipped_fraction} must be in [0, 1]")
+    if cfg.audio.target_lufs > 0:
+        problems.append(f"audio.target_lufs={cfg.audio.target_lufs} must be <= 0 (e.g. -20), or 0 to disable")
     positive("data.sample_rate", data.sample_rate)
     positive("data.min_seconds", data.min_seconds)
     positive("data.reference_min_seconds", data.reference_min_seconds)

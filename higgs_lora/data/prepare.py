@@ -1,0 +1,501 @@
+"""`python -m higgs_lora.prepare`: any corpus -> checked, normalised, codec-token cache, with a report.
+
+The codec runs here, once; training only reads the cache. The run:
+
+1. Read the corpus (`sources.py`) into utterances; find duplicates (same file, or same bytes).
+2. Split the utterances, in corpus order, into shards of `prepare.shard_size`. A shard is the unit of work and of
+   resumption: it is written to a staging directory and renamed into place when complete, so a killed run leaves
+   whole shards or none, and a re-run skips the finished ones. `--num-shards N --shard-index i` lets N array-job
+   tasks share the shards (task i takes shards i, i+N, ...).
+3. Per shard, worker threads read, check and condition audio (mono, 24 kHz, trimmed, loudness-normalised) and
+   normalise text; the codec encodes clips of equal frame count together; rows go to a `datasets` Arrow shard.
+   Every rejected utterance is recorded with its reason; nothing is fatal but a broken configuration.
+4. `join` (automatic at the end of a single-process run, `--join` after an array job) checks that every shard is
+   there and writes `report.json`: items in, kept, rejected by reason with examples, hours, per-speaker counts,
+   a duration histogram, and speakers that have a single utterance (they cannot be their own reference).
+
+Cache layout (`data.cache_dir`):
+
+    plan.json                 settings fingerprint, shard count, source problems
+    pairs.jsonl               fixed (reference, target) source-id pairs from ChatML
+    shards/shard-00000-of-00010/   Arrow data + rejected.jsonl + summary.json
+    report.json               written by join
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from higgs_lora.arabic import has_arabic_letters, normalize_arabic
+from higgs_lora.audio import AudioError, audio_seconds, condition, read_audio
+from higgs_lora.config import (
+    FRAMES_PER_SECOND,
+    ConfigError,
+    RunConfig,
+    add_config_arguments,
+    config_from_args,
+)
+from higgs_lora.data.sources import CorpusFormatError, Utterance, read_corpus
+from higgs_lora.files import atomic_write_json, atomic_write_text
+
+CACHE_VERSION = 1
+HOP_SAMPLES = 960
+"""Codec hop at 24 kHz: one frame per 960 samples."""
+EXAMPLES_PER_REASON = 5
+
+
+class CacheError(RuntimeError):
+    """The cache directory cannot be used as asked (settings changed, shards missing, ...)."""
+
+
+@dataclass
+class Item:
+    """An utterance scheduled for a shard, with its position in the corpus and a duplicate mark."""
+
+    index: int
+    utterance: Utterance
+    duplicate_of: str | None = None
+
+
+@dataclass
+class Outcome:
+    """What preparing one item gave: a cache row (without codes yet) or a rejection."""
+
+    item: Item
+    row: dict | None = None
+    samples: Any = None
+    reason: str | None = None
+    detail: str = ""
+
+
+# ------------------------------------------------------------------------------------------------- planning
+
+
+def cache_dir_of(cfg: RunConfig) -> Path:
+    return Path(cfg.data.cache_dir or Path(cfg.output_dir) / "cache")
+
+
+def cache_settings(cfg: RunConfig, codec_path: str) -> dict:
+    """Everything that changes the cache's content; a cache made with other settings is not reused."""
+    data = cfg.data
+    return {
+        "cache_version": CACHE_VERSION,
+        "corpus": str(Path(data.corpus).expanduser().resolve()),
+        "format": data.format,
+        "language": data.language,
+        "sample_rate": data.sample_rate,
+        "min_seconds": data.min_seconds,
+        "max_seconds": data.max_seconds,
+        "strip_diacritics": data.strip_diacritics,
+        "fold_letters": data.fold_letters,
+        "numbers_to_words": data.numbers_to_words,
+        "require_arabic_letters": data.require_arabic_letters,
+        "max_letters_per_second": data.max_letters_per_second,
+        "audio": asdict(cfg.audio),
+        "codec": str(Path(codec_path).expanduser().resolve()),
+        "shard_size": cfg.prepare.shard_size,
+    }
+
+
+def find_duplicates(utterances: list[Utterance]) -> dict[int, str]:
+    """Index -> source_id of the first utterance with the same audio (same path, or same bytes).
+
+    Only files of equal size are hashed, so this costs one stat per file plus a read of the rare collisions.
+    """
+    duplicates: dict[int, str] = {}
+    first_by_path: dict[str, str] = {}
+    by_size: dict[int, list[int]] = defaultdict(list)
+    for index, utterance in enumerate(utterances):
+        if utterance.audio in first_by_path:
+            duplicates[index] = first_by_path[utterance.audio]
+            continue
+        first_by_path[utterance.audio] = utterance.source_id
+        path = Path(utterance.audio)
+        if path.is_file():
+            by_size[path.stat().st_size].append(index)
+    for indices in by_size.values():
+        if len(indices) < 2:
+            continue
+        first_by_hash: dict[str, str] = {}
+        for index in indices:
+            digest = hashlib.sha1(Path(utterances[index].audio).read_bytes()).hexdigest()
+            if digest in first_by_hash:
+                duplicates[index] = first_by_hash[digest]
+            else:
+                first_by_hash[digest] = utterances[index].source_id
+    return duplicates
+
+
+def shard_name(shard: int, num_shards: int) -> str:
+    return f"shard-{shard:05d}-of-{num_shards:05d}"
+
+
+def plan_cache(cfg: RunConfig, codec_path: str) -> tuple[list[list[Item]], dict]:
+    """Read the corpus, mark duplicates, split into shards; write or verify `plan.json` and `pairs.jsonl`."""
+    try:
+        corpus = read_corpus(cfg.data.corpus, cfg.data.format, cfg.data.language)
+    except CorpusFormatError as err:
+        raise CacheError(str(err)) from None
+    duplicates = find_duplicates(corpus.utterances)
+    items = [Item(i, u, duplicates.get(i)) for i, u in enumerate(corpus.utterances)]
+    size = cfg.prepare.shard_size
+    shards = [items[start:start + size] for start in range(0, len(items), size)]
+    settings = cache_settings(cfg, codec_path)
+    plan = {
+        "settings": settings,
+        "num_items": len(items),
+        "num_shards": len(shards),
+        "source_ids_sha1": hashlib.sha1("\n".join(u.source_id for u in corpus.utterances).encode()).hexdigest(),
+        "source_problems": [asdict(p) for p in corpus.problems],
+    }
+    cache_dir = cache_dir_of(cfg)
+    plan_file = cache_dir / "plan.json"
+    if plan_file.is_file():
+        existing = json.loads(plan_file.read_text(encoding="utf-8"))
+        if existing != plan:
+            changed = sorted(k for k in plan if existing.get(k) != plan[k])
+            changed += sorted(f"settings.{k}" for k in settings if existing.get("settings", {}).get(k) != settings[k])
+            raise CacheError(
+                f"{cache_dir} holds a cache made from another corpus or with other settings ({', '.join(changed)}); "
+                "set data.cache_dir to a new directory, or delete this one to rebuild it"
+            )
+    else:
+        atomic_write_json(plan_file, plan)
+        atomic_write_text(cache_dir / "pairs.jsonl", "".join(
+            json.dumps({"reference": r, "target": t}, ensure_ascii=False) + "\n" for r, t in corpus.pairs))
+    return shards, plan
+
+
+# ---------------------------------------------------------------------------------------------- one item
+
+
+def letters(text: str) -> int:
+    """Letters in `text` (Arabic diacritics, digits, spaces and punctuation not counted)."""
+    return sum(ch.isalpha() for ch in text)
+
+
+def prepare_item(item: Item, cfg: RunConfig) -> Outcome:
+    """Check and condition one utterance (text and audio); never raises for bad data."""
+    utterance, data, audio = item.utterance, cfg.data, cfg.audio
+    if item.duplicate_of is not None:
+        return Outcome(item, reason="duplicate", detail=f"same audio as {item.duplicate_of}")
+    text = normalize_arabic(
+        utterance.text, strip_diacritics=data.strip_diacritics, fold_letters=data.fold_letters,
+        numbers_to_words=data.numbers_to_words,
+    ) if utterance.language == "ar" else " ".join(utterance.text.split())
+    if not text:
+        return Outcome(item, reason="empty_text", detail="transcript is empty")
+    if utterance.language == "ar" and data.require_arabic_letters and not has_arabic_letters(text):
+        return Outcome(item, reason="no_arabic_letters", detail=f"transcript {text[:60]!r} has no Arabic letter")
+    try:
+        # A header check first, so an hour-long file is rejected without decoding it.
+        header_seconds = audio_seconds(utterance.audio) if Path(utterance.audio).is_file() else None
+        if header_seconds is not None and header_seconds > max(2 * data.max_seconds, data.max_seconds + 30):
+            raise AudioError(f"{header_seconds:.1f} s is longer than {data.max_seconds} s", reason="too_long")
+        samples, rate = read_audio(utterance.audio)
+        conditioned = condition(
+            samples, rate, sample_rate=data.sample_rate, hop_samples=HOP_SAMPLES, target_lufs=audio.target_lufs,
+            trim=audio.trim_silence, trim_db=audio.trim_db, trim_pad_seconds=audio.trim_pad_seconds,
+            silence_dbfs=audio.silence_dbfs, max_clipped_fraction=audio.max_clipped_fraction,
+            min_seconds=data.min_seconds, max_seconds=data.max_seconds,
+        )
+    except AudioError as err:
+        return Outcome(item, reason=err.reason, detail=str(err))
+    rate_letters = letters(text) / conditioned.seconds
+    if rate_letters > data.max_letters_per_second:
+        return Outcome(item, reason="text_too_long_for_audio",
+                       detail=f"{rate_letters:.1f} letters/s over {conditioned.seconds:.2f} s "
+                              f"(limit {data.max_letters_per_second})")
+    row = {
+        "source_id": utterance.source_id,
+        "audio": utterance.audio,
+        "speaker": utterance.speaker,
+        "language": utterance.language,
+        "text": utterance.text,
+        "text_normalized": text,
+        "duration": round(conditioned.seconds, 4),
+        "num_frames": len(conditioned.samples) // HOP_SAMPLES,
+        "source_sample_rate": conditioned.source_rate,
+        "loudness_lufs": round(conditioned.loudness_lufs, 2) if conditioned.loudness_lufs > -1e9 else None,
+    }
+    return Outcome(item, row=row, samples=conditioned.samples)
+
+
+# ------------------------------------------------------------------------------------------------ a shard
+
+
+def encode_outcomes(outcomes: list[Outcome], codec, batch_size: int, device) -> None:
+    """Encode every kept outcome's samples, batching only clips of equal length (so codes equal single calls)."""
+    import numpy as np
+    import torch
+
+    by_length: dict[int, list[Outcome]] = defaultdict(list)
+    for outcome in outcomes:
+        if outcome.row is not None:
+            by_length[len(outcome.samples)].append(outcome)
+    for group in by_length.values():
+        for start in range(0, len(group), batch_size):
+            batch = group[start:start + batch_size]
+            audio = torch.from_numpy(np.stack([o.samples for o in batch]))[:, None].to(device)
+            with torch.no_grad():
+                codes = codec.encode(audio).audio_codes.cpu()
+            for outcome, item_codes in zip(batch, codes):
+                outcome.row["codes"] = item_codes.to(torch.int16).numpy()
+                outcome.row["num_frames"] = int(item_codes.shape[-1])
+                outcome.samples = None  # free the audio as soon as it is encoded
+
+
+def cache_features():
+    from datasets import Features, List, Value
+
+    return Features({
+        "source_id": Value("string"),
+        "audio": Value("string"),
+        "speaker": Value("string"),
+        "language": Value("string"),
+        "text": Value("string"),
+        "text_normalized": Value("string"),
+        "duration": Value("float32"),
+        "num_frames": Value("int32"),
+        "source_sample_rate": Value("int32"),
+        "loudness_lufs": Value("float32"),
+        "codes": List(List(Value("int16"))),
+    })
+
+
+def write_shard(cache_dir: Path, name: str, outcomes: list[Outcome]) -> Path:
+    """Write a shard to a staging directory, then rename it into place (whole or not at all)."""
+    from datasets import Dataset
+
+    shards_dir = cache_dir / "shards"
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    staging = shards_dir / f".{name}.staging-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    rows = [o.row for o in outcomes if o.row is not None]
+    if rows:
+        columns = {key: [row[key] for row in rows] for key in cache_features()}
+        Dataset.from_dict(columns, features=cache_features()).save_to_disk(str(staging))
+    else:  # every utterance rejected: no Arrow table (datasets cannot reload an empty one), only the records
+        staging.mkdir()
+    rejected = [
+        {"source_id": o.item.utterance.source_id, "audio": o.item.utterance.audio, "reason": o.reason,
+         "detail": o.detail}
+        for o in outcomes if o.row is None
+    ]
+    (staging / "rejected.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected), encoding="utf-8")
+    summary = {
+        "items": len(outcomes),
+        "kept": len(rows),
+        "speakers": dict(Counter(row["speaker"] for row in rows)),
+        "durations": [(row["speaker"], row["duration"]) for row in rows],
+    }
+    (staging / "summary.json").write_text(json.dumps(summary, ensure_ascii=False), encoding="utf-8")
+    final = shards_dir / name
+    os.replace(staging, final)
+    return final
+
+
+def process_shard(items: list[Item], cfg: RunConfig, codec, device, progress=None) -> list[Outcome]:
+    """Prepare (in worker threads) and encode the items of one shard; outcomes in corpus order."""
+    with ThreadPoolExecutor(max_workers=cfg.prepare.num_workers) as pool:
+        outcomes = []
+        for outcome in pool.map(lambda item: prepare_item(item, cfg), items):
+            outcomes.append(outcome)
+            if progress is not None:
+                progress.update(1)
+    encode_outcomes(outcomes, codec, cfg.prepare.codec_batch_size, device)
+    return outcomes
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def my_shards(num_shards: int, array_size: int, array_index: int) -> list[int]:
+    """Shards that array task `array_index` of `array_size` owns: index, index + size, ..."""
+    return list(range(array_index, num_shards, array_size))
+
+
+def run_prepare(cfg: RunConfig, array_size: int = 1, array_index: int = 0, quiet: bool = False) -> dict:
+    """Build (or finish) this task's shards of the cache; returns counts of shards done and skipped."""
+    import torch
+    from tqdm import tqdm
+
+    from higgs_lora.model import load_codec, resolve_codec_path
+
+    if not 0 <= array_index < array_size:
+        raise CacheError(f"--shard-index {array_index} is outside 0..{array_size - 1}")
+    codec_path = str(resolve_codec_path(cfg.model))
+    shards, plan = plan_cache(cfg, codec_path)
+    cache_dir = cache_dir_of(cfg)
+    shards_dir = cache_dir / "shards"
+    names = [shard_name(k, len(shards)) for k in range(len(shards))]
+    todo = [k for k in my_shards(len(shards), array_size, array_index) if not (shards_dir / names[k]).is_dir()]
+    skipped = len(my_shards(len(shards), array_size, array_index)) - len(todo)
+    for k in my_shards(len(shards), array_size, array_index):  # leftovers of a killed run of these shards
+        for stale in shards_dir.glob(f".{names[k]}.staging-*") if shards_dir.is_dir() else ():
+            shutil.rmtree(stale)
+    if not todo:
+        return {"done": 0, "skipped": skipped}
+    device = cfg.prepare.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    codec = load_codec(codec_path, device=device)
+    if codec.config.sample_rate != cfg.data.sample_rate:
+        raise CacheError(f"the codec expects {codec.config.sample_rate} Hz but data.sample_rate={cfg.data.sample_rate}")
+    total = sum(len(shards[k]) for k in todo)
+    with tqdm(total=total, unit="utt", desc=f"prepare ({len(todo)} shards)", disable=quiet, file=sys.stderr) as bar:
+        for k in todo:
+            outcomes = process_shard(shards[k], cfg, codec, device, progress=bar)
+            write_shard(cache_dir, names[k], outcomes)
+    return {"done": len(todo), "skipped": skipped}
+
+
+def _shard_dirs(cache_dir: Path) -> tuple[list[Path], dict]:
+    plan_file = cache_dir / "plan.json"
+    if not plan_file.is_file():
+        raise CacheError(f"{cache_dir} has no plan.json: run `python -m higgs_lora.prepare --config ...` first")
+    plan = json.loads(plan_file.read_text(encoding="utf-8"))
+    dirs = [cache_dir / "shards" / shard_name(k, plan["num_shards"]) for k in range(plan["num_shards"])]
+    missing = [d.name for d in dirs if not d.is_dir()]
+    if missing:
+        raise CacheError(
+            f"{cache_dir} is incomplete: {len(missing)} of {len(dirs)} shards missing ({', '.join(missing[:5])}"
+            f"{', ...' if len(missing) > 5 else ''}); re-run prepare with the same config to finish it"
+        )
+    return dirs, plan
+
+
+def join(cfg: RunConfig) -> dict:
+    """Check every shard is present and write `report.json`; returns the report."""
+    cache_dir = cache_dir_of(cfg)
+    dirs, plan = _shard_dirs(cache_dir)
+    rejected: dict[str, list[dict]] = defaultdict(list)
+    for problem in plan["source_problems"]:
+        rejected[problem["reason"]].append({"source_id": problem["source_id"], "detail": problem["detail"]})
+    per_speaker_seconds: dict[str, float] = defaultdict(float)
+    per_speaker_count: Counter = Counter()
+    durations = []
+    for shard in dirs:
+        for line in (shard / "rejected.jsonl").read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            rejected[record.pop("reason")].append(record)
+        summary = json.loads((shard / "summary.json").read_text(encoding="utf-8"))
+        for speaker, seconds in summary["durations"]:
+            per_speaker_seconds[speaker] += seconds
+            per_speaker_count[speaker] += 1
+            durations.append(seconds)
+    kept = len(durations)
+    max_bin = max([int(cfg.data.max_seconds) + 1] + [int(d) + 1 for d in durations])
+    histogram = Counter(int(d) for d in durations)
+    pairs = [json.loads(line) for line in (cache_dir / "pairs.jsonl").read_text(encoding="utf-8").splitlines()]
+    report = {
+        "cache_dir": str(cache_dir.resolve()),
+        "items_in": plan["num_items"] + len(plan["source_problems"]),
+        "kept": kept,
+        "rejected_total": sum(len(v) for v in rejected.values()),
+        "rejected": {
+            reason: {"count": len(records), "examples": records[:EXAMPLES_PER_REASON]}
+            for reason, records in sorted(rejected.items())
+        },
+        "hours_kept": round(sum(durations) / 3600, 4),
+        "speakers": {
+            speaker: {"utterances": per_speaker_count[speaker], "hours": round(per_speaker_seconds[speaker] / 3600, 4)}
+            for speaker in sorted(per_speaker_count)
+        },
+        "single_utterance_speakers": sorted(s for s, n in per_speaker_count.items() if n == 1),
+        "duration_histogram": {"bin_seconds": 1, "counts": [histogram.get(b, 0) for b in range(max_bin)]},
+        "fixed_pairs": len(pairs),
+        "num_shards": plan["num_shards"],
+        "frames_per_second": FRAMES_PER_SECOND,
+    }
+    atomic_write_json(cache_dir / "report.json", report)
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [
+        f"cache: {report['cache_dir']} ({report['num_shards']} shards)",
+        f"items: {report['items_in']} in, {report['kept']} kept ({report['hours_kept']:.3f} h), "
+        f"{report['rejected_total']} rejected",
+    ]
+    for reason, entry in report["rejected"].items():
+        example = entry["examples"][0]
+        where = example.get("audio") or example.get("source_id")
+        lines.append(f"  rejected {reason}: {entry['count']} (e.g. {where}: {example.get('detail', '')})")
+    lines.append(f"speakers: {len(report['speakers'])}; fixed pairs: {report['fixed_pairs']}")
+    if report["single_utterance_speakers"]:
+        lines.append(f"  WARNING: {len(report['single_utterance_speakers'])} speakers have one utterance and cannot "
+                     f"be their own reference: {', '.join(report['single_utterance_speakers'][:10])}")
+    counts = report["duration_histogram"]["counts"]
+    peak = max(counts) if counts and max(counts) else 1
+    for second, count in enumerate(counts):
+        if count:
+            lines.append(f"  {second:3d}-{second + 1:<3d} s {count:6d} {'#' * max(1, round(30 * count / peak))}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m higgs_lora.prepare", description=__doc__.split("\n\n")[0])
+    add_config_arguments(parser)
+    parser.add_argument("--num-shards", type=int, default=1,
+                        help="number of array-job tasks sharing the work (not the number of cache shards)")
+    parser.add_argument("--shard-index", type=int, default=0, help="this task's index, 0 .. --num-shards - 1")
+    parser.add_argument("--join", action="store_true", help="only check the shards and write the report")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        cfg = config_from_args(args)
+        if not cfg.data.corpus:
+            raise ConfigError(["data.corpus is not set: point it at your corpus (see docs/data.md)"])
+        started = time.perf_counter()
+        if not args.join:
+            counts = run_prepare(cfg, args.num_shards, args.shard_index, quiet=args.quiet)
+            print(f"[prepare] shards written: {counts['done']}, already done: {counts['skipped']} "
+                  f"({time.perf_counter() - started:.1f} s)")
+        if args.join or args.num_shards == 1:
+            print(format_report(join(cfg)))
+            print(f"[prepare] report: {cache_dir_of(cfg) / 'report.json'}")
+    except (ConfigError, CacheError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _shard_kept(shard: Path) -> int:
+    """Rows a shard holds (0: all rejected, and the shard has no Arrow table)."""
+    return json.loads((shard / "summary.json").read_text(encoding="utf-8"))["kept"]
+
+
+def load_cache(cache_dir: str | Path):
+    """The whole cache as one memory-mapped `datasets.Dataset`, rows in corpus order (raises if incomplete)."""
+    from datasets import Dataset, concatenate_datasets, load_from_disk
+
+    dirs, _ = _shard_dirs(Path(cache_dir))
+    parts = [load_from_disk(str(shard)) for shard in dirs if _shard_kept(shard)]
+    if not parts:
+        return Dataset.from_dict({key: [] for key in cache_features()}, features=cache_features())
+    return concatenate_datasets(parts)
+
+
+def read_pairs(cache_dir: str | Path) -> list[tuple[str, str]]:
+    """Fixed (reference, target) source-id pairs recorded from the corpus (ChatML)."""
+    lines = (Path(cache_dir) / "pairs.jsonl").read_text(encoding="utf-8").splitlines()
+    return [(record["reference"], record["target"]) for record in map(json.loads, lines)]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,311 @@
+"""Corpus readers: every supported input format becomes a list of uniform `Utterance` records.
+
+Formats (see docs/data.md for a minimal example of each):
+
+- `chatml`: the seed design's ChatML JSON (a list of samples whose user message holds reference transcript,
+  reference audio and target text, optionally followed by an assistant audio: the target recording), or Boson-style
+  ChatML JSONL (one conversation per line with system/user/assistant turns and audio contents). Reference/target
+  pairs found there are kept as fixed pairs.
+- `manifest`: JSONL, one `{"audio": path, "text": ..., "speaker": ...}` per line, paths relative to the manifest.
+- `ljspeech`: `metadata.csv` (`id|text|normalized_text`) + `wavs/`; one speaker.
+- `commonvoice`: `validated.tsv` (client_id, path, sentence, ...) + `clips/`; speaker = client_id.
+- `hf`: a local Hugging Face dataset directory: `save_to_disk` output, or an audiofolder (audio files +
+  `metadata.csv`/`metadata.jsonl` with a `file_name` column).
+
+Readers never open audio; a malformed record is reported as a `SourceProblem` and the rest is read.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from higgs_lora.audio import HF_AUDIO_PREFIX
+
+FORMATS = ("manifest", "chatml", "ljspeech", "commonvoice", "hf")
+TEXT_COLUMNS = ("text", "sentence", "transcription", "transcript", "normalized_text")
+SPEAKER_COLUMNS = ("speaker", "speaker_id", "client_id", "spk_id")
+
+
+@dataclass
+class Utterance:
+    """One recording and its transcript, as the sources describe it (nothing is checked yet)."""
+
+    audio: str
+    """Audio file path (absolute), or `hf-dataset://<dir>#<row>` for audio stored inside a dataset directory."""
+    text: str
+    speaker: str
+    language: str
+    source_id: str
+    """Stable id within the corpus (manifest line, LJSpeech id, ChatML sample + role, ...)."""
+
+
+@dataclass
+class SourceProblem:
+    """A record that could not be read into an Utterance."""
+
+    source_id: str
+    reason: str
+    detail: str
+
+
+@dataclass
+class Corpus:
+    """What a reader produced: utterances in a stable order, fixed (reference, target) pairs, and problems."""
+
+    utterances: list[Utterance] = field(default_factory=list)
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+    """(reference source_id, target source_id) pairs given explicitly by the data (ChatML)."""
+    problems: list[SourceProblem] = field(default_factory=list)
+
+
+class CorpusFormatError(ValueError):
+    """The corpus path cannot be read in the requested (or any detectable) format."""
+
+
+def detect_format(path: Path) -> str:
+    """Guess the corpus format from the path; raises CorpusFormatError listing what was looked for."""
+    if path.is_file():
+        if path.suffix == ".jsonl":
+            first = next((line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()), "")
+            return "chatml" if '"messages"' in first else "manifest"
+        if path.suffix == ".json":
+            return "chatml"
+        if path.name == "metadata.csv":
+            return "ljspeech"
+        if path.suffix == ".tsv":
+            return "commonvoice"
+    if path.is_dir():
+        if (path / "metadata.csv").is_file() and (path / "wavs").is_dir():
+            return "ljspeech"
+        if (path / "validated.tsv").is_file():
+            return "commonvoice"
+        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() \
+                or (path / "metadata.csv").is_file() or (path / "metadata.jsonl").is_file():
+            return "hf"
+    raise CorpusFormatError(
+        f"cannot tell the format of {path}: expected a .jsonl manifest, ChatML .json/.jsonl, an LJSpeech directory "
+        "(metadata.csv + wavs/), a Common Voice directory (validated.tsv + clips/) or a Hugging Face dataset "
+        "directory; set data.format explicitly"
+    )
+
+
+def read_corpus(path: str | Path, fmt: str = "auto", language: str = "ar") -> Corpus:
+    """Read a corpus in format `fmt` ('auto' detects it) into utterances, fixed pairs and problems."""
+    path = Path(path).expanduser().resolve()
+    if not path.exists():
+        raise CorpusFormatError(f"data.corpus={path} does not exist")
+    if fmt == "auto":
+        fmt = detect_format(path)
+    readers = {
+        "manifest": _read_manifest,
+        "chatml": _read_chatml,
+        "ljspeech": _read_ljspeech,
+        "commonvoice": _read_commonvoice,
+        "hf": _read_hf_dir,
+    }
+    if fmt not in readers:
+        raise CorpusFormatError(f"data.format={fmt!r} is not one of {', '.join(FORMATS)}")
+    corpus = Corpus()
+    readers[fmt](path, language, corpus)
+    return corpus
+
+
+# ------------------------------------------------------------------------------------------------ readers
+
+
+def _resolve(base: Path, audio: str) -> str:
+    candidate = Path(audio).expanduser()
+    return str(candidate if candidate.is_absolute() else (base / candidate).resolve())
+
+
+def _jsonl_records(path: Path, corpus: Corpus):
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            corpus.problems.append(SourceProblem(f"{path.name}:{number}", "malformed_record", f"not JSON: {err}"))
+            continue
+        if not isinstance(record, dict):
+            corpus.problems.append(SourceProblem(f"{path.name}:{number}", "malformed_record", "not a JSON object"))
+            continue
+        yield number, record
+
+
+def _read_manifest(path: Path, language: str, corpus: Corpus) -> None:
+    base = path.parent
+    for number, record in _jsonl_records(path, corpus):
+        source_id = f"{path.name}:{number}"
+        audio = record.get("audio") or record.get("audio_filepath") or record.get("path")
+        if not isinstance(audio, str) or not audio:
+            corpus.problems.append(SourceProblem(source_id, "malformed_record", "no 'audio' path"))
+            continue
+        text = _first(record, TEXT_COLUMNS)
+        speaker = _first(record, SPEAKER_COLUMNS) or "unknown"
+        corpus.utterances.append(Utterance(
+            audio=_resolve(base, audio), text=str(text or ""), speaker=str(speaker),
+            language=str(record.get("language") or language), source_id=source_id,
+        ))
+
+
+def _first(record: dict, keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        if record.get(key) not in (None, ""):
+            return record[key]
+    return None
+
+
+def _contents(message: dict) -> list[dict]:
+    """A message's content as a list of typed parts (strings and single dicts are accepted)."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if isinstance(content, dict):
+        return [content]
+    if isinstance(content, list):
+        return [c if isinstance(c, dict) else {"type": "text", "text": str(c)} for c in content]
+    return []
+
+
+def _audio_of(part: dict) -> str | None:
+    if part.get("type") != "audio":
+        return None
+    value = part.get("audio_url") or part.get("audio") or part.get("url") or part.get("raw_audio")
+    return value if isinstance(value, str) and value else None
+
+
+def _read_chatml(path: Path, language: str, corpus: Corpus) -> None:
+    base = path.parent
+    if path.suffix == ".jsonl":
+        samples = [(f"{path.name}:{number}", record) for number, record in _jsonl_records(path, corpus)]
+    else:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise CorpusFormatError(f"{path} is not valid JSON: {err}") from None
+        if isinstance(data, dict):
+            data = data.get("samples") or data.get("data") or [data]
+        samples = [(f"{path.name}:{index}", record) for index, record in enumerate(data)]
+    for sample_id, sample in samples:
+        if not isinstance(sample, dict) or not isinstance(sample.get("messages"), list):
+            corpus.problems.append(SourceProblem(sample_id, "malformed_record", "no 'messages' list"))
+            continue
+        speaker = str(sample.get("speaker") or (sample.get("misc") or {}).get("speaker") or sample_id)
+        sample_language = str(sample.get("language") or language)
+        # Walk the turns collecting (text, audio) pairs: a text followed by audio, in the same user content (seed
+        # format) or across a user turn and the next assistant turn (Boson style).
+        segments: list[tuple[str, str]] = []
+        pending_text: str | None = None
+        for message in sample["messages"]:
+            if message.get("role") == "system":
+                continue
+            for part in _contents(message):
+                audio = _audio_of(part)
+                if audio is not None:
+                    if pending_text is not None:
+                        segments.append((pending_text, _resolve(base, audio)))
+                        pending_text = None
+                elif part.get("type") == "text":
+                    pending_text = str(part.get("text", ""))
+        if not segments:
+            corpus.problems.append(SourceProblem(sample_id, "malformed_record", "no transcript followed by audio"))
+            continue
+        ids = []
+        for index, (text, audio) in enumerate(segments):
+            if len(segments) > 1 and index in (0, len(segments) - 1):
+                role = "reference" if index == 0 else "target"
+            else:
+                role = f"segment{index}"
+            source_id = f"{sample_id}:{role}"
+            ids.append(source_id)
+            corpus.utterances.append(Utterance(audio=audio, text=text, speaker=speaker, language=sample_language,
+                                               source_id=source_id))
+        if len(ids) >= 2:
+            corpus.pairs.append((ids[0], ids[-1]))
+
+
+def _read_ljspeech(path: Path, language: str, corpus: Corpus) -> None:
+    root = path if path.is_dir() else path.parent
+    metadata = root / "metadata.csv"
+    speaker = root.name or "ljspeech"
+    with metadata.open(encoding="utf-8", newline="") as handle:
+        for number, row in enumerate(csv.reader(handle, delimiter="|", quoting=csv.QUOTE_NONE), start=1):
+            if not row or not row[0].strip():
+                continue
+            if len(row) < 2:
+                corpus.problems.append(SourceProblem(f"metadata.csv:{number}", "malformed_record", "expected id|text"))
+                continue
+            # The raw text column is used: our normaliser spells numbers in Arabic; LJSpeech's normalized_text
+            # column is English-specific. It is the fallback when the raw column is empty.
+            text = row[1] if row[1].strip() else (row[2] if len(row) > 2 else "")
+            corpus.utterances.append(Utterance(
+                audio=str((root / "wavs" / f"{row[0].strip()}.wav").resolve()), text=text, speaker=speaker,
+                language=language, source_id=row[0].strip(),
+            ))
+
+
+def _read_commonvoice(path: Path, language: str, corpus: Corpus) -> None:
+    root = path if path.is_dir() else path.parent
+    table = path if path.is_file() else root / "validated.tsv"
+    with table.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        missing = {"client_id", "path", "sentence"} - set(reader.fieldnames or ())
+        if missing:
+            raise CorpusFormatError(f"{table} lacks the Common Voice columns {sorted(missing)}")
+        for row in reader:
+            corpus.utterances.append(Utterance(
+                audio=str((root / "clips" / row["path"]).resolve()), text=row["sentence"] or "",
+                speaker=row["client_id"], language=row.get("locale") or language, source_id=row["path"],
+            ))
+
+
+def _read_hf_dir(path: Path, language: str, corpus: Corpus) -> None:
+    for name in ("metadata.jsonl", "metadata.csv"):
+        if (path / name).is_file():
+            _read_audiofolder(path, path / name, language, corpus)
+            return
+    from datasets import Audio, load_from_disk
+
+    dataset = load_from_disk(str(path))
+    if hasattr(dataset, "keys"):  # a DatasetDict: use 'train' if present, else the first split
+        split = "train" if "train" in dataset else next(iter(dataset.keys()))
+        dataset = dataset[split]
+        location = f"{path}/{split}"
+    else:
+        location = str(path)
+    audio_column = next((c for c, f in dataset.features.items() if isinstance(f, Audio)), None)
+    if audio_column is None:
+        raise CorpusFormatError(f"{path}: no column of type Audio among {list(dataset.features)}")
+    text_column = next((c for c in TEXT_COLUMNS if c in dataset.features), None)
+    if text_column is None:
+        raise CorpusFormatError(f"{path}: no transcript column (looked for {', '.join(TEXT_COLUMNS)})")
+    speaker_column = next((c for c in SPEAKER_COLUMNS if c in dataset.features), None)
+    columns = [text_column] + ([speaker_column] if speaker_column else [])
+    for row_index, row in enumerate(dataset.select_columns(columns)):
+        corpus.utterances.append(Utterance(
+            audio=f"{HF_AUDIO_PREFIX}{location}#{row_index}", text=str(row[text_column] or ""),
+            speaker=str(row[speaker_column]) if speaker_column else path.name, language=language,
+            source_id=f"{Path(location).name}:{row_index}",
+        ))
+
+
+def _read_audiofolder(root: Path, metadata: Path, language: str, corpus: Corpus) -> None:
+    if metadata.suffix == ".jsonl":
+        records = [record for _, record in _jsonl_records(metadata, corpus)]
+    else:
+        with metadata.open(encoding="utf-8", newline="") as handle:
+            records = list(csv.DictReader(handle))
+    for index, record in enumerate(records):
+        file_name = record.get("file_name")
+        if not file_name:
+            corpus.problems.append(SourceProblem(f"{metadata.name}:{index + 1}", "malformed_record", "no file_name"))
+            continue
+        corpus.utterances.append(Utterance(
+            audio=_resolve(root, file_name), text=str(_first(record, TEXT_COLUMNS) or ""),
+            speaker=str(_first(record, SPEAKER_COLUMNS) or root.name), language=language, source_id=file_name,
+        ))
