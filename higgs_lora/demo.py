@@ -1,10 +1,10 @@
 """The bundled demo: the whole pipeline on a tiny model and the demo corpus, on CPU.
 
 `make demo` runs `python -m higgs_lora.demo --config configs/demo.yaml`. It builds the tiny model if it is missing,
-then runs the pipeline stages that exist. Today that is the foundation stage: load the tiny checkpoint through the
-same loading code as real weights, apply LoRA, build zero-shot batches (reference + target of the same speaker)
-from the demo corpus, run a forward and backward pass, and report the loss. Later stages (prepare -> plan -> train
--> merge -> clone -> evaluate) extend this same command.
+then runs the pipeline stages that exist: `prepare` (demo corpus -> codec-token cache, with its report), then load
+the tiny checkpoint through the same loading code as real weights, apply LoRA, build zero-shot batches (reference +
+target of the same speaker) from the cache, run a forward and backward pass, and report the loss. Later stages
+(plan -> train -> merge -> clone -> evaluate) extend this same command.
 """
 
 from __future__ import annotations
@@ -53,35 +53,42 @@ def demo_pairs(rows: list[dict], num_pairs: int) -> list[tuple[dict, dict]]:
     return pairs[:num_pairs]
 
 
-def build_model_and_batch(cfg: RunConfig, num_pairs: int = 2):
-    """Load the base through the real loaders, apply LoRA, and build a zero-shot batch from the demo corpus.
+def ensure_cache(cfg: RunConfig, quiet: bool = True) -> dict:
+    """Build (or finish) the codec-token cache for `cfg` and return its report."""
+    from higgs_lora.data.prepare import join, run_prepare
 
-    Returns (model, batch, load_seconds). Each pair is a reference and a target of the same speaker.
+    run_prepare(cfg, quiet=quiet)
+    return join(cfg)
+
+
+def build_model_and_batch(cfg: RunConfig, num_pairs: int = 2):
+    """Load the base through the real loaders, apply LoRA, and build a zero-shot batch from the cache.
+
+    Returns (model, batch, load_seconds). Each pair is a reference and a target of the same speaker; their codes
+    come from the cache (the codec does not run here).
     """
     import torch
 
-    from higgs_lora.audio import load_audio
     from higgs_lora.data.collate import build_example, collate
+    from higgs_lora.data.prepare import cache_dir_of, load_cache
     from higgs_lora.model import apply_lora, load_base_model, load_processor
 
+    ensure_cache(cfg)
+    rows = list(load_cache(cache_dir_of(cfg)))
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
     processor = load_processor(cfg.model)
-    codec = processor.audio_tokenizer
     model = apply_lora(load_base_model(cfg.model), cfg.lora, cfg.model)
     model.train()
     load_seconds = time.perf_counter() - started
 
-    # The codec runs here only because this stage predates the token cache; `prepare` will own it.
-    def encode(row: dict) -> torch.Tensor:
-        samples = torch.from_numpy(load_audio(row["audio"], cfg.data.sample_rate))
-        with torch.no_grad():
-            return codec.encode(samples[None, None]).audio_codes[0]
+    def codes(row: dict) -> torch.Tensor:
+        return torch.tensor(row["codes"], dtype=torch.long)
 
     examples = [
-        build_example(processor, reference["text"], encode(reference), target["text"], encode(target),
-                      scene=cfg.data.scene)
-        for reference, target in demo_pairs(read_manifest(cfg.data.corpus), num_pairs)
+        build_example(processor, reference["text_normalized"], codes(reference), target["text_normalized"],
+                      codes(target), scene=cfg.data.scene)
+        for reference, target in demo_pairs(rows, num_pairs)
     ]
     batch = collate(examples, processor.tokenizer.pad_token_id, processor.audio_stream_eos_id)
     return model, batch, load_seconds
@@ -153,6 +160,10 @@ def run(cfg: RunConfig, tiny_dir: str | None) -> int:
     save_config(cfg, out / "config.yaml")
     print(f"[demo] resolved config written to {out / 'config.yaml'}")
 
+    from higgs_lora.data.prepare import cache_dir_of, format_report
+
+    print("[demo] prepare: demo corpus -> checked, normalised codec-token cache")
+    print("\n".join(f"[demo]   {line}" for line in format_report(ensure_cache(cfg, quiet=False)).splitlines()))
     print("[demo] foundation: load through the real loaders -> LoRA -> forward + backward on a zero-shot batch")
     summary = foundation_step(cfg)
     codebooks = " ".join(f"{x:.3f}" for x in summary["per_codebook_loss"])
@@ -166,7 +177,8 @@ def run(cfg: RunConfig, tiny_dir: str | None) -> int:
     if not math.isfinite(summary["loss"]) or not math.isfinite(summary["adapter_grad_norm"]):
         print("[demo] FAILED: the loss or the gradient is not finite", file=sys.stderr)
         return 1
-    print(f"[demo] done. Outputs: {out.resolve()} (config.yaml, demo_report.json: {report.name})")
+    print(f"[demo] done. Outputs in {out.resolve()}: config.yaml, {report.name}, "
+          f"cache {cache_dir_of(cfg)} (report.json)")
     return 0
 
 

@@ -185,12 +185,49 @@ def build_model(tokenizer, seed: int, hidden_size: int = 64, num_layers: int = 2
     return model.eval()
 
 
-def build_codec(seed: int):
-    """A random HiggsAudioV2TokenizerModel: 24 kHz, 25 frames/s, 8 codebooks of 1024, non-zero codebooks."""
+def build_codec(seed: int, full_size: bool = False):
+    """A random HiggsAudioV2TokenizerModel: 24 kHz, 25 frames/s, 8 codebooks of 1024, non-zero codebooks.
+
+    `full_size=True` gives the released codec's dimensions (HuBERT-base semantic branch, DAC with 64/1024 channels,
+    codebook dim 64) with random weights: same compute as the real codec, for benchmarks.
+    """
     import torch
     from transformers import DacConfig, HiggsAudioV2TokenizerConfig, HiggsAudioV2TokenizerModel, HubertConfig
 
     ratios = [8, 5, 4, 2, 3]  # product 960: one frame per 960 samples at 24 kHz = 25 frames/s
+    if full_size:
+        acoustic = DacConfig(encoder_hidden_size=64, downsampling_ratios=ratios, decoder_hidden_size=1024,
+                             upsampling_ratios=ratios, hidden_size=256, sampling_rate=24000)
+        semantic = HubertConfig(mask_time_prob=0.0)  # HuBERT-base: 768 hidden, 12 layers
+        codebook_dim = 64
+    else:
+        acoustic, semantic, codebook_dim = _tiny_codec_parts(ratios)
+    config = HiggsAudioV2TokenizerConfig(
+        target_bandwidths=[0.5, 1, 1.5, 2],  # ends at 2 kbps -> 8 quantizers at 25 frames/s
+        sample_rate=24000,
+        codebook_size=1024,
+        codebook_dim=codebook_dim,
+        acoustic_model_config=acoustic.to_dict(),
+        semantic_model_config=semantic.to_dict(),
+        semantic_sample_rate=16000,
+        downsample_factor=320,
+    )
+    torch.manual_seed(seed)
+    codec = HiggsAudioV2TokenizerModel(config)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in codec.quantizer.quantizers:
+            book = layer.codebook
+            book.embed.copy_(torch.randn(book.embed.shape, generator=generator))
+            book.embed_avg.copy_(book.embed)
+            book.cluster_size.fill_(1.0)
+    return codec.eval()
+
+
+def _tiny_codec_parts(ratios: list[int]):
+    """DAC and HuBERT configs of the tiny codec, and its codebook dimension."""
+    from transformers import DacConfig, HubertConfig
+
     acoustic = DacConfig(
         encoder_hidden_size=4,
         downsampling_ratios=ratios,
@@ -212,26 +249,7 @@ def build_codec(seed: int):
         num_conv_pos_embedding_groups=2,
         mask_time_prob=0.0,
     )
-    config = HiggsAudioV2TokenizerConfig(
-        target_bandwidths=[0.5, 1, 1.5, 2],  # ends at 2 kbps -> 8 quantizers at 25 frames/s
-        sample_rate=24000,
-        codebook_size=1024,
-        codebook_dim=8,
-        acoustic_model_config=acoustic.to_dict(),
-        semantic_model_config=semantic.to_dict(),
-        semantic_sample_rate=16000,
-        downsample_factor=320,
-    )
-    torch.manual_seed(seed)
-    codec = HiggsAudioV2TokenizerModel(config)
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for layer in codec.quantizer.quantizers:
-            book = layer.codebook
-            book.embed.copy_(torch.randn(book.embed.shape, generator=generator))
-            book.embed_avg.copy_(book.embed)
-            book.cluster_size.fill_(1.0)
-    return codec.eval()
+    return acoustic, semantic, 8
 
 
 def build_feature_extractor():
