@@ -10,7 +10,6 @@ target of the same speaker) from the cache, run a forward and backward pass, and
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -22,22 +21,6 @@ from higgs_lora.config import ConfigError, RunConfig, add_config_arguments, conf
 from higgs_lora.files import atomic_write_json
 
 DEFAULT_TINY_DIR = "build/tiny"
-
-
-def read_manifest(path: str | Path) -> list[dict]:
-    """Rows of a JSONL manifest, with `audio` made absolute (paths in a manifest are relative to it)."""
-    path = Path(path)
-    rows = []
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{line_number}: not JSON ({err})") from None
-        row["audio"] = str((path.parent / row["audio"]).resolve())
-        rows.append(row)
-    return rows
 
 
 def demo_pairs(rows: list[dict], num_pairs: int) -> list[tuple[dict, dict]]:

@@ -124,10 +124,14 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_rows():
-    """The demo corpus manifest rows with absolute audio paths."""
-    from higgs_lora.demo import read_manifest
+    """The demo corpus utterances as dicts (absolute audio paths), read by the real manifest reader."""
+    import dataclasses
 
-    return read_manifest(DEMO_CORPUS / "manifest.jsonl")
+    from higgs_lora.data.sources import read_corpus
+
+    corpus = read_corpus(DEMO_CORPUS / "manifest.jsonl", "manifest")
+    assert not corpus.problems
+    return [dataclasses.asdict(u) for u in corpus.utterances]
 
 
 def pytest_report_header(config):
