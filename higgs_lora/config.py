@@ -393,14 +393,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(key, value, arg)
-            except ValueError as err:
-                errors.append(str(err))
+            except ValueError:
+                continue  # try the next member of the union; the error below names them all
         raise ValueError(f"{key}={value!r} is not {wanted}")
     if origin is Literal:
         choices = typing.get_args(tp)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -307,8 +308,6 @@ def write_tiny(out: str | Path, seed: int = 0, transcripts: Path | None = DEFAUL
         )
         replace_directory(staging, out)
     except BaseException:
-        import shutil
-
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return TinyPaths(root=out, model_dir=out / "model", codec_dir=out / "codec")

