@@ -128,6 +128,10 @@ class DataConfig:
     implausibly long for its recording."""
     scene: str = ""
     """Optional scene description added to the system prompt (e.g. 'Audio is recorded in a quiet room.')."""
+    eval_speakers: list[str] = field(default_factory=list)
+    """Speakers held out of training for the evaluation loss. Empty: data.num_eval_speakers drawn with the seed."""
+    num_eval_speakers: int = 1
+    """Speakers held out when data.eval_speakers is empty (none when the corpus has fewer than 3 speakers)."""
 
 
 @dataclass
@@ -191,6 +195,14 @@ class TrainConfig:
     """Write a resumable checkpoint every N optimizer steps."""
     keep_last: int = 3
     """Checkpoints kept on disk; older ones are deleted once a newer one is complete."""
+    eval_every: int = 200
+    """Compute the loss on the held-out speakers every N optimizer steps (and at the end); 0 disables it."""
+    max_nonfinite_steps: int = 5
+    """A step whose loss is NaN/inf is skipped with a warning; this many in a row stop the run with an error."""
+    peak_tflops: float = 0.0
+    """Peak dense bf16 TFLOP/s of one accelerator, for MFU. 0: a measured value for known GPUs, else no MFU."""
+    tensorboard: bool = True
+    """Write the logged metrics to <output_dir>/tensorboard as well."""
     resume: str = "auto"
     """'auto' resumes from the newest complete checkpoint in output_dir if there is one, 'never' starts afresh,
     anything else is a checkpoint directory to resume from."""
@@ -289,7 +301,10 @@ def _validate_run(cfg: RunConfig) -> list[str]:
     for key in ("weight_decay", "warmup_steps", "max_steps", "epochs", "micro_batch_tokens",
                 "global_batch_tokens", "grad_clip", "text_loss_weight"):
         non_negative(f"train.{key}", getattr(train, key))
-    for key in ("log_every", "save_every", "keep_last"):
+    non_negative("train.eval_every", train.eval_every)
+    non_negative("train.peak_tflops", train.peak_tflops)
+    non_negative("data.num_eval_speakers", data.num_eval_speakers)
+    for key in ("log_every", "save_every", "keep_last", "max_nonfinite_steps"):
         positive(f"train.{key}", getattr(train, key))
     if train.max_steps == 0 and train.epochs == 0:
         problems.append("train.max_steps=0 and train.epochs=0: nothing to train; set one of them")

@@ -109,7 +109,7 @@ def load_base_model(cfg: ModelConfig, device: "str | torch.device | None" = None
             # Heads and embeddings stay in full precision: they are small and quality-critical.
             llm_int8_skip_modules=["audio_lm_head", "text_lm_head", "embed_tokens", "embed_audio_tokens"],
         )
-    if device is not None and cfg.quantization == "none":
+    if device is not None:
         kwargs["device_map"] = {"": str(device)}
     model = HiggsAudioV2ForConditionalGeneration.from_pretrained(str(info.path), **kwargs)
     model.requires_grad_(False)

@@ -9,6 +9,14 @@ docs/architecture.md for the layout of a sample; the rules are those of the rele
 - Only the target audio is trained. Its real codes are labelled, and for each codebook exactly one EOS, right after
   its last code: generation stops when all codebooks have emitted EOS, so the model must be shown it. The reference
   audio, all prompt text and padding are ignored (-100).
+- The optional text loss labels only the text tokens of the target assistant turn that follow its audio
+  (`<|audio_eos|>`, `<|eot_id|>`): prompt text, `<|audio_out_bos|>`, audio and delay placeholders and padding are
+  ignored. (The processor's `output_labels` labels delay tokens; we do not.)
+
+Besides the model inputs, `collate` returns the loss targets already shifted by one position (position i predicts
+position i + 1), with a mask of the positions that predict anything. Training asks the model for logits at those
+positions only (`logits_to_keep=loss_mask`): the audio head has 8 x 1026 outputs, and most positions of a zero-shot
+sample (prompt text, reference audio) have nothing to predict.
 """
 
 from __future__ import annotations
@@ -64,6 +72,10 @@ class Example:
     """(A, K) delayed codes of the reference then the target segment, one row per audio position."""
     audio_labels: torch.Tensor
     """(A, K) labels aligned with `audio_input_ids`: -100 except on the target's codes and first EOS."""
+    loss_labels: torch.Tensor
+    """(L, K) audio labels shifted by one: row i holds what position i must predict for the next position."""
+    text_loss_labels: torch.Tensor
+    """(L,) text labels shifted by one: the target turn's closing text tokens, -100 elsewhere."""
 
     @property
     def num_positions(self) -> int:
@@ -104,15 +116,59 @@ def build_example(
         expanded += processor.get_audio_tokens(segment.shape[1]) + piece
     input_ids = processor.tokenizer(expanded, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     labels = [torch.full_like(segments[0], IGNORE_INDEX), target_audio_labels(segments[1], eos_id, bos_id)]
+    audio_labels = torch.cat(labels, dim=1).T.contiguous()
+    audio_token_ids = processor.tokenizer.convert_tokens_to_ids([processor.audio_token, processor.audio_delay_token])
+    is_audio = torch.isin(input_ids, torch.tensor(audio_token_ids))
+    if int(is_audio.sum()) != audio_labels.shape[0]:
+        raise ValueError(f"{int(is_audio.sum())} audio placeholders for {audio_labels.shape[0]} audio positions")
+    position_labels = torch.full((len(input_ids), audio_labels.shape[1]), IGNORE_INDEX, dtype=torch.long)
+    position_labels[is_audio] = audio_labels
+    # Text supervision: what follows the target audio inside its assistant turn (<|audio_eos|>, <|eot_id|>).
+    text_labels = torch.full_like(input_ids, IGNORE_INDEX)
+    last_audio = int(is_audio.nonzero()[-1, 0])
+    eot_id = processor.tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    turn_end = last_audio + 1
+    while turn_end < len(input_ids) and int(input_ids[turn_end]) != eot_id:
+        turn_end += 1
+    text_labels[last_audio + 1 : turn_end + 1] = input_ids[last_audio + 1 : turn_end + 1]
     return Example(
         input_ids=input_ids,
         audio_input_ids=torch.cat(segments, dim=1).T.contiguous(),
-        audio_labels=torch.cat(labels, dim=1).T.contiguous(),
+        audio_labels=audio_labels,
+        loss_labels=shift_left(position_labels),
+        text_loss_labels=shift_left(text_labels),
     )
 
 
+def shift_left(labels: torch.Tensor) -> torch.Tensor:
+    """Labels of position i + 1 moved to position i (the last position predicts nothing)."""
+    shifted = torch.full_like(labels, IGNORE_INDEX)
+    shifted[:-1] = labels[1:]
+    return shifted
+
+
+def prompt_overhead_tokens(processor, scene: str = "") -> int:
+    """Tokens of a zero-shot prompt besides the two transcripts and the audio positions.
+
+    A sample's length in model positions is this + tokens(reference text) + tokens(target text) + (T_ref + 9) +
+    (T_target + 9): the transcripts sit between special tokens, so their tokenisation does not interact with the
+    template (a test checks the sum against built examples).
+    """
+    text = render_zero_shot_prompt(processor, "", "", scene).replace(processor.audio_token, "")
+    return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "audio_input_ids", "audio_input_ids_mask")
+"""The keys of a collated batch that the model's forward takes; the rest are loss targets."""
+
+
 def collate(examples: list[Example], pad_token_id: int, audio_pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of examples into a batch for HiggsAudioV2ForConditionalGeneration."""
+    """Right-pad a list of examples into a batch for HiggsAudioV2ForConditionalGeneration.
+
+    Model inputs (`MODEL_INPUTS`), `audio_labels` (B, A, K) in the model's own label format, and the shifted loss
+    targets: `loss_mask` (B, L) marks positions that predict audio, `loss_labels` (N, K) their labels in row-major
+    order of the mask; `text_loss_mask` / `text_loss_labels` likewise for the optional text loss.
+    """
     max_len = max(e.num_positions for e in examples)
     max_audio = max(e.audio_input_ids.shape[0] for e in examples)
     num_codebooks = examples[0].audio_input_ids.shape[1]
@@ -122,6 +178,8 @@ def collate(examples: list[Example], pad_token_id: int, audio_pad_id: int) -> di
     audio_input_ids = torch.full((batch, max_audio, num_codebooks), audio_pad_id, dtype=torch.long)
     audio_labels = torch.full((batch, max_audio, num_codebooks), IGNORE_INDEX, dtype=torch.long)
     audio_mask = torch.zeros((batch, max_audio), dtype=torch.bool)
+    loss_labels = torch.full((batch, max_len, num_codebooks), IGNORE_INDEX, dtype=torch.long)
+    text_loss_labels = torch.full((batch, max_len), IGNORE_INDEX, dtype=torch.long)
     for i, e in enumerate(examples):
         n, a = e.num_positions, e.audio_input_ids.shape[0]
         input_ids[i, :n] = e.input_ids
@@ -129,10 +187,42 @@ def collate(examples: list[Example], pad_token_id: int, audio_pad_id: int) -> di
         audio_input_ids[i, :a] = e.audio_input_ids
         audio_labels[i, :a] = e.audio_labels
         audio_mask[i, :a] = True
+        loss_labels[i, :n] = e.loss_labels
+        text_loss_labels[i, :n] = e.text_loss_labels
+    loss_mask = (loss_labels != IGNORE_INDEX).any(-1)
+    text_loss_mask = text_loss_labels != IGNORE_INDEX
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "audio_input_ids": audio_input_ids,
         "audio_input_ids_mask": audio_mask,
         "audio_labels": audio_labels,
+        "loss_mask": loss_mask,
+        "loss_labels": loss_labels[loss_mask],
+        "text_loss_mask": text_loss_mask,
+        "text_loss_labels": text_loss_labels[text_loss_mask],
     }
+
+
+@dataclass
+class Prompt:
+    """A zero-shot cloning prompt for generation: everything up to and including the target's `<|audio_out_bos|>`."""
+
+    input_ids: torch.Tensor
+    """(L,) token ids, audio positions as placeholders; ends with `<|audio_out_bos|>` of the target turn."""
+    audio_input_ids: torch.Tensor
+    """(A, K) delayed reference codes, one row per audio position of the prompt."""
+
+
+def build_prompt(processor, reference_text: str, reference_codes: torch.Tensor, target_text: str, scene: str = "") -> Prompt:
+    """The generation prompt of a cloning request: the training sample's layout cut where the target audio begins.
+
+    Built from `build_example` with an empty target segment, so training and generation can never disagree on the
+    prompt: the prompt's tokens are exactly the first tokens of a training sample with the same texts.
+    """
+    empty_target = torch.zeros((reference_codes.shape[0], 0), dtype=torch.long)
+    example = build_example(processor, reference_text, reference_codes, target_text, empty_target, scene)
+    audio_out_bos = processor.tokenizer.convert_tokens_to_ids(processor.audio_bos_token)
+    cut = int((example.input_ids == audio_out_bos).nonzero()[-1, 0]) + 1
+    num_reference_positions = reference_codes.shape[1] + reference_codes.shape[0] + 1
+    return Prompt(input_ids=example.input_ids[:cut], audio_input_ids=example.audio_input_ids[:num_reference_positions])

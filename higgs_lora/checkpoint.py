@@ -1,0 +1,240 @@
+"""Checkpoints: DeepSpeed state for exact resume, and a PEFT adapter for deployment, written atomically.
+
+Layout under `<output_dir>/checkpoints/`:
+
+    step_00000200/
+      deepspeed/            engine state: LoRA weights, optimizer, scheduler (frozen base weights excluded)
+      rng/rank_00000.pt     each rank's RNG states (python, numpy, torch, CUDA)
+      adapter/              adapter_config.json + adapter_model.safetensors (plain PEFT), higgs_lora.yaml (the
+                            resolved run config, base model as an absolute path), README.md, NOTICE
+      trainer_state.json    step, sampler position, counters; written last
+    latest                  the name of the newest complete checkpoint
+
+A checkpoint is written under a temporary name (`.step_00000200.partial`), renamed when every rank has finished,
+and only then does `latest` move (atomically). A crash mid-write leaves the partial directory, which the next save
+removes and resume never picks. Under ZeRO-3 the LoRA weights are sharded: the adapter export gathers them first
+(or it would write empty tensors) and refuses to write an empty adapter.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+from higgs_lora.config import RunConfig, load_config, save_config
+from higgs_lora.files import atomic_write_json, atomic_write_text
+
+CHECKPOINTS = "checkpoints"
+DEEPSPEED_TAG = "deepspeed"
+ADAPTER = "adapter"
+RUN_CONFIG = "higgs_lora.yaml"
+TRAINER_STATE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class ResumeError(ValueError):
+    """The requested checkpoint cannot be resumed from."""
+
+
+def checkpoints_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / CHECKPOINTS
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / TRAINER_STATE).is_file() and (path / DEEPSPEED_TAG).is_dir()
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = checkpoints_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and is_complete(p)]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The checkpoint `latest` names if it is complete, else the newest complete one, else None."""
+    root = checkpoints_root(output_dir)
+    pointer = root / "latest"
+    if pointer.is_file():
+        named = root / pointer.read_text(encoding="utf-8").strip()
+        if is_complete(named):
+            return named
+    complete = list_checkpoints(output_dir)
+    return complete[-1] if complete else None
+
+
+def resolve_resume(cfg: RunConfig) -> Path | None:
+    """The checkpoint `train.resume` asks for: 'auto' -> latest complete or None, 'never' -> None, else a path."""
+    if cfg.train.resume == "never":
+        return None
+    if cfg.train.resume == "auto":
+        return latest_checkpoint(cfg.output_dir)
+    path = Path(cfg.train.resume)
+    if not is_complete(path):
+        raise ResumeError(
+            f"train.resume={path} is not a complete checkpoint (expected {TRAINER_STATE} and {DEEPSPEED_TAG}/ in it); "
+            f"use train.resume=auto to take the newest complete one in {checkpoints_root(cfg.output_dir)}"
+        )
+    return path
+
+
+# -------------------------------------------------------------------------------------------------- RNG
+
+
+def capture_rng() -> dict:
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------- adapter
+
+
+def gathered_adapter_state(model) -> dict:
+    """Full CPU copies of the trainable (LoRA) tensors, gathered from their ZeRO-3 shards when sharded.
+
+    Every rank must call this (the gather is collective). Keys are the PEFT model's parameter names.
+    """
+    import deepspeed
+
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+        return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in named}
+
+
+LICENCE_NOTICE = """\
+This adapter was fine-tuned from Higgs Audio 2 (Boson AI), which is built on Meta Llama 3.
+
+Higgs Audio 2 is licensed under the Boson Higgs Audio 2 Community License; Meta Llama 3 is licensed under the
+Meta Llama 3 Community License, Copyright (c) Meta Platforms, Inc. All Rights Reserved.
+
+A distributed fine-tune must carry "Higgs Audio 2" at the start of its name, ship this NOTICE, and follow the
+Llama 3 Acceptable Use Policy. Check the licences that came with your base weights for the binding text.
+"""
+
+
+def _model_card(cfg: RunConfig, step: int) -> str:
+    return (
+        f"# {cfg.name}\n\n"
+        f"LoRA adapter (r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets: {', '.join(cfg.lora.target_modules)}) for "
+        f"Higgs Audio v2 zero-shot voice cloning (language: {cfg.data.language}), trained with higgs-lora for "
+        f"{step} optimizer steps.\n\n"
+        f"Base model: `{cfg.model.path}`. The resolved training config is in `{RUN_CONFIG}`.\n\n"
+        "Load with PEFT:\n\n```python\n"
+        "from peft import PeftModel\n"
+        "from transformers import HiggsAudioV2ForConditionalGeneration\n"
+        "base = HiggsAudioV2ForConditionalGeneration.from_pretrained(BASE_DIR)\n"
+        "model = PeftModel.from_pretrained(base, ADAPTER_DIR)\n```\n\n"
+        "Fold it into the base: `python -m higgs_lora.merge --adapter <this directory>`.\n\n"
+        "See NOTICE for the licence terms of the base weights.\n"
+    )
+
+
+def export_adapter(model, out: Path, cfg: RunConfig, step: int, is_main: bool) -> None:
+    """Write the PEFT adapter of `model` into directory `out` (all ranks call; rank 0 writes).
+
+    The adapter folder is self-describing: `adapter_config.json` names the base model by absolute path and
+    `higgs_lora.yaml` holds the resolved run config, so merge and inference need no flags.
+    """
+    state = gathered_adapter_state(model)
+    if not is_main:
+        return
+    empty = [name for name, tensor in state.items() if tensor.numel() == 0]
+    if not state or empty:
+        raise RuntimeError(
+            f"refusing to write an empty adapter ({len(empty)} of {len(state)} LoRA tensors have no elements): "
+            "under ZeRO-3 the weights must be gathered before saving"
+        )
+    base_path = str(Path(cfg.model.path).expanduser().resolve())
+    for peft_config in model.peft_config.values():
+        peft_config.base_model_name_or_path = base_path
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), state_dict=state, safe_serialization=True)
+    run_config = copy.deepcopy(cfg)
+    run_config.model.path = base_path
+    if cfg.model.codec_path:
+        run_config.model.codec_path = str(Path(cfg.model.codec_path).expanduser().resolve())
+    save_config(run_config, out / RUN_CONFIG)
+    atomic_write_text(out / "README.md", _model_card(run_config, step))
+    atomic_write_text(out / "NOTICE", LICENCE_NOTICE)
+
+
+def read_adapter_config(adapter_dir: str | Path) -> RunConfig:
+    """The run config saved with an adapter (base model path included)."""
+    return load_config(Path(adapter_dir) / RUN_CONFIG)
+
+
+# ------------------------------------------------------------------------------------------- save / load
+
+
+def save_checkpoint(engine, cfg: RunConfig, step: int, trainer_state: dict, rank: int, keep_last: int) -> Path:
+    """Write checkpoint `step` atomically (all ranks call). Returns its final directory."""
+    from higgs_lora.distributed import barrier
+
+    root = checkpoints_root(cfg.output_dir)
+    final = root / step_name(step)
+    partial = root / f".{step_name(step)}.partial"
+    if rank == 0:
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+    barrier()
+    engine.save_checkpoint(str(partial), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
+    import torch
+
+    rng_dir = partial / "rng"
+    rng_dir.mkdir(exist_ok=True)
+    torch.save(capture_rng(), rng_dir / f"rank_{rank:05d}.pt")
+    export_adapter(engine.module, partial / ADAPTER, cfg, step, is_main=rank == 0)
+    barrier()
+    if rank == 0:
+        atomic_write_json(partial / TRAINER_STATE, trainer_state)
+        if final.exists():  # a re-run of the same step (e.g. after a crash right after the rename)
+            shutil.rmtree(final)
+        partial.rename(final)
+        atomic_write_text(root / "latest", final.name + "\n")
+        for old in list_checkpoints(cfg.output_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    barrier()
+    return final
+
+
+def load_checkpoint(engine, path: Path, rank: int) -> dict:
+    """Restore engine state, this rank's RNG, and return the trainer state saved at `path`."""
+    import torch
+
+    load_path, _ = engine.load_checkpoint(
+        str(path), tag=DEEPSPEED_TAG, load_module_strict=False,
+        load_optimizer_states=True, load_lr_scheduler_states=True,
+    )
+    if load_path is None:
+        raise ResumeError(f"DeepSpeed could not load {path / DEEPSPEED_TAG}")
+    rng_file = path / "rng" / f"rank_{rank:05d}.pt"
+    if rng_file.is_file():
+        restore_rng(torch.load(rng_file, weights_only=False))
+    return json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
