@@ -113,6 +113,13 @@ def load_base_model(cfg: ModelConfig, device: "str | torch.device | None" = None
         kwargs["device_map"] = {"": str(device)}
     model = HiggsAudioV2ForConditionalGeneration.from_pretrained(str(info.path), **kwargs)
     model.requires_grad_(False)
+    if cfg.quantization == "nf4":
+        # bitsandbytes' CPU inference fast path (eval mode, no grad, AVX512-BF16 CPUs) repacks 4-bit weights in
+        # place and flags them as repacked. Under ZeRO-3 the repacked copy is a transient gather, the flag stays,
+        # and saving or the next forward breaks. Training never takes that path; evaluation must not either.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     return model
 
 

@@ -136,3 +136,23 @@ def demo_rows():
 
 def pytest_report_header(config):
     return f"higgs-lora tests: offline (HF_HOME={os.environ['HF_HOME']}), loopback-only sockets, python {sys.version.split()[0]}"
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tiny_checkpoint, tmp_path_factory):
+    """The demo corpus prepared into a codec-token cache with the tiny codec, once per session.
+
+    Returns the overrides a run config needs to train on it (tiny model, codec, corpus, cache).
+    """
+    from higgs_lora.config import load_config
+    from higgs_lora.data.prepare import join, run_prepare
+
+    cache = tmp_path_factory.mktemp("demo-cache") / "cache"
+    overrides = [
+        f"model.path={tiny_checkpoint.model_dir}", f"model.codec_path={tiny_checkpoint.codec_dir}",
+        f"data.corpus={DEMO_CORPUS / 'manifest.jsonl'}", f"data.cache_dir={cache}",
+    ]
+    cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", [*overrides, f"output_dir={cache.parent}"])
+    run_prepare(cfg, quiet=True)
+    join(cfg)
+    return overrides

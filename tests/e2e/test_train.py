@@ -1,0 +1,109 @@
+"""Training through the real launchers on CPU: 2 ranks over gloo, ZeRO-2/3, LoRA and QLoRA, on the demo cache."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from higgs_lora.checkpoint import ADAPTER, DEEPSPEED_TAG, RUN_CONFIG, latest_checkpoint, read_adapter_config
+from higgs_lora.config import ModelConfig
+
+from tests.e2e.launch import adapter_tensors, metrics, train
+
+FAST = ["train.lr=5e-3", "train.warmup_steps=1", "train.log_every=1", "train.eval_every=4"]
+
+
+def probe_batch(model_dir, codec_dir, cache_dir):
+    """A collated zero-shot batch from the cache (first two utterances of one speaker)."""
+    from higgs_lora.data.collate import MODEL_INPUTS, build_example, collate
+    from higgs_lora.data.prepare import load_cache
+    from higgs_lora.model import load_processor
+
+    processor = load_processor(ModelConfig(path=str(model_dir), codec_path=str(codec_dir)))
+    rows = list(load_cache(cache_dir).select(range(2)))
+    example = build_example(processor, rows[0]["text_normalized"], torch.tensor(rows[0]["codes"]),
+                            rows[1]["text_normalized"], torch.tensor(rows[1]["codes"]))
+    batch = collate([example], processor.tokenizer.pad_token_id, processor.audio_stream_eos_id)
+    return {k: batch[k] for k in MODEL_INPUTS}
+
+
+def overrides_value(overrides, key):
+    return next(o.split("=", 1)[1] for o in overrides if o.startswith(key + "="))
+
+
+@pytest.mark.parametrize("ds,quantization", [
+    ("zero2.json", "none"), ("zero2.json", "nf4"), ("zero3.json", "none"), ("zero3.json", "nf4"),
+])
+def test_two_ranks_train_and_write_a_working_adapter(demo_cache, tmp_path, ds, quantization):
+    from peft import PeftModel
+    from transformers import HiggsAudioV2ForConditionalGeneration
+
+    out = tmp_path / "run"
+    train(out, [*demo_cache, *FAST, "train.max_steps=8", "train.save_every=4", f"model.quantization={quantization}"],
+          ds=ds)
+
+    logged = metrics(out)
+    assert [m["step"] for m in logged] == list(range(1, 9))
+    losses = [m["loss"] for m in logged]
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.2, losses  # the loss falls on the demo corpus
+    for m in logged:  # the logged loss is the sum of the per-codebook losses (same positions each)
+        assert m["loss"] == pytest.approx(sum(m["per_codebook_loss"]), rel=1e-6)
+        assert m["positions_per_s"] > 0 and m["audio_seconds_per_s"] > 0
+    assert metrics(out, "eval"), "held-out speaker loss was never computed"
+
+    adapter = out / ADAPTER
+    tensors = adapter_tensors(adapter)
+    assert tensors and all(t.numel() > 0 for t in tensors.values())
+    # B starts at zero: non-zero means it trained. The one exception is the last layer's text MLP: with the audio
+    # loss alone, the last layer's text positions feed nothing that is scored, so its gradient is exactly zero.
+    last_text_mlp = ".layers.1.mlp."
+    trained = {name: bool(t.abs().sum() > 0) for name, t in tensors.items() if "lora_B" in name}
+    assert trained and all(ok for name, ok in trained.items() if last_text_mlp not in name), trained
+    assert not any(ok for name, ok in trained.items() if last_text_mlp in name)
+    saved = read_adapter_config(adapter)
+    assert saved.model.quantization == quantization and saved.train.max_steps == 8
+
+    # Plain PEFT on plain transformers (fp32, unquantised) loads it, and it changes the model's output.
+    model_dir = overrides_value(demo_cache, "model.path")
+    batch = probe_batch(model_dir, overrides_value(demo_cache, "model.codec_path"),
+                        overrides_value(demo_cache, "data.cache_dir"))
+    base = HiggsAudioV2ForConditionalGeneration.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        before = base(**batch).logits.clone()
+        adapted = PeftModel.from_pretrained(base, str(adapter)).eval()
+        after = adapted(**batch).logits
+    assert (after - before).abs().max() > 1e-3
+
+    if ds == "zero3.json" and quantization == "none":
+        # DeepSpeed's own consolidation of the sharded checkpoint gives the exported adapter's tensors.
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        last = latest_checkpoint(out)
+        consolidated = get_fp32_state_dict_from_zero_checkpoint(str(last), tag=DEEPSPEED_TAG)
+        exported = adapter_tensors(last / ADAPTER)
+        lora = {k: v for k, v in consolidated.items() if "lora_" in k}
+        assert len(lora) == len(exported)
+        for key, value in lora.items():
+            peft_key = key.replace(".default.", ".")
+            assert torch.equal(value.float(), exported[peft_key].float()), key
+
+
+def test_checkpoints_are_complete_kept_last_k_and_carry_the_config(demo_cache, tmp_path):
+    out = tmp_path / "run"
+    train(out, [*demo_cache, *FAST, "train.max_steps=6", "train.save_every=2", "train.keep_last=2"],
+          launcher="python", num_ranks=1)
+    root = out / "checkpoints"
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    assert names == ["step_00000004", "step_00000006"]  # step 2 pruned, no partial directories left
+    assert (root / "latest").read_text().strip() == "step_00000006"
+    step = root / "step_00000006"
+    assert (step / "trainer_state.json").is_file() and (step / DEEPSPEED_TAG).is_dir()
+    assert (step / ADAPTER / RUN_CONFIG).is_file() and (step / ADAPTER / "NOTICE").is_file()
+    # The frozen base is not in the DeepSpeed state: only the adapter's tensors are.
+    state = torch.load(step / DEEPSPEED_TAG / "mp_rank_00_model_states.pt", weights_only=False)
+    assert state["module"] and all("lora_" in k for k in state["module"])
+    saved = read_adapter_config(step / ADAPTER)
+    assert saved.model.path.startswith("/") and saved.output_dir == str(out)
