@@ -32,13 +32,16 @@ def main(argv=None) -> int:
         return 2
 
     from higgs_lora.plan import PlanError
-    from higgs_lora.train import run
+    from higgs_lora.train import NonFiniteLossError, run
 
     try:
         run(cfg, args.ds)
     except PlanError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
