@@ -103,3 +103,70 @@ def test_collate_pads_and_masks(processor):
     assert batch["audio_input_ids_mask"][0].sum().item() == short.audio_input_ids.shape[0]
     assert (batch["audio_labels"][0, short.audio_input_ids.shape[0]:] == IGNORE_INDEX).all()
     assert torch.equal(batch["audio_labels"][1], long.audio_labels)
+
+
+@settings(max_examples=25, deadline=None)
+@given(ref_frames=st.integers(1, 80), target_frames=st.integers(1, 80), seed=st.integers(0, 1000))
+def test_shifted_loss_labels_line_up_with_the_audio_labels(processor, ref_frames, target_frames, seed):
+    example = build_example(processor, "مرجع", random_codes(ref_frames, seed), "هدف", random_codes(target_frames, seed + 1))
+    ids = example.input_ids
+    is_audio = (ids == processor.audio_token_id) | (ids == processor.audio_delay_token_id)
+    position_labels = torch.full((len(ids), K), IGNORE_INDEX)
+    position_labels[is_audio] = example.audio_labels
+    # Position i predicts position i + 1: its loss label is the next position's audio label.
+    assert torch.equal(example.loss_labels[:-1], position_labels[1:])
+    assert (example.loss_labels[-1] == IGNORE_INDEX).all()
+    # Each codebook: T codes + one EOS labelled, nothing else.
+    assert ((example.loss_labels != IGNORE_INDEX).sum(0) == target_frames + 1).all()
+    assert ((example.loss_labels == EOS).sum(0) == 1).all()
+
+
+def test_text_labels_are_the_target_turns_closing_tokens_only(processor):
+    example = build_example(processor, "مرجع", random_codes(5, 1), "هدف", random_codes(6, 2))
+    tok = processor.tokenizer
+    labelled = example.text_loss_labels[example.text_loss_labels != IGNORE_INDEX]
+    assert tok.convert_ids_to_tokens(labelled.tolist()) == ["<|audio_eos|>", "<|eot_id|>"]
+    # Shifted: the last audio position predicts <|audio_eos|>, which predicts <|eot_id|>.
+    last_audio = int(((example.input_ids == processor.audio_token_id)
+                      | (example.input_ids == processor.audio_delay_token_id)).nonzero()[-1, 0])
+    assert example.text_loss_labels[last_audio].item() == tok.convert_tokens_to_ids("<|audio_eos|>")
+    delay_id = processor.audio_delay_token_id
+    assert delay_id not in example.text_loss_labels.tolist()
+
+
+def test_collated_loss_targets_follow_the_masks(processor):
+    a = build_example(processor, "أ", random_codes(3, 1), "ب", random_codes(4, 2))
+    b = build_example(processor, "نص أطول", random_codes(9, 3), "هدف أطول", random_codes(11, 4))
+    batch = collate([a, b], pad_token_id=processor.tokenizer.pad_token_id, audio_pad_id=1025)
+    assert batch["loss_labels"].shape == (int(batch["loss_mask"].sum()), K)
+    expected = torch.cat([a.loss_labels[(a.loss_labels != IGNORE_INDEX).any(-1)],
+                          b.loss_labels[(b.loss_labels != IGNORE_INDEX).any(-1)]])
+    assert torch.equal(batch["loss_labels"], expected)
+    assert batch["text_loss_labels"].tolist() == [x for e in (a, b) for x in e.text_loss_labels.tolist() if x != IGNORE_INDEX]
+
+
+@pytest.mark.parametrize("scene", ["", "Audio is recorded in a quiet room."])
+def test_sample_length_estimate_is_exact(processor, scene):
+    from higgs_lora.data.collate import prompt_overhead_tokens
+    from higgs_lora.data.sampler import UtteranceInfo, sample_positions
+
+    overhead = prompt_overhead_tokens(processor, scene)
+    for i, (ref_text, target_text) in enumerate([("نص المرجع", "النص الهدف"), ("كلمة", "جملة أطول من ذلك بكثير ١٢")]):
+        ref, target = random_codes(10 + i, i), random_codes(20 + 3 * i, i + 5)
+        example = build_example(processor, ref_text, ref, target_text, target, scene)
+        count = lambda t: len(processor.tokenizer(t, add_special_tokens=False)["input_ids"])  # noqa: E731
+        estimate = sample_positions(UtteranceInfo("s", target.shape[1], count(target_text)),
+                                    UtteranceInfo("s", ref.shape[1], count(ref_text)), overhead)
+        assert estimate == example.num_positions
+
+
+def test_generation_prompt_is_the_training_sample_cut_before_the_target_audio(processor):
+    from higgs_lora.data.collate import build_prompt
+
+    ref, target = random_codes(12, 1), random_codes(7, 2)
+    example = build_example(processor, "مرجع", ref, "هدف", target)
+    prompt = build_prompt(processor, "مرجع", ref, "هدف")
+    n = len(prompt.input_ids)
+    assert torch.equal(example.input_ids[:n], prompt.input_ids)
+    assert processor.tokenizer.convert_ids_to_tokens(int(prompt.input_ids[-1])) == "<|audio_out_bos|>"
+    assert torch.equal(prompt.audio_input_ids, example.audio_input_ids[: 12 + 9])

@@ -1,0 +1,93 @@
+"""Pure pieces of the training run: launcher environment, LR schedule, checkpoint discovery, FLOP counting."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from higgs_lora.checkpoint import ResumeError, latest_checkpoint, list_checkpoints, resolve_resume
+from higgs_lora.config import load_config
+from higgs_lora.distributed import first_slurm_host, launcher_environment
+from higgs_lora.metrics import FlopCounter, peak_flops
+
+from tests.conftest import REPO_ROOT
+
+
+def test_launcher_variables_are_kept():
+    assert launcher_environment({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}) == {}
+
+
+def test_slurm_variables_are_mapped():
+    env = launcher_environment({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+                                "SLURM_JOB_NODELIST": "gpu[03-04]", "SLURM_JOB_ID": "1234"})
+    assert env == {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "gpu03", "MASTER_PORT": "29734"}
+
+
+def test_a_plain_process_is_a_single_rank():
+    env = launcher_environment({})
+    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["MASTER_ADDR"]) == ("0", "0", "1", "127.0.0.1")
+    assert 0 < int(env["MASTER_PORT"]) < 65536
+
+
+@pytest.mark.parametrize("nodelist,first", [("gpu[03-05,07],cpu1", "gpu03"), ("a1,a2", "a1"), ("n[7]", "n7"),
+                                             ("single", "single")])
+def test_first_slurm_host(nodelist, first):
+    assert first_slurm_host(nodelist) == first
+
+
+def test_warmup_then_cosine_to_zero():
+    from higgs_lora.train import warmup_cosine
+
+    f = warmup_cosine(4, 20)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == 1.0 and f(12) == pytest.approx(0.5) and f(20) == pytest.approx(0.0)
+    assert all(f(s) >= f(s + 1) for s in range(4, 30))
+
+
+def make_step(root, name, complete=True):
+    step = root / "checkpoints" / name
+    (step / "deepspeed").mkdir(parents=True)
+    if complete:
+        (step / "trainer_state.json").write_text("{}")
+    return step
+
+
+def test_resume_takes_the_newest_complete_checkpoint(tmp_path):
+    cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", [f"output_dir={tmp_path}"])
+    assert resolve_resume(cfg) is None
+    make_step(tmp_path, "step_00000010")
+    newest = make_step(tmp_path, "step_00000020")
+    make_step(tmp_path, "step_00000030", complete=False)  # killed while writing
+    (tmp_path / "checkpoints" / ".step_00000040.partial").mkdir()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000010", "step_00000020"]
+    assert latest_checkpoint(tmp_path) == newest  # no pointer: newest complete
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000010\n")
+    assert latest_checkpoint(tmp_path).name == "step_00000010"  # the pointer wins when it names a complete one
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000030\n")
+    assert latest_checkpoint(tmp_path) == newest
+    never = load_config(REPO_ROOT / "configs" / "demo.yaml", [f"output_dir={tmp_path}", "train.resume=never"])
+    assert resolve_resume(never) is None
+    explicit = load_config(REPO_ROOT / "configs" / "demo.yaml", [f"train.resume={tmp_path}/checkpoints/step_00000030"])
+    with pytest.raises(ResumeError, match="not a complete checkpoint"):
+        resolve_resume(explicit)
+
+
+def test_flops_per_position_of_the_released_size():
+    config = {"hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 24, "num_key_value_heads": 8,
+              "head_dim": 128, "num_hidden_layers": 28, "num_codebooks": 8, "codebook_size": 1026}
+    counter = FlopCounter.from_model_config(config, [], r=16)
+    # Attention + one MLP per layer: ~2.82B parameters on a position's path, plus the 25M audio head.
+    assert counter.path_parameters == 28 * (2 * 3072 * 3072 + 2 * 3072 * 1024 + 3 * 3072 * 8192)
+    assert counter.head_parameters == 3072 * 8208
+    per_position = counter.step_flops(1, 1, 0)
+    assert per_position == pytest.approx(4 * (counter.path_parameters + counter.head_parameters))
+    assert 11.2e9 < per_position < 11.6e9  # docs/PERFORMANCE: ~11.4 GFLOP per position
+    assert math.isclose(counter.step_flops(2, 0, 2 * 100**2) - counter.step_flops(2, 0, 0),
+                        12 * 28 * 3072 * 2 * 100**2)
+
+
+def test_peak_flops_only_for_measured_or_configured():
+    assert peak_flops(0, "NVIDIA H200") == 790e12
+    assert peak_flops(0, "cpu") is None
+    assert peak_flops(100, "cpu") == 100e12
