@@ -265,6 +265,9 @@ class Trainer:
         epoch_plan = self.data.sampler.plan(self.state.epoch)
         self.engine.train()
         last_saved = self.step if checkpoint.latest_checkpoint(self.cfg.output_dir) else -1
+        eval_enabled = bool(self.cfg.train.eval_every and self.data.eval_batches)
+        if eval_enabled and self.step == 0:
+            self.evaluate()  # the untrained baseline the later evaluations compare with
         while self.step < self.total_steps:
             if self.state.step >= len(epoch_plan.steps):
                 self.state.epoch, self.state.step = self.state.epoch + 1, 0
@@ -290,12 +293,12 @@ class Trainer:
             bar.update(1)
             if metrics is not None:
                 last = metrics
-            if self.cfg.train.eval_every and self.data.eval_batches and self.step % self.cfg.train.eval_every == 0:
+            if eval_enabled and self.step % self.cfg.train.eval_every == 0:
                 self.evaluate()
             if self.step % self.cfg.train.save_every == 0 or self.step == self.total_steps:
                 self.save()
                 last_saved = self.step
-        if self.cfg.train.eval_every and self.data.eval_batches and self.step % self.cfg.train.eval_every:
+        if eval_enabled and self.step % self.cfg.train.eval_every:
             self.evaluate()
         if last_saved != self.step:
             self.save()
