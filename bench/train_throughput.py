@@ -1,18 +1,21 @@
 """Training throughput of our LoRA pipeline against a Hugging Face Trainer + PEFT baseline, in one run.
 
-    python bench/train_throughput.py --size tiny --steps 5                 # CPU smoke run (tiny demo model)
-    python bench/train_throughput.py --size full --steps 10 --json out.json   # released dims, random weights, GPU
+    python bench/train_throughput.py --size tiny --steps 5                   # CPU smoke run (tiny demo model)
+    python bench/train_throughput.py --size full --steps 10 --json out.json  # released dims, random weights, GPU
     python bench/train_throughput.py --size full --dry-run                   # build on meta, print size and FLOPs
 
 Both pipelines train the same model (the tiny checkpoint, or the released architecture built on the meta device and
 materialised on the GPU in bf16 with random weights: same FLOPs and memory as the real one) with the same LoRA
 (project defaults: r 16, alpha 32, dropout 0.1, all linear layers) and gradient-checkpointing setting, on the same
 synthetic corpus: random codes for a 3-10 s reference and a 2-15 s target (25 frames/s), transcripts of 20-120
-tokens. Each step builds its samples from texts and codes (tokenising, as training from the cache does).
+tokens. Each step builds its samples from texts and codes (tokenising, as training from the cache does). Both sizes
+use the tiny checkpoint's tokenizer (built by higgs_lora.tiny if missing): its special tokens sit at the Llama-3
+offsets of a ~1k vocabulary, valid ids in the full one, and the full config takes the same ids.
 
 - ours: micro-batches packed under a token budget (`pack_micro_batches`), logits only at labelled positions
   (`micro_batch_loss_sums`), loss normalised by the labelled positions, torch AdamW (fused on CUDA). A plain
-  PyTorch loop on one device, not DeepSpeed (absent on the GPU machine): the per-device work is the same.
+  PyTorch loop on one device, not DeepSpeed (absent on the GPU machine): it measures the model and data path, not
+  DeepSpeed's own costs (ZeRO collectives, its optimizer wrapper).
 - baseline: as the public Higgs fine-tuning scripts do it: `transformers.Trainer`, fixed samples per batch padded
   to the longest, random order, the model's own loss over full logits (`audio_labels`), optionally the codec run
   in the collator on random audio of each clip's length (`--baseline-codec`, tiny codec on CPU: cheaper than the
@@ -20,10 +23,11 @@ tokens. Each step builds its samples from texts and codes (tokenising, as traini
 
 One optimizer step is one micro-batch in both. After `--warmup` steps, each step is timed end to end (data
 included) with synchronised clocks; the table gives the median seconds per step, and rates (totals over the timed
-steps / their summed time) of real and padded positions, target audio seconds, and MFU (model FLOPs of the real
-positions, higgs_lora.metrics, over the measured bf16 peak; n/a where unknown). Compare pipelines by target audio
-seconds per second: their steps hold different amounts of work. Peak memory: CUDA allocator peak per pipeline; on
-CPU the process max RSS, which cannot be reset, so the second pipeline's figure includes the first's.
+steps / their summed time) of real and padded positions, target audio seconds, and MFU: model FLOPs of the real
+positions (higgs_lora.metrics; the audio head counted at labelled positions only, for both) over the measured bf16
+peak, n/a where none is known. Compare pipelines by target audio seconds per second: their steps hold different
+amounts of work. Peak memory: CUDA allocator peaks per pipeline; on CPU the process max RSS, which cannot be reset,
+so the second pipeline's figure includes the first's.
 """
 
 from __future__ import annotations
@@ -74,8 +78,7 @@ class Setup:
     tiny_dir: Path
     processor: object
     items: list[Item]
-    counter: object
-    """higgs_lora.metrics.FlopCounter of the model's config."""
+    counter: object  # higgs_lora.metrics.FlopCounter of the model's config
     device: torch.device
     dtype: torch.dtype
 
@@ -252,41 +255,43 @@ def run_baseline(model, setup: Setup) -> tuple[list[float], list[dict]]:
         works.append(batch_work(batch, chosen, setup.counter))  # collation order is consumption order
         return {key: batch[key] for key in (*MODEL_INPUTS, "audio_labels")}
 
+    stamps: list[float] = []
+
     class StepClock(TrainerCallback):
-        def __init__(self):
-            self.stamps: list[float] = []
-
         def on_train_begin(self, *unused, **kwargs):
-            self.stamps.append(clock(device))
+            stamps.append(clock(device))
 
-        def on_step_end(self, *unused, **kwargs):
-            self.stamps.append(clock(device))
+        on_step_end = on_train_begin  # a step's time runs from the previous step's end: its data loading included
 
-    step_clock = StepClock()
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as output_dir:
         training_args = TrainingArguments(
-            output_dir=output_dir, max_steps=args.warmup + args.steps, per_device_train_batch_size=args.baseline_batch_size,
-            learning_rate=TrainConfig().lr, lr_scheduler_type="constant", bf16=device.type == "cuda",
+            output_dir=output_dir, max_steps=args.warmup + args.steps, seed=args.seed,
+            per_device_train_batch_size=args.baseline_batch_size, learning_rate=TrainConfig().lr,
+            lr_scheduler_type="constant", bf16=device.type == "cuda", use_cpu=device.type == "cpu",
             save_strategy="no", eval_strategy="no", logging_strategy="no", report_to=[], disable_tqdm=True,
-            dataloader_num_workers=0, remove_unused_columns=False, seed=args.seed, use_cpu=device.type == "cpu",
+            dataloader_num_workers=0, remove_unused_columns=False,
         )
-        trainer = Trainer(model=model, args=training_args, train_dataset=setup.items, data_collator=collator,
-                          callbacks=[step_clock])
-        trainer.train()
-    stamps = step_clock.stamps
+        Trainer(model=model, args=training_args, train_dataset=setup.items, data_collator=collator,
+                callbacks=[StepClock()]).train()
     return [b - a for a, b in zip(stamps, stamps[1:])], works[: len(stamps) - 1]
 
 
-def peak_memory(device: torch.device) -> dict:
-    """Peak memory in GiB: CUDA allocator peak (allocated, reserved) or process max RSS."""
+def measure(name: str, run, setup: Setup, peak: float | None) -> dict:
+    """Run one pipeline on a fresh model; steady-state figures over the steps after warm-up: rates per second of
+    summed step time, MFU (None without a known peak), memory in GiB (CUDA peaks from the model build on, or the
+    process max RSS on CPU)."""
+    device, warmup = setup.device, setup.args.warmup
+    gc.collect()
     if device.type == "cuda":
-        return {"allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-                "reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
-    return {"max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-
-
-def summarise(seconds: list[float], works: list[dict], warmup: int, peak: float | None, memory: dict) -> dict:
-    """Steady-state figures over the steps after warm-up (rates per second of summed step time)."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    print(f"[{name}] {warmup} warm-up + {setup.args.steps} timed steps", flush=True)
+    seconds, works = run(lora_model(setup), setup)
+    if device.type == "cuda":
+        memory = {"allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+                  "reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+    else:
+        memory = {"max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     seconds, works = seconds[warmup:], works[warmup:]
     total = sum(seconds)
     sums = {key: sum(w[key] for w in works) for key in works[0]}
@@ -299,22 +304,29 @@ def summarise(seconds: list[float], works: list[dict], warmup: int, peak: float 
     }
 
 
-def measure(name: str, run, setup: Setup, peak: float | None) -> dict:
-    """Build a fresh model, run one pipeline on it, and summarise; peak CUDA memory counts from the build."""
-    device = setup.device
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    print(f"[{name}] {setup.args.warmup} warm-up + {setup.args.steps} timed steps", flush=True)
-    seconds, works = run(lora_model(setup), setup)
-    return summarise(seconds, works, setup.args.warmup, peak, peak_memory(device))
-
-
-def format_memory(memory: dict) -> str:
-    if "allocated_gib" in memory:
-        return f"{memory['allocated_gib']:.1f}/{memory['reserved_gib']:.1f} GiB"
-    return f"{memory['max_rss_gib']:.2f} GiB RSS"
+def report(results: dict, meta: dict, args) -> None:
+    """Print the run's settings and an aligned table, ours / baseline last."""
+    rows = [("pipeline", "s/step", "real pos/s", "padded pos/s", "padding", "audio s/s", "MFU", "peak memory")]
+    for name, r in results.items():
+        memory = r["memory"]
+        rows.append((name, f"{r['median_step_s']:.3f}", f"{r['real_positions_per_s']:,.0f}",
+                     f"{r['padded_positions_per_s']:,.0f}", f"{r['padding_fraction']:.1%}",
+                     f"{r['target_audio_s_per_s']:.1f}", "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}",
+                     f"{memory['allocated_gib']:.1f}/{memory['reserved_gib']:.1f} GiB alloc/reserved"
+                     if "allocated_gib" in memory else f"{memory['max_rss_gib']:.2f} GiB max RSS"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    print(f"\n{meta['date']}  {meta['device']} ({meta['torch_threads']} torch threads)  torch {meta['torch']}, "
+          f"transformers {meta['transformers']}, peft {meta['peft']}")
+    print(f"command: {meta['command']}")
+    baseline = "skipped" if args.skip_baseline else (
+        f"{args.baseline_batch_size} samples/step, codec in loader {'on' if args.baseline_codec else 'off'}")
+    print(f"size {args.size} ({meta['dtype']}), checkpointing {args.gradient_checkpointing}, {args.num_samples} "
+          f"samples; ours: {args.micro_batch_tokens} positions/micro-batch; baseline: {baseline}; "
+          f"{args.steps} timed steps after {args.warmup} warm-up")
+    for row in rows:
+        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+    if meta["ratio"] is not None:
+        print(f"ours / baseline, target audio seconds per second: {meta['ratio']:.2f}x")
 
 
 def main() -> int:
@@ -340,47 +352,29 @@ def main() -> int:
     positions = sum(i.num_positions for i in items)
     corpus_flops = sum(counter.step_flops(i.num_positions, i.num_loss_positions, i.num_positions ** 2) for i in items)
     print(f"corpus: {len(items)} samples, {positions / len(items):.0f} positions on average (max "
-          f"{max(i.num_positions for i in items)}), {corpus_flops / positions / 1e9:.3f} GFLOP per position")
+          f"{max(i.num_positions for i in items)}); model FLOPs {corpus_flops / positions / 1e9:.3f} GFLOP/position")
     if args.dry_run:
-        meta = build_on_meta(config, dtype)
-        print(f"{args.size} model on meta: {sum(p.numel() for p in meta.parameters()):,} parameters "
+        model = build_on_meta(config, dtype)
+        print(f"{args.size} model on meta: {sum(p.numel() for p in model.parameters()):,} parameters "
               f"(text head included); {counter.path_parameters:,} frozen parameters on a position's path")
         return 0
     if args.size == "full" and device.type == "cpu":
-        raise SystemExit("--size full trains only on a GPU here (use --dry-run on CPU)")
+        raise SystemExit("--size full trains only on a GPU (use --dry-run on a CPU)")
     setup = Setup(args, tiny.model_dir, processor, items, counter, device, dtype)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
     peak = peak_flops(0.0, device_name)
     results = {"ours": measure("ours", run_ours, setup, peak)}
     if not args.skip_baseline:
         results["baseline"] = measure("baseline", run_baseline, setup, peak)
-    ratio = (results["ours"]["target_audio_s_per_s"] / results["baseline"]["target_audio_s_per_s"]
-             if "baseline" in results else None)
     meta = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "device": device_name,
-            "torch_threads": torch.get_num_threads(), "command": " ".join([sys.executable, *sys.argv]),
-            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "args": vars(args)}
+            "torch_threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."),
+            "command": " ".join([sys.executable, *sys.argv]), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "args": vars(args),
+            "ratio": results["ours"]["target_audio_s_per_s"] / results["baseline"]["target_audio_s_per_s"]
+            if "baseline" in results else None}
     if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": results, "ratio": ratio}, indent=2) + "\n",
-                                   encoding="utf-8")
-    header = ("pipeline", "s/step", "real pos/s", "padded pos/s", "padding", "audio s/s", "MFU", "peak memory")
-    rows = [header]
-    for name, r in results.items():
-        rows.append((name, f"{r['median_step_s']:.3f}", f"{r['real_positions_per_s']:,.0f}",
-                     f"{r['padded_positions_per_s']:,.0f}", f"{r['padding_fraction']:.1%}",
-                     f"{r['target_audio_s_per_s']:.1f}", "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}",
-                     format_memory(r["memory"])))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    print(f"\n{meta['date']}  {device_name} ({meta['torch_threads']} torch threads)  torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, peft {peft.__version__}")
-    print(f"command: {meta['command']}")
-    print(f"size {args.size}, {dtype}, checkpointing {args.gradient_checkpointing}; ours: budget "
-          f"{args.micro_batch_tokens} positions; baseline: {args.baseline_batch_size} samples/step, codec in loader "
-          f"{'on' if args.baseline_codec else 'off'}; {args.steps} timed steps after {args.warmup} warm-up")
-    for row in rows:
-        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
-    if ratio is not None:
-        print(f"ours / baseline, target audio seconds per second: {ratio:.2f}x")
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n", encoding="utf-8")
+    report(results, meta, args)
     return 0
 
 
