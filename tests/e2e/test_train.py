@@ -107,3 +107,16 @@ def test_checkpoints_are_complete_kept_last_k_and_carry_the_config(demo_cache, t
     assert state["module"] and all("lora_" in k for k in state["module"])
     saved = read_adapter_config(step / ADAPTER)
     assert saved.model.path.startswith("/") and saved.output_dir == str(out)
+
+
+def test_text_loss_under_zero3_trains_the_text_path_too(demo_cache, tmp_path):
+    out = tmp_path / "run"
+    train(out, [*demo_cache, *FAST, "train.max_steps=6", "train.save_every=6", "model.use_text_head=true",
+                "train.text_loss_weight=0.5"], ds="zero3.json")
+    logged = metrics(out)
+    assert all("text_loss" in m for m in logged)
+    assert logged[-1]["text_loss"] < logged[0]["text_loss"]
+    tensors = adapter_tensors(out / ADAPTER)
+    # Unlike the audio-only loss, the text loss reaches the last layer's text MLP.
+    last_text_mlp = [t for name, t in tensors.items() if ".layers.1.mlp." in name and "lora_B" in name]
+    assert last_text_mlp and all(t.abs().sum() > 0 for t in last_text_mlp)
