@@ -74,8 +74,18 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def resolve_resume(cfg: RunConfig) -> Path | None:
-    """The checkpoint `train.resume` asks for: 'auto' -> latest complete or None, 'never' -> None, else a path."""
+    """The checkpoint `train.resume` asks for: 'auto' -> latest complete or None, 'never' -> None, else a path.
+
+    'never' refuses an output_dir that already holds checkpoints: a fresh run would interleave its checkpoints
+    with the old ones (and prune them), and `auto` would later resume whichever is newest.
+    """
     if cfg.train.resume == "never":
+        existing = list_checkpoints(cfg.output_dir)
+        if existing:
+            raise ResumeError(
+                f"train.resume=never but {checkpoints_root(cfg.output_dir)} already holds {len(existing)} "
+                "checkpoints; use a new output_dir, delete them, or resume with train.resume=auto"
+            )
         return None
     if cfg.train.resume == "auto":
         return latest_checkpoint(cfg.output_dir)
@@ -192,36 +202,92 @@ def read_adapter_config(adapter_dir: str | Path) -> RunConfig:
 # ------------------------------------------------------------------------------------------- save / load
 
 
+def step_of(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
+def prune(output_dir: str | Path, newest_step: int, keep_last: int) -> list[Path]:
+    """Delete complete checkpoints older than the newest `keep_last` up to `newest_step`; returns what was deleted.
+
+    Checkpoints past `newest_step` (left by another run in the same directory) are never touched, and neither is
+    `newest_step` itself.
+    """
+    older = [p for p in list_checkpoints(output_dir) if step_of(p) <= newest_step]
+    doomed = older[:-max(1, keep_last)]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
 def save_checkpoint(engine, cfg: RunConfig, step: int, trainer_state: dict, rank: int, keep_last: int) -> Path:
-    """Write checkpoint `step` atomically (all ranks call). Returns its final directory."""
-    from higgs_lora.distributed import barrier
+    """Write checkpoint `step` atomically (all ranks call). Returns its final directory.
+
+    A failure on any rank (disk full, an empty adapter) raises on every rank instead of leaving the others waiting.
+    """
+    import torch
+
+    from higgs_lora.distributed import raise_if_any_failed
 
     root = checkpoints_root(cfg.output_dir)
     final = root / step_name(step)
     partial = root / f".{step_name(step)}.partial"
+    error = None
     if rank == 0:
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True)
-    barrier()
+        try:
+            if partial.exists():
+                shutil.rmtree(partial)
+            partial.mkdir(parents=True)
+        except OSError as err:
+            error = err
+    raise_if_any_failed(error, f"preparing {partial}")
     engine.save_checkpoint(str(partial), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
-    import torch
-
-    rng_dir = partial / "rng"
-    rng_dir.mkdir(exist_ok=True)
-    torch.save(capture_rng(), rng_dir / f"rank_{rank:05d}.pt")
-    export_adapter(engine.module, partial / ADAPTER, cfg, step, is_main=rank == 0)
-    barrier()
+    try:
+        rng_dir = partial / "rng"
+        rng_dir.mkdir(exist_ok=True)
+        torch.save(capture_rng(), rng_dir / f"rank_{rank:05d}.pt")
+        export_adapter(engine.module, partial / ADAPTER, cfg, step, is_main=rank == 0)
+    except (OSError, RuntimeError) as err:
+        error = err
+    raise_if_any_failed(error, f"writing {partial}")
     if rank == 0:
-        atomic_write_json(partial / TRAINER_STATE, trainer_state)
-        if final.exists():  # a re-run of the same step (e.g. after a crash right after the rename)
-            shutil.rmtree(final)
-        partial.rename(final)
-        atomic_write_text(root / "latest", final.name + "\n")
-        for old in list_checkpoints(cfg.output_dir)[:-keep_last]:
-            shutil.rmtree(old)
-    barrier()
+        try:
+            atomic_write_json(partial / TRAINER_STATE, trainer_state)
+            if final.exists():  # a re-run of the same step (e.g. after a crash right after the rename)
+                shutil.rmtree(final)
+            partial.rename(final)
+            atomic_write_text(root / "latest", final.name + "\n")
+            prune(cfg.output_dir, step, keep_last)
+        except OSError as err:
+            error = err
+    raise_if_any_failed(error, f"publishing {final}")
     return final
+
+
+def check_compatible(path: Path, cfg: RunConfig, world_size: int) -> dict:
+    """The trainer state at `path`, after checking this run can resume it; raises ResumeError saying why not.
+
+    DeepSpeed's own load fails deep inside its flat buffers (or, with equal sizes, silently misassigns weights) when
+    the adapter's shape or the number of ranks changed: check those first, from the checkpoint's own files.
+    """
+    state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+    saved_world = state["sampler"]["world_size"]
+    if saved_world != world_size:
+        raise ResumeError(
+            f"{path} was written by {saved_world} ranks and this run has {world_size}: DeepSpeed's ZeRO state is "
+            f"partitioned per rank. Resume with {saved_world} ranks, or convert it with DeepSpeed's universal "
+            "checkpoint tools (ds_to_universal.py) first"
+        )
+    saved = read_adapter_config(path / ADAPTER)
+    mismatched = [key for key in ("r", "alpha", "target_modules")
+                  if getattr(saved.lora, key) != getattr(cfg.lora, key)]
+    if saved.model.quantization != cfg.model.quantization:
+        mismatched.append("model.quantization")
+    if mismatched:
+        raise ResumeError(
+            f"{path} was trained with different adapter settings ({', '.join(mismatched)}); resume with the same "
+            f"settings (see {path / ADAPTER / RUN_CONFIG}) or start a new run in a new output_dir"
+        )
+    return state
 
 
 def load_checkpoint(engine, path: Path, rank: int) -> dict:

@@ -80,12 +80,18 @@ def device_for(topology: Topology):
     return torch.device("cuda", topology.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def all_reduce_sum(values: list[float], device) -> list[float]:
+def _default_device():
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def all_reduce_sum(values: list[float], device=None) -> list[float]:
     """Element-wise sum of `values` over all ranks (float64, one collective)."""
     import torch
     import torch.distributed as dist
 
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device or _default_device())
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor)
     return tensor.tolist()
@@ -96,3 +102,27 @@ def barrier() -> None:
 
     if dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_object(value, source: int = 0):
+    """Rank `source`'s `value` on every rank (a decision one rank makes for all, e.g. which checkpoint to resume)."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=source)
+    return holder[0]
+
+
+def raise_if_any_failed(error: BaseException | None, what: str) -> None:
+    """Collective: raise on every rank if `error` is set on any rank.
+
+    Work that only some ranks do (rank 0 writing files) must not fail silently while the others wait at the next
+    barrier until the collective timeout: every rank learns of the failure and stops.
+    """
+    failed = all_reduce_sum([1.0 if error is not None else 0.0])[0]
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"another rank failed while {what}; see its error above")

@@ -148,6 +148,10 @@ def make_plan(cfg: RunConfig, ds_config: dict, world_size: int, model_config: di
 def resolve_ds_config(ds_config: dict, cfg: RunConfig, plan: Plan, hidden_size: int) -> dict:
     """`ds_config` with every "auto" filled from the run config and the plan (a new dict)."""
     resolved = copy.deepcopy(ds_config)
+    if resolved.get("gradient_allreduce_op", "mean") != "mean":
+        # The loss is already scaled so that rank-averaged gradients are those of the global batch.
+        raise PlanError("the DeepSpeed config sets gradient_allreduce_op to 'sum'; remove it (the default 'mean' "
+                        "is what the global-batch loss normalisation expects)")
     resolved["gradient_accumulation_steps"] = plan.accumulation
     resolved["train_micro_batch_size_per_gpu"] = 1  # our micro-batches hold a variable number of samples
     resolved.pop("train_batch_size", None)

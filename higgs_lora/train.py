@@ -31,6 +31,7 @@ from higgs_lora import checkpoint
 from higgs_lora.config import FRAMES_PER_SECOND, RunConfig, save_config
 from higgs_lora.data.collate import build_example, collate, prompt_overhead_tokens
 from higgs_lora.data.sampler import (
+    DataError,
     EpochSampler,
     SamplerState,
     Sample,
@@ -214,22 +215,40 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- resume
 
-    def resume(self) -> None:
-        path = checkpoint.resolve_resume(self.cfg)
-        if path is None:
+    def resume(self) -> bool:
+        """Load the checkpoint `train.resume` names, if any; returns whether it did.
+
+        Rank 0 decides which checkpoint (ranks reading a lagging shared filesystem could disagree) and the
+        compatibility checks run before DeepSpeed touches its partitioned state.
+        """
+        from higgs_lora.distributed import broadcast_object, raise_if_any_failed
+
+        decision, error = None, None
+        if self.topology.is_main:
+            try:
+                path = checkpoint.resolve_resume(self.cfg)
+                if path is not None:
+                    checkpoint.check_compatible(path, self.cfg, self.plan.world_size)
+                decision = str(path) if path is not None else None
+            except checkpoint.ResumeError as err:
+                error = err
+        raise_if_any_failed(error, "choosing the checkpoint to resume")
+        decision = broadcast_object(decision)
+        if decision is None:
             self.log("[train] starting from scratch (no checkpoint to resume)")
-            return
+            return False
+        path = Path(decision)
         state = checkpoint.load_checkpoint(self.engine, path, self.topology.rank)
         self.step = state["step"]
         self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
         saved = SamplerState.from_dict(state["sampler"])
-        if (saved.world_size, saved.accumulation, saved.micro_batch_tokens) != (
-                self.state.world_size, self.state.accumulation, self.state.micro_batch_tokens):
-            self.log(f"[train] warning: the checkpoint was written with {saved.world_size} ranks x "
-                     f"{saved.accumulation} accumulation x {saved.micro_batch_tokens} tokens; this run's epoch "
-                     "schedule differs, so the epoch continues from the same step index of a different order")
+        if (saved.accumulation, saved.micro_batch_tokens) != (self.state.accumulation, self.state.micro_batch_tokens):
+            self.log(f"[train] warning: the checkpoint was written with {saved.accumulation} accumulation x "
+                     f"{saved.micro_batch_tokens} tokens; this run's epoch schedule differs, so the epoch continues "
+                     "from the same step index of a different order")
         self.state.epoch, self.state.step = saved.epoch, saved.step
         self.log(f"[train] resumed from {path} at step {self.step} (epoch {saved.epoch}, step {saved.step} of it)")
+        return True
 
     def save(self) -> Path:
         trainer_state = {"step": self.step, "sampler": self.state.to_dict(),
@@ -241,6 +260,7 @@ class Trainer:
 
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = signum
+        signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once
 
     # ----------------------------------------------------------------------------------------- the loop
 
@@ -256,23 +276,26 @@ class Trainer:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(str(self.output / "tensorboard"))
-        self.resume()
+        resumed = self.resume()
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (self.topology.is_main and sys.stderr.isatty()))
-        window = _Window()
         last: dict = {}
         epoch_plan = self.data.sampler.plan(self.state.epoch)
         self.engine.train()
-        last_saved = self.step if checkpoint.latest_checkpoint(self.cfg.output_dir) else -1
+        last_saved = self.step if resumed else -1
         eval_enabled = bool(self.cfg.train.eval_every and self.data.eval_batches)
         if eval_enabled and self.step == 0:
             self.evaluate()  # the untrained baseline the later evaluations compare with
+        window = _Window()
         while self.step < self.total_steps:
             if self.state.step >= len(epoch_plan.steps):
                 self.state.epoch, self.state.step = self.state.epoch + 1, 0
                 epoch_plan = self.data.sampler.plan(self.state.epoch)
                 self.log(f"[train] epoch {self.state.epoch}: {len(epoch_plan.steps)} steps, "
                          f"{epoch_plan.num_samples} samples, padding {epoch_plan.padding_fraction:.1%}")
+                if not epoch_plan.steps:
+                    raise DataError(f"epoch {self.state.epoch} has no full optimizer step: the corpus is too small "
+                                    "for this many ranks x accumulation; add data or use fewer ranks")
                 continue
             micro_batches = epoch_plan.rank_micro_batches(self.state.step, self.topology.rank, self.plan.accumulation)
             batches = [self.data.collate(mb) for mb in micro_batches]
@@ -285,6 +308,8 @@ class Trainer:
                 if last_saved != self.step:
                     self.save()
                 bar.close()
+                if self.writer is not None:
+                    self.writer.close()
                 return last
             metrics = self._step(batches, micro_batches, int(audio_total), int(text_total), window)
             self.step += 1
@@ -294,9 +319,11 @@ class Trainer:
                 last = metrics
             if eval_enabled and self.step % self.cfg.train.eval_every == 0:
                 self.evaluate()
+                window.reset()  # rates measure training, not evaluation
             if self.step % self.cfg.train.save_every == 0 or self.step == self.total_steps:
                 self.save()
                 last_saved = self.step
+                window.reset()
         if eval_enabled and self.step % self.cfg.train.eval_every:
             self.evaluate()
         if last_saved != self.step:
@@ -337,6 +364,9 @@ class Trainer:
                 self.optimizer.skip_next = bad
             engine.backward(loss, scale_wrt_gas=False)
             engine.step()
+        # DeepSpeed skips a step by itself when the gradient norm is not finite (then our flag stays unused and is
+        # overwritten next step): count that as a non-finite step too.
+        bad = bad or not engine.was_step_applied()
         k = num_codebooks
         global_sums, global_counts = reduced[:k], reduced[k:2 * k]
         global_text, global_text_count = reduced[2 * k], reduced[2 * k + 1]
@@ -516,8 +546,11 @@ def run(cfg: RunConfig, ds_config_path: str) -> dict:
     processor = load_processor(cfg.model)
     data = build_data(cfg, processor, plan, cache_dir_of(cfg))
     torch.manual_seed(cfg.seed)  # the same LoRA initialisation on every rank
-    load_device = device if plan.zero_stage == 2 and device.type == "cuda" else None
-    model = apply_lora(load_base_model(cfg.model, load_device), cfg.lora, cfg.model)
+    # Straight onto the GPU (ZeRO-3 partitions it at initialize) unless parameters are offloaded to host memory:
+    # loading on the CPU would hold a full bf16 copy per rank in host RAM (11.5 GB each).
+    on_gpu = device.type == "cuda" and plan.offload != "optimizer+params"
+    model = apply_lora(load_base_model(cfg.model, device if on_gpu else None), cfg.lora, cfg.model)
+    torch.manual_seed(cfg.seed + topology.rank)  # ranks draw different dropout masks
     trainer = Trainer(cfg, plan, resolved, topology, model, data, model_config)
     first = data.sampler.plan(0)
     trainer.log(

@@ -33,13 +33,14 @@ def main(argv=None) -> int:
 
     from higgs_lora.checkpoint import ResumeError
     from higgs_lora.data.prepare import CacheError
+    from higgs_lora.data.sampler import DataError
     from higgs_lora.model import CheckpointError
     from higgs_lora.plan import PlanError
     from higgs_lora.train import NonFiniteLossError, run
 
     try:
         run(cfg, args.ds)
-    except (PlanError, CacheError, CheckpointError, ResumeError) as err:
+    except (PlanError, CacheError, CheckpointError, ResumeError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:

@@ -25,6 +25,10 @@ from dataclasses import dataclass, field
 from higgs_lora.config import DELAY_POSITIONS
 
 
+class DataError(ValueError):
+    """The corpus cannot be scheduled as configured; the message says which setting to change."""
+
+
 @dataclass(frozen=True)
 class UtteranceInfo:
     """What the sampler needs to know about one cached utterance."""
@@ -110,8 +114,10 @@ def draw_pairs(
     """
     low, high = reference_frames
     candidates: dict[str, list[int]] = defaultdict(list)
+    position: dict[int, int] = {}  # utterance index -> its place in its speaker's candidate list
     for index, utterance in enumerate(utterances):
         if low <= utterance.num_frames <= high:
+            position[index] = len(candidates[utterance.speaker])
             candidates[utterance.speaker].append(index)
     rng = random.Random(f"references/{seed}/{epoch}")
     pairs, missing = [], 0
@@ -120,27 +126,27 @@ def draw_pairs(
             pairs.append((target, fixed_references[target]))
             continue
         pool = candidates.get(utterances[target].speaker, [])
-        choices = len(pool) - (1 if target in pool else 0)
+        own = position.get(target)  # the target is not its own reference: draw among the others
+        choices = len(pool) - (own is not None)
         if choices <= 0:
             missing += 1
             continue
         pick = rng.randrange(choices)
-        reference = pool[pick]
-        if target in pool and pool.index(target) <= pick:
-            reference = pool[pick + 1]
-        pairs.append((target, reference))
+        if own is not None and pick >= own:
+            pick += 1
+        pairs.append((target, pool[pick]))
     return pairs, missing
 
 
 def pack_micro_batches(samples: list[Sample], budget: int, rng: random.Random, pool_size: int = 1024) -> list[list[Sample]]:
     """Group `samples` into micro-batches whose len x longest sample is <= `budget`, in shuffled order.
 
-    Raises ValueError naming the sample when one sample alone is longer than the budget.
+    Raises DataError naming the sample when one sample alone is longer than the budget.
     """
     too_long = [s for s in samples if s.num_positions > budget]
     if too_long:
         worst = max(too_long, key=lambda s: s.num_positions)
-        raise ValueError(
+        raise DataError(
             f"{len(too_long)} samples are longer than train.micro_batch_tokens={budget} (longest: {worst.num_positions} "
             f"positions, target #{worst.target} with reference #{worst.reference}); raise train.micro_batch_tokens "
             "or lower data.max_seconds / data.reference_max_seconds"
@@ -178,8 +184,15 @@ class EpochSampler:
     accumulation: int = 1
     fixed_references: dict[int, int] = field(default_factory=dict)
     pool_size: int = 1024
+    _cached: tuple[int, EpochPlan] | None = field(default=None, init=False, repr=False, compare=False)
 
     def plan(self, epoch: int) -> EpochPlan:
+        """The schedule of `epoch` (the last one computed is kept: callers ask for the current epoch repeatedly)."""
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = (epoch, self._compute(epoch))
+        return self._cached[1]
+
+    def _compute(self, epoch: int) -> EpochPlan:
         pairs, missing = draw_pairs(
             self.utterances, self.targets, self.fixed_references, self.reference_frames, self.seed, epoch
         )
@@ -207,13 +220,15 @@ class EpochSampler:
 def split_speakers(speakers: list[str], eval_speakers: list[str], num_eval_speakers: int, seed: int) -> set[str]:
     """The held-out speakers: those named, else `num_eval_speakers` drawn with `seed` (none if fewer than 3 speakers).
 
-    Raises ValueError when a named speaker is not in the corpus.
+    Raises DataError when a named speaker is not in the corpus, or when no speaker would be left to train on.
     """
     distinct = sorted(set(speakers))
     if eval_speakers:
         unknown = sorted(set(eval_speakers) - set(distinct))
         if unknown:
-            raise ValueError(f"data.eval_speakers {unknown} are not speakers of the corpus (it has {len(distinct)})")
+            raise DataError(f"data.eval_speakers {unknown} are not speakers of the corpus (it has {len(distinct)})")
+        if set(eval_speakers) >= set(distinct):
+            raise DataError("data.eval_speakers holds out every speaker of the corpus; leave some to train on")
         return set(eval_speakers)
     if len(distinct) < 3 or num_eval_speakers == 0:
         return set()

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from higgs_lora.data.sampler import (
+    DataError,
     EpochSampler,
     Sample,
     SamplerState,
@@ -79,7 +80,7 @@ def test_bucketing_keeps_padding_low_on_mixed_lengths():
 
 
 def test_a_sample_longer_than_the_budget_is_an_error_naming_the_setting():
-    with pytest.raises(ValueError, match="train.micro_batch_tokens=100"):
+    with pytest.raises(DataError, match="train.micro_batch_tokens=100"):
         pack_micro_batches([Sample(0, 1, 150)], 100, random.Random(0))
 
 
@@ -119,7 +120,11 @@ def test_held_out_speakers():
     assert len(chosen) == 1 and chosen == split_speakers(speakers, [], 1, seed=0)
     assert split_speakers(["a", "b"], [], 1, seed=0) == set()  # too few speakers to hold one out
     assert len(split_speakers(speakers, [], 10, seed=0)) == 2  # always at least two speakers left to train
-    with pytest.raises(ValueError, match="zz"):
+    with pytest.raises(DataError, match="zz"):
+        split_speakers(speakers, ["zz"], 1, seed=0)
+    with pytest.raises(DataError, match="every speaker"):
+        split_speakers(speakers, ["a", "b", "c", "d"], 1, seed=0)
+    with pytest.raises(DataError, match="zz"):
         split_speakers(speakers, ["zz"], 1, seed=0)
 
 

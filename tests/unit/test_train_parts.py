@@ -56,6 +56,8 @@ def make_step(root, name, complete=True):
 def test_resume_takes_the_newest_complete_checkpoint(tmp_path):
     cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", [f"output_dir={tmp_path}"])
     assert resolve_resume(cfg) is None
+    never = load_config(REPO_ROOT / "configs" / "demo.yaml", [f"output_dir={tmp_path}", "train.resume=never"])
+    assert resolve_resume(never) is None
     make_step(tmp_path, "step_00000010")
     newest = make_step(tmp_path, "step_00000020")
     make_step(tmp_path, "step_00000030", complete=False)  # killed while writing
@@ -66,8 +68,6 @@ def test_resume_takes_the_newest_complete_checkpoint(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step_00000010"  # the pointer wins when it names a complete one
     (tmp_path / "checkpoints" / "latest").write_text("step_00000030\n")
     assert latest_checkpoint(tmp_path) == newest
-    never = load_config(REPO_ROOT / "configs" / "demo.yaml", [f"output_dir={tmp_path}", "train.resume=never"])
-    assert resolve_resume(never) is None
     explicit = load_config(REPO_ROOT / "configs" / "demo.yaml", [f"train.resume={tmp_path}/checkpoints/step_00000030"])
     with pytest.raises(ResumeError, match="not a complete checkpoint"):
         resolve_resume(explicit)
@@ -91,3 +91,42 @@ def test_peak_flops_only_for_measured_or_configured():
     assert peak_flops(0, "NVIDIA H200") == 790e12
     assert peak_flops(0, "cpu") is None
     assert peak_flops(100, "cpu") == 100e12
+
+
+def test_pruning_never_touches_the_new_checkpoint_or_newer_ones(tmp_path):
+    from higgs_lora.checkpoint import prune
+
+    for step in (3, 6, 9, 12):
+        make_step(tmp_path, f"step_{step:08d}")
+    # A run restarted at an older checkpoint writes step 7: steps 9 and 12 belong to the future it replaces.
+    make_step(tmp_path, "step_00000007")
+    deleted = prune(tmp_path, newest_step=7, keep_last=2)
+    assert [p.name for p in deleted] == ["step_00000003"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000006", "step_00000007", "step_00000009",
+                                                             "step_00000012"]
+
+
+def test_resume_never_refuses_a_directory_with_checkpoints(tmp_path):
+    make_step(tmp_path, "step_00000010")
+    never = load_config(REPO_ROOT / "configs" / "demo.yaml", [f"output_dir={tmp_path}", "train.resume=never"])
+    with pytest.raises(ResumeError, match="already holds 1 checkpoints"):
+        resolve_resume(never)
+
+
+def test_resume_checks_ranks_and_adapter_settings_before_loading(tmp_path):
+    import json
+
+    from higgs_lora.checkpoint import ADAPTER, RUN_CONFIG, check_compatible
+    from higgs_lora.config import save_config
+
+    cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", [f"output_dir={tmp_path}"])
+    step = make_step(tmp_path, "step_00000010")
+    (step / "trainer_state.json").write_text(json.dumps({"step": 10, "sampler": {"world_size": 2}}))
+    save_config(cfg, step / ADAPTER / RUN_CONFIG)
+    assert check_compatible(step, cfg, world_size=2)["step"] == 10
+    with pytest.raises(ResumeError, match="written by 2 ranks and this run has 4"):
+        check_compatible(step, cfg, world_size=4)
+    changed = load_config(REPO_ROOT / "configs" / "demo.yaml", [f"output_dir={tmp_path}", "lora.r=16",
+                                                                 "model.quantization=nf4"])
+    with pytest.raises(ResumeError, match=r"r, model.quantization"):
+        check_compatible(step, changed, world_size=2)
