@@ -13,6 +13,9 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CORPUS = REPO_ROOT / "examples" / "demo_corpus"
+FULL_SIZE_CONFIG = {"hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 24,
+                    "num_key_value_heads": 8, "head_dim": 128, "num_hidden_layers": 28}
+"""The released model's layer sizes (config.json keys) for pure planning and FLOP tests."""
 
 # Offline before anything imports transformers / huggingface_hub / datasets, and an empty HF home, so a test can
 # never pass because something happened to be in a local hub cache.

@@ -14,9 +14,11 @@ TRAIN = str(REPO_ROOT / "launch" / "train.py")
 DEMO_CONFIG = str(REPO_ROOT / "configs" / "demo.yaml")
 
 
-def launcher_command(launcher: str, num_ranks: int, ds: str, overrides: list[str], port: int) -> list[str]:
+def launcher_command(launcher: str, num_ranks: int, ds: str, overrides: list[str], port: int,
+                     script: str = TRAIN, script_args: tuple[str, ...] = ()) -> list[str]:
+    """`script` (launch/train.py, or a test harness wrapping it) under `launcher` with the demo config."""
     ds_path = str(REPO_ROOT / "ds_configs" / ds)
-    args = [TRAIN, "--ds", ds_path, "--config", DEMO_CONFIG, *overrides]
+    args = [script, *script_args, "--ds", ds_path, "--config", DEMO_CONFIG, *overrides]
     bin_dir = Path(sys.executable).parent
     if launcher == "python":
         assert num_ranks == 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 import signal
 import subprocess
 import time
@@ -96,17 +95,12 @@ def test_two_ranks_equal_one_rank_with_twice_the_accumulation(demo_cache, tmp_pa
 
 
 def harness_command(launcher: str, poisoned: str, ds: str, overrides: list[str]) -> list[str]:
-    import sys
-
     from tests.conftest import REPO_ROOT
-    from tests.e2e.launch import DEMO_CONFIG, free_port
+    from tests.e2e.launch import free_port, launcher_command
 
     harness = str(REPO_ROOT / "tests" / "e2e" / "nan_harness.py")
-    args = [harness, poisoned, "--ds", str(REPO_ROOT / "ds_configs" / ds), "--config", DEMO_CONFIG, *overrides]
-    if launcher == "python":
-        return [sys.executable, *args]
-    return [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
-            str(free_port()), *args]
+    return launcher_command(launcher, 1 if launcher == "python" else 2, ds, overrides, free_port(),
+                            script=harness, script_args=(poisoned,))
 
 
 @pytest.mark.parametrize("launcher,ds", [("python", "zero2.json"), ("torchrun", "zero3.json")])

@@ -10,10 +10,10 @@ import pytest
 from higgs_lora.config import load_config
 from higgs_lora.plan import make_plan, resolve_ds_config
 
+from tests.conftest import FULL_SIZE_CONFIG
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DS_CONFIGS = sorted((REPO_ROOT / "ds_configs").glob("*.json"))
-FULL_SIZE = {"hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 24, "num_key_value_heads": 8,
-             "head_dim": 128, "num_hidden_layers": 28}
 
 
 def test_there_are_zero2_and_zero3_configs():
@@ -28,8 +28,8 @@ def test_resolved_ds_config_loads_into_deepspeed(path, dtype):
     raw = json.loads(path.read_text())
     cfg = load_config(REPO_ROOT / "configs" / "arabic_lora.yaml",
                       [f"model.dtype={dtype}", "train.micro_batch_tokens=8192", "train.global_batch_tokens=65536"])
-    plan = make_plan(cfg, raw, world_size=4, model_config=FULL_SIZE)
-    resolved = resolve_ds_config(raw, cfg, plan, FULL_SIZE["hidden_size"])
+    plan = make_plan(cfg, raw, world_size=4, model_config=FULL_SIZE_CONFIG)
+    resolved = resolve_ds_config(raw, cfg, plan, FULL_SIZE_CONFIG["hidden_size"])
     assert "auto" not in json.dumps(resolved)
     ds = DeepSpeedConfig(resolved)
     assert ds.zero_config.stage == raw["zero_optimization"]["stage"]

@@ -9,12 +9,10 @@ import pytest
 from higgs_lora.config import LoraConfig, ModelConfig, load_config
 from higgs_lora.plan import DEFAULT_MICRO_BATCH_TOKENS, PlanError, lora_parameter_count, make_plan, read_model_config
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import FULL_SIZE_CONFIG, REPO_ROOT
 
 ZERO2 = json.loads((REPO_ROOT / "ds_configs" / "zero2.json").read_text())
 ZERO3_OFFLOAD = json.loads((REPO_ROOT / "ds_configs" / "zero3_offload.json").read_text())
-FULL_SIZE = {"hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 24, "num_key_value_heads": 8,
-             "head_dim": 128, "num_hidden_layers": 28}
 
 
 def cfg(*overrides):
@@ -33,21 +31,21 @@ def test_lora_count_matches_peft_on_the_tiny_model(tiny_checkpoint):
 def test_lora_count_full_size_r16_all_projections():
     # Per layer: q,o 16*(3072+3072) each, k,v 16*(3072+1024) each, 2 MLPs x 3 projections 16*(3072+8192).
     per_layer = 2 * 16 * 6144 + 2 * 16 * 4096 + 2 * 3 * 16 * 11264
-    assert lora_parameter_count(FULL_SIZE, list(LoraConfig().target_modules), 16) == 28 * per_layer
+    assert lora_parameter_count(FULL_SIZE_CONFIG, list(LoraConfig().target_modules), 16) == 28 * per_layer
 
 
 @pytest.mark.parametrize("world_size,global_tokens,expected", [(1, 0, 1), (1, 32768, 4), (4, 32768, 1),
                                                                  (3, 50000, 3)])
 def test_accumulation_reaches_the_global_batch(world_size, global_tokens, expected):
     plan = make_plan(cfg("train.micro_batch_tokens=8192", f"train.global_batch_tokens={global_tokens}"), ZERO2,
-                     world_size, FULL_SIZE)
+                     world_size, FULL_SIZE_CONFIG)
     assert plan.accumulation == expected
     assert plan.global_batch_tokens >= global_tokens
     assert plan.zero_stage == 2 and plan.offload == "none"
 
 
 def test_budget_default_and_description():
-    plan = make_plan(cfg(), ZERO2, 2, FULL_SIZE)
+    plan = make_plan(cfg(), ZERO2, 2, FULL_SIZE_CONFIG)
     assert plan.micro_batch_tokens == DEFAULT_MICRO_BATCH_TOKENS
     text = plan.describe()
     assert "ZeRO stage" in text and f"{DEFAULT_MICRO_BATCH_TOKENS:,}" in text
@@ -56,8 +54,8 @@ def test_budget_default_and_description():
 def test_conflicts_are_reported_together_with_what_to_do():
     with pytest.raises(PlanError) as err:
         make_plan(cfg("plan.zero_stage=3", "plan.offload=none", "model.quantization=nf4"), ZERO3_OFFLOAD, 1,
-                  FULL_SIZE)
+                  FULL_SIZE_CONFIG)
     message = str(err.value)
     assert "plan.offload=none" in message and "QLoRA" in message
     with pytest.raises(PlanError, match="zero3.json"):
-        make_plan(cfg("plan.zero_stage=3"), ZERO2, 1, FULL_SIZE)
+        make_plan(cfg("plan.zero_stage=3"), ZERO2, 1, FULL_SIZE_CONFIG)

@@ -11,7 +11,7 @@ from higgs_lora.config import load_config
 from higgs_lora.distributed import first_slurm_host, launcher_environment
 from higgs_lora.metrics import FlopCounter, peak_flops
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import FULL_SIZE_CONFIG, REPO_ROOT
 
 
 def test_launcher_variables_are_kept():
@@ -74,8 +74,7 @@ def test_resume_takes_the_newest_complete_checkpoint(tmp_path):
 
 
 def test_flops_per_position_of_the_released_size():
-    config = {"hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 24, "num_key_value_heads": 8,
-              "head_dim": 128, "num_hidden_layers": 28, "num_codebooks": 8, "codebook_size": 1026}
+    config = {**FULL_SIZE_CONFIG, "num_codebooks": 8, "codebook_size": 1026}
     counter = FlopCounter.from_model_config(config, [], r=16)
     # Attention + one MLP per layer: ~2.82B parameters on a position's path, plus the 25M audio head.
     assert counter.path_parameters == 28 * (2 * 3072 * 3072 + 2 * 3072 * 1024 + 3 * 3072 * 8192)
