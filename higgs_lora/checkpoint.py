@@ -219,8 +219,12 @@ def prune(output_dir: str | Path, newest_step: int, keep_last: int) -> list[Path
     return doomed
 
 
-def save_checkpoint(engine, cfg: RunConfig, step: int, trainer_state: dict, rank: int, keep_last: int) -> Path:
+def save_checkpoint(engine, cfg: RunConfig, step: int, trainer_state: dict, rank: int, keep_last: int,
+                    run_files: dict[str, dict] | None = None) -> Path:
     """Write checkpoint `step` atomically (all ranks call). Returns its final directory.
+
+    `run_files` are JSON files written beside the trainer state (the resolved DeepSpeed config and the plan), so a
+    checkpoint says how it was trained.
 
     A failure on any rank (disk full, an empty adapter) raises on every rank instead of leaving the others waiting.
     """
@@ -252,6 +256,8 @@ def save_checkpoint(engine, cfg: RunConfig, step: int, trainer_state: dict, rank
     if rank == 0:
         try:
             atomic_write_json(partial / TRAINER_STATE, trainer_state)
+            for name, content in (run_files or {}).items():
+                atomic_write_json(partial / name, content)
             if final.exists():  # a re-run of the same step (e.g. after a crash right after the rename)
                 shutil.rmtree(final)
             partial.rename(final)

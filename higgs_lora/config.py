@@ -71,8 +71,9 @@ class ModelConfig:
     """'nf4' loads the base in 4-bit NF4 with bitsandbytes (QLoRA); heads and embeddings stay unquantised."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel. flash_attention_2 needs the flash-attn package and bf16/fp16."""
-    gradient_checkpointing: bool = True
-    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    """Recompute activations in the backward pass: less memory, about a third more compute. 'auto' lets the planner
+    turn it on only when the run does not fit at a useful micro-batch without it; true/false pins it."""
     use_text_head: bool = False
     """Load the text LM head too (needed only for the optional text loss, train.text_loss_weight > 0)."""
 
@@ -216,8 +217,6 @@ class PlanConfig:
     """DeepSpeed ZeRO stage: 2 or 3 pins it; 0 lets the planner choose."""
     offload: Literal["auto", "none", "optimizer", "optimizer+params"] = "auto"
     """What ZeRO offloads to host memory; 'auto' lets the planner decide."""
-    allow_checkpointing: bool = True
-    """Whether the planner may turn on gradient checkpointing to fit."""
     gpus_per_node: int = 0
     """GPUs per node; 0 detects them."""
     gpu_memory_gib: float = 0.0
@@ -226,6 +225,13 @@ class PlanConfig:
     """Number of nodes; 0 detects it from the launcher or SLURM."""
     memory_margin: float = 0.1
     """Fraction of GPU memory the plan leaves free for fragmentation and the unexpected."""
+    useful_micro_batch_tokens: int = 2048
+    """Positions per micro-batch at which a GPU is well used (a 3B model's matmuls are large from ~2k rows; the
+    planner raises it to two of the longest samples): a way of running is taken only if it reaches this budget
+    (else the next, slower one: checkpointing, ZeRO-3, offload), and the slower ways are not planned past it.
+    Checkpointing costs a third more compute, more than a smaller micro-batch does past this size."""
+    max_micro_batch_tokens: int = 32768
+    """Upper bound of a planned budget (ZeRO-2 without checkpointing on a large GPU)."""
 
 
 @dataclass
@@ -353,6 +359,10 @@ def _validate_run(cfg: RunConfig) -> list[str]:
         problems.append(f"plan.zero_stage={plan.zero_stage} must be 2, 3, or 0 (planned)")
     for key in ("gpus_per_node", "gpu_memory_gib", "nodes"):
         non_negative(f"plan.{key}", getattr(plan, key))
+    positive("plan.useful_micro_batch_tokens", plan.useful_micro_batch_tokens)
+    if plan.max_micro_batch_tokens < plan.useful_micro_batch_tokens:
+        problems.append(f"plan.max_micro_batch_tokens={plan.max_micro_batch_tokens} is below "
+                        f"plan.useful_micro_batch_tokens={plan.useful_micro_batch_tokens}")
     if not 0 <= plan.memory_margin < 0.9:
         problems.append(f"plan.memory_margin={plan.memory_margin} must be in [0, 0.9)")
     if model.quantization == "nf4" and plan.offload == "optimizer+params":

@@ -212,10 +212,10 @@ def apply_lora(model, lora: LoraConfig, model_cfg: ModelConfig):
         )
     if model_cfg.quantization == "nf4":
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=model_cfg.gradient_checkpointing,
+            model, use_gradient_checkpointing=model_cfg.gradient_checkpointing is True,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    elif model_cfg.gradient_checkpointing:
+    elif model_cfg.gradient_checkpointing is True:  # 'auto' is decided by the planner before the model is built
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         # With every base weight frozen the checkpointed blocks would see no input requiring grad.
         model.enable_input_require_grads()

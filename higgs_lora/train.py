@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -170,6 +171,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, plan: Plan, ds_config: dict, topology: Topology, model, data: TrainData,
                  model_config: dict):
         self.cfg, self.plan, self.topology, self.data = cfg, plan, topology, data
+        self.ds_config = ds_config
         self.device = device_for(topology)
         self.steps_per_epoch = len(data.sampler.plan(0).steps)
         if self.steps_per_epoch == 0:
@@ -254,7 +256,8 @@ class Trainer:
         trainer_state = {"step": self.step, "sampler": self.state.to_dict(),
                          "nonfinite_in_a_row": self.nonfinite_in_a_row, "time": time.time()}
         path = checkpoint.save_checkpoint(self.engine, self.cfg, self.step, trainer_state, self.topology.rank,
-                                          self.cfg.train.keep_last)
+                                          self.cfg.train.keep_last, run_files={"ds_config.json": self.ds_config,
+                                                                               "plan.json": self.plan.to_dict()})
         self.log(f"[train] checkpoint {path}")
         return path
 
@@ -520,21 +523,46 @@ def _format_line(m: dict, total_steps: int) -> str:
 # ------------------------------------------------------------------------------------------- entry point
 
 
+def plan_run(cfg: RunConfig, ds_config_path: str, topology: Topology) -> tuple[RunConfig, Plan, dict, dict]:
+    """(config with the planned checkpointing, plan, resolved DeepSpeed config, model config.json), before any model
+    is loaded.
+
+    Rank 0 plans and the others take its plan: GPUs that differ between nodes (or a GPU shared with another job)
+    must not give ranks different micro-batches, which would hang the collectives. A plan error is raised on every
+    rank.
+    """
+    from higgs_lora.data.prepare import cache_dir_of
+    from higgs_lora.distributed import broadcast_object
+    from higgs_lora.plan import (PlanError, cache_sequence_stats, detect_hardware, load_ds_config, make_plan,
+                                 read_model_config, resolve_ds_config)
+
+    outcome: tuple = (None, None)
+    if topology.is_main:
+        try:
+            ds_config = load_ds_config(ds_config_path)
+            model_config = read_model_config(cfg.model.path)
+            hardware = detect_hardware(cfg, world_size=topology.world_size)
+            plan = make_plan(cfg, ds_config, hardware, model_config, cache_sequence_stats(cfg, cache_dir_of(cfg)))
+            planned = dataclasses.replace(cfg, model=dataclasses.replace(
+                cfg.model, gradient_checkpointing=plan.gradient_checkpointing))
+            outcome = ((planned, plan, resolve_ds_config(ds_config, planned, plan, model_config), model_config), None)
+        except PlanError as err:
+            outcome = (None, str(err))
+    result, error = broadcast_object(outcome)
+    if error is not None:
+        raise PlanError(error)
+    return result
+
+
 def run(cfg: RunConfig, ds_config_path: str) -> dict:
     """parse -> plan -> build -> train -> save, for `launch/train.py`. Returns the last logged train metrics."""
     from higgs_lora.data.prepare import cache_dir_of
     from higgs_lora.distributed import init_distributed
     from higgs_lora.model import apply_lora, load_base_model, load_processor
-    from higgs_lora.plan import make_plan, read_model_config, resolve_ds_config
-
     topology = init_distributed()
+    cfg, plan, resolved, model_config = plan_run(cfg, ds_config_path, topology)
     if topology.is_main:
         print(f"[train] resolved config:\n{cfg.to_yaml()}", flush=True)
-    ds_config = json.loads(Path(ds_config_path).read_text(encoding="utf-8"))
-    model_config = read_model_config(cfg.model.path)
-    plan = make_plan(cfg, ds_config, topology.world_size, model_config)
-    resolved = resolve_ds_config(ds_config, cfg, plan, model_config["hidden_size"])
-    if topology.is_main:
         print(f"[train] plan:\n{plan.describe()}", flush=True)
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -542,6 +570,7 @@ def run(cfg: RunConfig, ds_config_path: str) -> dict:
         from higgs_lora.files import atomic_write_json
 
         atomic_write_json(out / "ds_config.json", resolved)
+        atomic_write_json(out / "plan.json", plan.to_dict())
     device = device_for(topology)
     processor = load_processor(cfg.model)
     data = build_data(cfg, processor, plan, cache_dir_of(cfg))

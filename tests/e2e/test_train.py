@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -102,6 +103,12 @@ def test_checkpoints_are_complete_kept_last_k_and_carry_the_config(demo_cache, t
     step = root / "step_00000006"
     assert (step / "trainer_state.json").is_file() and (step / DEEPSPEED_TAG).is_dir()
     assert (step / ADAPTER / RUN_CONFIG).is_file() and (step / ADAPTER / "NOTICE").is_file()
+    # How it was trained: the plan and the DeepSpeed config DeepSpeed ran with ("auto" resolved).
+    plan = json.loads((step / "plan.json").read_text())
+    ds_config = json.loads((step / "ds_config.json").read_text())
+    assert ds_config == json.loads((out / "ds_config.json").read_text()) and "auto" not in json.dumps(ds_config)
+    assert ds_config["gradient_accumulation_steps"] == plan["accumulation"]
+    assert (plan["world_size"], plan["zero_stage"]) == (1, 2)
     # The frozen base is not in the DeepSpeed state: only the adapter's tensors are.
     state = torch.load(step / DEEPSPEED_TAG / "mp_rank_00_model_states.pt", weights_only=False)
     assert state["module"] and all("lora_" in k for k in state["module"])

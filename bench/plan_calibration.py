@@ -1,0 +1,244 @@
+"""Calibrate and check the planner's memory model (higgs_lora.plan.Coefficients).
+
+    # CPU, no GPU needed: count the bytes autograd keeps per position per decoder layer for several layer shapes
+    # and fit act_h * hidden + act_i * intermediate + act_0 (with and without LoRA dropout)
+    python bench/plan_calibration.py --method saved-tensors
+    python bench/plan_calibration.py --method saved-tensors --quick      # small shapes: a smoke run in seconds
+
+    # GPU: the released architecture with random weights, memory capped with set_per_process_memory_fraction
+    python bench/plan_calibration.py --method gpu --caps 16 24 40 80 --json out.json
+
+Saved-tensor counting: a forward pass under `torch.autograd.graph.saved_tensors_hooks` records every tensor kept
+for backward (deduplicated by storage, parameters and buffers excluded); run with 2 and 3 decoder layers, the
+difference is one layer's activations, exact and device independent (the same autograd graph runs on a GPU; only
+the attention kernel's own workspace differs, and SDPA keeps its output and log-sum-exp on both). It cannot see
+transient peaks (backward working set, allocator rounding): those need the GPU method.
+
+GPU method, per cap (GiB) and for LoRA bf16 and QLoRA: the planner's plan for one GPU of that size, then
+`--steps` optimizer steps of micro-batches at exactly the planned budget with the planned checkpointing, and the
+allocator's peak (torch.cuda.max_memory_allocated) against the prediction minus the CUDA context (which the
+allocator does not see). A plain PyTorch loop on one GPU stands in for ZeRO-2 on one rank: LoRA weights, gradients
+and Adam moments in fp32 take 16 bytes per trainable parameter, as bf16 weights + bf16 gradients + fp32 master +
+Adam do under DeepSpeed (DeepSpeed is not on the GPU machine). It also measures peaks at several budgets with and
+without checkpointing and fits the per-position slope and the fixed part, to update the coefficients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import train_throughput as tt  # noqa: E402  (bench helpers: synthetic corpus, model on meta, collation)
+
+SHAPES_FULL = [(3072, 8192), (1536, 8192), (3072, 4096)]
+SHAPES_QUICK = [(256, 1024), (128, 1024), (256, 512)]
+HEAD_DIM = 128
+
+
+def setup(tiny_dir: Path):
+    from higgs_lora.config import ModelConfig
+    from higgs_lora.model import load_processor
+    from higgs_lora.tiny import ensure_tiny
+
+    tiny = ensure_tiny(tiny_dir)
+    return tiny.model_dir, load_processor(ModelConfig(path=str(tiny.model_dir)))
+
+
+def layer_config(model_dir: Path, processor, hidden: int, intermediate: int, layers: int, vocab: int | None = None):
+    """The released config (rope, ids, codebooks) with the given layer shape; 3 query heads per KV head, as released."""
+    from argparse import Namespace
+
+    config = tt.model_config(Namespace(size="full"), model_dir, processor)
+    head_dim = min(HEAD_DIM, hidden // 4)
+    config.hidden_size, config.intermediate_size, config.num_hidden_layers = hidden, intermediate, layers
+    config.head_dim = head_dim
+    config.num_attention_heads = hidden // head_dim
+    config.num_key_value_heads = max(1, config.num_attention_heads // 3)
+    if vocab:
+        config.vocab_size = vocab
+    return config
+
+
+def random_lora_model(config, dtype: torch.dtype, device: str, dropout: float, checkpointing: bool, seed: int = 0):
+    from higgs_lora.config import LoraConfig, ModelConfig
+    from higgs_lora.model import apply_lora
+
+    model = tt.build_on_meta(config, dtype)
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    model.initialize_weights()
+    model.requires_grad_(False)
+    model = apply_lora(model, LoraConfig(dropout=dropout), ModelConfig(gradient_checkpointing=checkpointing))
+    return model.train()
+
+
+def saved_bytes(model, batch: dict) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward during one training forward (parameters excluded)."""
+    from higgs_lora.loss import label_counts, micro_batch_loss_sums, normalised_loss
+
+    owned = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    kept: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in owned:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        sums = micro_batch_loss_sums(model, batch)
+        audio, text = label_counts(batch)
+        normalised_loss(sums, audio, text, 0.0)
+    return sum(kept.values())
+
+
+def per_layer_bytes(model_dir, processor, hidden, intermediate, dropout, batch, vocab=None) -> float:
+    """Activation bytes per position of one decoder layer: saved bytes with 3 layers minus with 2."""
+    counts = []
+    for layers in (2, 3):
+        config = layer_config(model_dir, processor, hidden, intermediate, layers, vocab)
+        model = random_lora_model(config, torch.bfloat16, "cpu", dropout, checkpointing=False)
+        counts.append(saved_bytes(model, batch))
+        del model
+    return (counts[1] - counts[0]) / batch["input_ids"].numel()
+
+
+def fit(rows: list[tuple[int, int, float]]) -> tuple[float, float, float]:
+    """Least squares of bytes = a_h * hidden + a_i * intermediate + a_0 over (hidden, intermediate, bytes) rows."""
+    a = torch.tensor([[h, i, 1.0] for h, i, _ in rows], dtype=torch.float64)
+    b = torch.tensor([[v] for _, _, v in rows], dtype=torch.float64)
+    solution = torch.linalg.lstsq(a, b).solution.flatten().tolist()
+    return tuple(solution)
+
+
+def saved_tensor_method(args) -> dict:
+    model_dir, processor = setup(args.tiny_dir)
+    items = tt.synthetic_corpus(processor, 2, args.seed)
+    batch = tt.collate_items(processor, items)  # two samples, right-padded: as a packed micro-batch
+    shapes = SHAPES_QUICK if args.quick else SHAPES_FULL
+    vocab = 2048 if args.quick else None
+    result = {"positions": batch["input_ids"].numel(), "rows": []}
+    for dropout in (0.0, 0.1):
+        rows = []
+        for hidden, intermediate in shapes:
+            value = per_layer_bytes(model_dir, processor, hidden, intermediate, dropout, batch, vocab)
+            rows.append((hidden, intermediate, value))
+            result["rows"].append({"hidden": hidden, "intermediate": intermediate, "dropout": dropout,
+                                   "bytes_per_position_layer": value})
+            print(f"dropout {dropout}: hidden {hidden}, intermediate {intermediate}: {value:,.1f} B/position/layer",
+                  flush=True)
+        a_h, a_i, a_0 = fit(rows)
+        result[f"fit_dropout_{dropout}"] = {"act_h": a_h, "act_i": a_i, "act_0": a_0}
+        print(f"  fit: {a_h:.5f} * hidden + {a_i:.5f} * intermediate + {a_0:.1f}", flush=True)
+    return result
+
+
+def gpu_method(args) -> dict:
+    """Plans per cap, runs them, compares the allocator's peak with the prediction; fits slopes at several budgets."""
+    from higgs_lora.config import load_config
+    from higgs_lora.loss import label_counts, micro_batch_loss_sums, normalised_loss, to_device
+    from higgs_lora.plan import GIB, RELEASED_MODEL_CONFIG, Hardware, load_ds_config, make_plan, sequence_stats
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--method gpu needs a CUDA GPU; use --method saved-tensors on CPU")
+    device = torch.device("cuda")
+    total = torch.cuda.get_device_properties(device).total_memory
+    model_dir, processor = setup(args.tiny_dir)
+    items = tt.synthetic_corpus(processor, 256, args.seed)
+    results = []
+    for quantization in args.quantizations:
+        for cap in args.caps:
+            cfg = load_config(Path(args.config), [f"model.quantization={quantization}", "model.path=released",
+                                                  "train.global_batch_tokens=0"])
+            hardware = Hardware(1, 1, int(cap * GIB), torch.cuda.get_device_name(device), "cap")
+            plan = make_plan(cfg, load_ds_config("auto"), hardware, RELEASED_MODEL_CONFIG, sequence_stats(cfg))
+            row = {"cap_gib": cap, "quantization": quantization, "checkpointing": plan.gradient_checkpointing,
+                   "zero_stage": plan.zero_stage, "offload": plan.offload, "budget": plan.micro_batch_tokens,
+                   "predicted_gb": plan.predicted_peak / 1e9}
+            if plan.zero_stage != 2 or plan.offload != "none":
+                row["skipped"] = "needs DeepSpeed ZeRO-3/offload (not on this machine)"
+                results.append(row)
+                print(json.dumps(row), flush=True)
+                continue
+            torch.cuda.empty_cache()
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap * GIB / total), device)
+            model = _released_model(model_dir, processor, quantization, cfg.lora.dropout, plan.gradient_checkpointing,
+                                    device)
+            params = [p for p in model.parameters() if p.requires_grad]
+            for p in params:
+                p.data = p.data.float()
+            optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
+            torch.cuda.reset_peak_memory_stats(device)
+            try:
+                for step in range(args.steps):
+                    batch = to_device(_batch_of(processor, items, plan.micro_batch_tokens, step), device)
+                    audio, text = label_counts(batch)
+                    normalised_loss(micro_batch_loss_sums(model, batch), audio, text, 0.0).backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                row["measured_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+                context = dict(plan.memory)["CUDA context"] / 1e9
+                row["error"] = row["measured_gb"] / (row["predicted_gb"] - context) - 1
+            except torch.OutOfMemoryError as err:
+                row["oom"] = str(err).splitlines()[0]
+            del model, optimizer
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    return {"runs": results}
+
+
+def _released_model(model_dir, processor, quantization, dropout, checkpointing, device):
+    config = layer_config(model_dir, processor, 3072, 8192, 28)
+    if quantization == "nf4":
+        raise SystemExit("QLoRA calibration needs bitsandbytes on the GPU machine; carry its wheel (docs/planning.md)")
+    return random_lora_model(config, torch.bfloat16, str(device), dropout, checkpointing)
+
+
+def _batch_of(processor, items, budget: int, step: int) -> dict:
+    """Samples from `items` (rotating) packed up to `budget` positions: samples x longest <= budget."""
+    chosen = []
+    index = step * 7
+    while True:
+        item = items[index % len(items)]
+        longest = max([item.num_positions] + [i.num_positions for i in chosen])
+        if chosen and longest * (len(chosen) + 1) > budget:
+            break
+        chosen.append(item)
+        index += 1
+    return tt.collate_items(processor, chosen)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", choices=["saved-tensors", "gpu"], default="saved-tensors")
+    parser.add_argument("--quick", action="store_true", help="small layer shapes (a smoke run)")
+    parser.add_argument("--caps", type=float, nargs="+", default=[16, 24, 40, 80], help="GiB per GPU")
+    parser.add_argument("--quantizations", nargs="+", default=["none"], choices=["none", "nf4"])
+    parser.add_argument("--config", default="configs/arabic_lora.yaml")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tiny-dir", type=Path, default=Path("build/tiny"))
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args()
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    result = saved_tensor_method(args) if args.method == "saved-tensors" else gpu_method(args)
+    result["meta"] = {"method": args.method, "date": started, "machine": platform.node() and platform.machine(),
+                      "torch": torch.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available()
+                      else platform.processor() or "cpu"}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
