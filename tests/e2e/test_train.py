@@ -127,3 +127,20 @@ def test_text_loss_under_zero3_trains_the_text_path_too(demo_cache, tmp_path):
     # Unlike the audio-only loss, the text loss reaches the last layer's text MLP.
     last_text_mlp = [t for name, t in tensors.items() if ".layers.1.mlp." in name and "lora_B" in name]
     assert last_text_mlp and all(t.abs().sum() > 0 for t in last_text_mlp)
+
+
+def test_a_pinned_budget_that_cannot_fit_stops_every_rank_before_loading(demo_cache, tmp_path):
+    import subprocess
+
+    from tests.e2e.launch import free_port, launcher_command, train_env
+    from tests.conftest import REPO_ROOT
+
+    out = tmp_path / "run"
+    overrides = [f"output_dir={out}", *demo_cache, "plan.gpu_memory_gib=1", "train.micro_batch_tokens=65536"]
+    result = subprocess.run(launcher_command("torchrun", 2, "zero2.json", overrides, free_port()), cwd=REPO_ROOT,
+                            env=train_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    # Both ranks report the planner's error (rank 1 gets it from rank 0), and nothing was loaded or written.
+    assert result.stderr.count("does not fit 2 x 1 GiB") == 2, result.stderr[-3000:]
+    assert "train.micro_batch_tokens=" in result.stderr
+    assert "[train] data:" not in result.stdout and not (out / "config.yaml").exists()

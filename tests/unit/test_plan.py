@@ -269,3 +269,28 @@ def test_plan_json_round_trips():
     data = json.loads(json.dumps(plan.to_dict()))
     assert data["micro_batch_tokens"] == plan.micro_batch_tokens
     assert abs(data["predicted_peak_bytes"] - sum(data["memory"].values())) < 1
+
+
+def test_command_prints_the_plan_and_writes_json(tmp_path, capsys):
+    from higgs_lora.plan import main
+
+    out = tmp_path / "plan.json"
+    code = main(["--config", str(REPO_ROOT / "configs" / "arabic_lora.yaml"), "--model", "released", "--gpus", "8",
+                 "--gpu-mem", "40GiB", "--nodes", "2", "--json", str(out), "--show-ds"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "2 node(s) x 8 x GPU 40.0 GiB" in printed and "predicted peak per GPU" in printed
+    written = json.loads(out.read_text())
+    assert written["plan"]["world_size"] == 16 and written["plan"]["nodes"] == 2
+    assert written["ds_config"]["train_batch_size"] == 16 * written["plan"]["accumulation"]
+    assert f'"stage": {written["plan"]["zero_stage"]}' in printed
+
+
+def test_command_errors_are_exit_2_with_the_fix(capsys):
+    from higgs_lora.plan import main
+
+    assert main(["--config", str(REPO_ROOT / "configs" / "arabic_lora.yaml"), "model.path=/nonexistent"]) == 2
+    assert "--model released" in capsys.readouterr().err
+    assert main(["--config", str(REPO_ROOT / "configs" / "arabic_lora.yaml"), "--model", "released", "--gpus", "1",
+                 "--gpu-mem", "6GiB", "plan.offload=none"]) == 2
+    assert "What would fit" in capsys.readouterr().err
