@@ -17,10 +17,11 @@ transient peaks (backward working set, allocator rounding): those need the GPU m
 GPU method, per cap (GiB) and for LoRA bf16 and QLoRA: the planner's plan for one GPU of that size, then
 `--steps` optimizer steps of micro-batches at exactly the planned budget with the planned checkpointing, and the
 allocator's peak (torch.cuda.max_memory_allocated) against the prediction minus the CUDA context (which the
-allocator does not see). A plain PyTorch loop on one GPU stands in for ZeRO-2 on one rank: LoRA weights, gradients
-and Adam moments in fp32 take 16 bytes per trainable parameter, as bf16 weights + bf16 gradients + fp32 master +
-Adam do under DeepSpeed (DeepSpeed is not on the GPU machine). It also measures peaks at several budgets with and
-without checkpointing and fits the per-position slope and the fixed part, to update the coefficients.
+allocator does not see). A plain PyTorch loop on one GPU stands in for ZeRO-2 on one rank (DeepSpeed is not on the
+GPU machine): bf16 LoRA weights and gradients, fp32 master copies with AdamW's moments, 16 bytes per trainable
+parameter as under DeepSpeed. QLoRA saves the random model once and loads it 4-bit as training does (bitsandbytes
+must be on the GPU machine). Before the capped runs it measures uncapped peaks at `--sweep` budgets with and without
+checkpointing and fits the fixed part and the bytes per position, to update the coefficients.
 """
 
 from __future__ import annotations
@@ -145,7 +146,6 @@ def saved_tensor_method(args) -> dict:
 def gpu_method(args) -> dict:
     """Plans per cap, runs them, compares the allocator's peak with the prediction; fits slopes at several budgets."""
     from higgs_lora.config import load_config
-    from higgs_lora.loss import label_counts, micro_batch_loss_sums, normalised_loss, to_device
     from higgs_lora.plan import GIB, RELEASED_MODEL_CONFIG, Hardware, load_ds_config, make_plan, sequence_stats
 
     if not torch.cuda.is_available():
@@ -154,11 +154,25 @@ def gpu_method(args) -> dict:
     total = torch.cuda.get_device_properties(device).total_memory
     model_dir, processor = setup(args.tiny_dir)
     items = tt.synthetic_corpus(processor, 256, args.seed)
-    results = []
+    result: dict = {"runs": [], "sweeps": []}
     for quantization in args.quantizations:
+        cfg = load_config(Path(args.config), [f"model.quantization={quantization}", "model.path=released",
+                                              "train.global_batch_tokens=0"])
+        # Slopes: peak at several budgets, checkpointing on and off, no cap; fitted as fixed + per-position bytes.
+        for checkpointing in (False, True):
+            peaks = []
+            for budget in args.sweep:
+                peak = _measure(model_dir, processor, items, quantization, cfg.lora.dropout, checkpointing, budget,
+                                3, device)
+                peaks.append((budget, peak))
+                print(json.dumps({"sweep": quantization, "checkpointing": checkpointing, "budget": budget,
+                                  "peak_gb": None if peak is None else peak / 1e9}), flush=True)
+            good = [(b, p) for b, p in peaks if p is not None]
+            if len(good) >= 2:
+                fixed, slope = _line(good)
+                result["sweeps"].append({"quantization": quantization, "checkpointing": checkpointing,
+                                         "fixed_gb": fixed / 1e9, "bytes_per_position": slope, "points": good})
         for cap in args.caps:
-            cfg = load_config(Path(args.config), [f"model.quantization={quantization}", "model.path=released",
-                                                  "train.global_batch_tokens=0"])
             hardware = Hardware(1, 1, int(cap * GIB), torch.cuda.get_device_name(device), "cap")
             plan = make_plan(cfg, load_ds_config("auto"), hardware, RELEASED_MODEL_CONFIG, sequence_stats(cfg))
             row = {"cap_gib": cap, "quantization": quantization, "checkpointing": plan.gradient_checkpointing,
@@ -166,42 +180,88 @@ def gpu_method(args) -> dict:
                    "predicted_gb": plan.predicted_peak / 1e9}
             if plan.zero_stage != 2 or plan.offload != "none":
                 row["skipped"] = "needs DeepSpeed ZeRO-3/offload (not on this machine)"
-                results.append(row)
-                print(json.dumps(row), flush=True)
-                continue
-            torch.cuda.empty_cache()
-            torch.cuda.set_per_process_memory_fraction(min(1.0, cap * GIB / total), device)
-            model = _released_model(model_dir, processor, quantization, cfg.lora.dropout, plan.gradient_checkpointing,
-                                    device)
-            params = [p for p in model.parameters() if p.requires_grad]
-            for p in params:
-                p.data = p.data.float()
-            optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
-            torch.cuda.reset_peak_memory_stats(device)
-            try:
-                for step in range(args.steps):
-                    batch = to_device(_batch_of(processor, items, plan.micro_batch_tokens, step), device)
-                    audio, text = label_counts(batch)
-                    normalised_loss(micro_batch_loss_sums(model, batch), audio, text, 0.0).backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                row["measured_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+            else:
+                torch.cuda.set_per_process_memory_fraction(min(1.0, cap * GIB / total), device)
+                peak = _measure(model_dir, processor, items, quantization, cfg.lora.dropout,
+                                plan.gradient_checkpointing, plan.micro_batch_tokens, args.steps, device)
+                torch.cuda.set_per_process_memory_fraction(1.0, device)
                 context = dict(plan.memory)["CUDA context"] / 1e9
-                row["error"] = row["measured_gb"] / (row["predicted_gb"] - context) - 1
-            except torch.OutOfMemoryError as err:
-                row["oom"] = str(err).splitlines()[0]
-            del model, optimizer
-            torch.cuda.set_per_process_memory_fraction(1.0, device)
-            results.append(row)
+                if peak is None:
+                    row["oom"] = True
+                else:
+                    row["measured_gb"] = peak / 1e9
+                    row["error"] = row["measured_gb"] / (row["predicted_gb"] - context) - 1
+            result["runs"].append(row)
             print(json.dumps(row), flush=True)
-    return {"runs": results}
+    return result
+
+
+def _measure(model_dir, processor, items, quantization, dropout, checkpointing, budget, steps, device) -> int | None:
+    """Allocator peak (bytes) over `steps` optimizer steps at `budget` positions; None when it ran out of memory.
+
+    LoRA weights stay bf16 as under DeepSpeed; fp32 master copies and their Adam moments stand in for ZeRO-2's
+    optimizer state on one rank (2 + 2 + 4 + 8 bytes per trainable parameter, as the memory model counts).
+    """
+    from higgs_lora.loss import label_counts, micro_batch_loss_sums, normalised_loss, to_device
+
+    model = optimizer = None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        model = _released_model(model_dir, processor, quantization, dropout, checkpointing, device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        masters = [p.detach().float().clone().requires_grad_(True) for p in params]
+        optimizer = torch.optim.AdamW(masters, lr=1e-5, fused=True)
+        for step in range(steps):
+            batch = to_device(_batch_of(processor, items, budget, step), device)
+            audio, text = label_counts(batch)
+            normalised_loss(micro_batch_loss_sums(model, batch), audio, text, 0.0).backward()
+            for param, master in zip(params, masters):
+                master.grad = param.grad.float()
+                param.grad = None
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for param, master in zip(params, masters):
+                    param.copy_(master)
+        return torch.cuda.max_memory_allocated(device)
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        del model, optimizer
+        torch.cuda.empty_cache()
+
+
+def _line(points: list[tuple[int, int]]) -> tuple[float, float]:
+    """(intercept, slope) of the least-squares line through (budget, bytes) points."""
+    a = torch.tensor([[1.0, b] for b, _ in points], dtype=torch.float64)
+    y = torch.tensor([[float(p)] for _, p in points], dtype=torch.float64)
+    intercept, slope = torch.linalg.lstsq(a, y).solution.flatten().tolist()
+    return intercept, slope
+
+
+_SAVED_RANDOM: dict[str, Path] = {}
 
 
 def _released_model(model_dir, processor, quantization, dropout, checkpointing, device):
+    """The released architecture with random weights; for NF4 saved once to disk and loaded 4-bit as training does."""
+    import tempfile
+
+    from higgs_lora.config import LoraConfig, ModelConfig
+    from higgs_lora.model import apply_lora, load_base_model
+
     config = layer_config(model_dir, processor, 3072, 8192, 28)
-    if quantization == "nf4":
-        raise SystemExit("QLoRA calibration needs bitsandbytes on the GPU machine; carry its wheel (docs/planning.md)")
-    return random_lora_model(config, torch.bfloat16, str(device), dropout, checkpointing)
+    if quantization == "none":
+        return random_lora_model(config, torch.bfloat16, str(device), dropout, checkpointing)
+    if "path" not in _SAVED_RANDOM:
+        path = Path(tempfile.mkdtemp(prefix="higgs-random-"))
+        random_lora_model(config, torch.bfloat16, "cpu", dropout, False).base_model.model.save_pretrained(path)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+            if (Path(model_dir) / name).is_file():
+                (path / name).write_bytes((Path(model_dir) / name).read_bytes())
+        _SAVED_RANDOM["path"] = path
+    model_cfg = ModelConfig(path=str(_SAVED_RANDOM["path"]), quantization="nf4", gradient_checkpointing=checkpointing)
+    return apply_lora(load_base_model(model_cfg, device), LoraConfig(dropout=dropout), model_cfg).train()
 
 
 def _batch_of(processor, items, budget: int, step: int) -> dict:
@@ -226,6 +286,8 @@ def main() -> int:
     parser.add_argument("--quantizations", nargs="+", default=["none"], choices=["none", "nf4"])
     parser.add_argument("--config", default="configs/arabic_lora.yaml")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--sweep", type=int, nargs="+", default=[1024, 2048, 4096],
+                        help="budgets for the slope fit (no cap)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny-dir", type=Path, default=Path("build/tiny"))
     parser.add_argument("--json", type=Path, help="write the results here")

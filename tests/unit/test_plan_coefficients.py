@@ -54,3 +54,16 @@ def test_checkpointing_keeps_only_the_layer_input(calibration):
         kept.append(module.saved_bytes(model, batch))
     per_layer = (kept[1] - kept[0]) / batch["input_ids"].numel()
     assert per_layer == COEFFICIENTS.checkpoint_h * 768
+
+
+def test_calibration_batches_stay_within_the_budget_and_lines_fit(calibration):
+    module, _, processor, _ = calibration
+    import train_throughput
+
+    items = train_throughput.synthetic_corpus(processor, 16, 1)
+    for budget in (1024, 2048):
+        for step in range(3):
+            batch = module._batch_of(processor, items, budget, step)
+            assert batch["input_ids"].numel() <= budget or batch["input_ids"].shape[0] == 1
+    intercept, slope = module._line([(1024, 5000 + 3 * 1024), (2048, 5000 + 3 * 2048), (4096, 5000 + 3 * 4096)])
+    assert abs(intercept - 5000) < 1e-6 and abs(slope - 3) < 1e-9
