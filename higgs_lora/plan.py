@@ -549,7 +549,8 @@ def make_plan(cfg: RunConfig, ds_config: dict, hardware: Hardware | int, model_c
         # No GPU: host memory is not what this model describes. Take the fastest allowed way and the given budget.
         choice = allowed[0]
         budget = pinned_budget or max(cfg.plan.useful_micro_batch_tokens, _round_up(longest))
-        accumulation, budget = _accumulate(budget, world, cfg.train.global_batch_tokens, budget, longest)
+        accumulation, budget = _accumulate(budget, world, cfg.train.global_batch_tokens, budget, longest,
+                                           pinned=bool(pinned_budget))
         return Plan(zero_stage=choice.zero_stage, offload=choice.offload, micro_batch_tokens=budget,
                     accumulation=accumulation, gradient_checkpointing=choice.checkpointing,
                     reasons=("no GPU: memory not planned; the fastest allowed settings",), **common)
@@ -593,7 +594,8 @@ def make_plan(cfg: RunConfig, ds_config: dict, hardware: Hardware | int, model_c
         budget = max(budget, longest)
         for c in allowed[:allowed.index(choice)]:
             reasons.append(f"not {c.describe()}: fits only {budgets[c]:,} positions per micro-batch")
-    accumulation, budget = _accumulate(budget, world, cfg.train.global_batch_tokens, budget, longest)
+    accumulation, budget = _accumulate(budget, world, cfg.train.global_batch_tokens, budget, longest,
+                                       pinned=bool(pinned_budget))
     return Plan(zero_stage=choice.zero_stage, offload=choice.offload, micro_batch_tokens=budget,
                 accumulation=accumulation, gradient_checkpointing=choice.checkpointing,
                 memory=tuple((t.name, t.at(budget)) for t in memory.terms(choice)),
@@ -605,14 +607,18 @@ def _round_up(value: int) -> int:
     return -(-value // BUDGET_STEP) * BUDGET_STEP
 
 
-def _accumulate(budget: int, world: int, global_target: int, largest: int, longest: int) -> tuple[int, int]:
+def _accumulate(budget: int, world: int, global_target: int, largest: int, longest: int,
+                pinned: bool = False) -> tuple[int, int]:
     """(accumulation, budget): enough micro-batches for the global target, the budget trimmed to overshoot least.
 
     With a target G and a largest budget b: accumulation a = ceil(G / (b x ranks)); the budget becomes the smallest
-    multiple of BUDGET_STEP with a x budget x ranks >= G (never above b, never below the longest sample).
+    multiple of BUDGET_STEP with a x budget x ranks >= G (never above b, never below the longest sample). A pinned
+    budget is kept as it is.
     """
     if not global_target:
         return 1, budget
+    if pinned:
+        return max(1, math.ceil(global_target / (budget * world))), budget
     accumulation = max(1, math.ceil(global_target / (budget * world)))
     trimmed = _round_up(math.ceil(global_target / (accumulation * world)))
     return accumulation, max(longest, min(largest, trimmed))

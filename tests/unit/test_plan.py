@@ -187,6 +187,7 @@ def test_pinned_budget_is_respected_and_the_rest_planned_around_it():
     assert plan.micro_batch_tokens == 2048 and not plan.gradient_checkpointing  # 2048 fits without checkpointing
     plan = make_plan(cfg("train.micro_batch_tokens=6144"), AUTO, gpus(1, 40), RELEASED_MODEL_CONFIG)
     assert plan.micro_batch_tokens == 6144 and plan.gradient_checkpointing
+    assert plan.accumulation == 11  # ceil(65,536 / 6,144): the pinned budget is not trimmed to the global batch
 
 
 def test_pinned_budget_that_cannot_fit_says_what_would():
