@@ -244,8 +244,8 @@ def merge_into_shards(base_dir: Path, deltas: dict, out_dir: Path, dtype_name: s
         writer.add(name, tensor)
         num_tensors += 1
     if non_finite:
-        raise MergeError(f"{len(non_finite)} merged tensors hold NaN or inf ({', '.join(non_finite[:5])}); nothing was "
-                         f"written. Check the base model's weights and that --dtype {dtype_name} can hold them.")
+        raise MergeError(f"{len(non_finite)} merged tensors hold NaN or inf ({', '.join(non_finite[:5])}); no merged model "
+                         f"was published. Check the base model's weights and that --dtype {dtype_name} can hold them.")
     files = writer.close()
     return MergeResult(files, num_tensors, num_merged, writer.total_bytes)
 

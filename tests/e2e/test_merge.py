@@ -1,0 +1,154 @@
+"""Merging adapters from real tiny training runs (LoRA and QLoRA) through `python -m higgs_lora.merge`.
+
+One short training run per adapter type (module-scoped), then the real entry point; the merged directory is loaded
+with plain transformers (offline) and its logits compared with the adapter's on the base.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from higgs_lora.merge import MERGE_MARKER, main as merge_main
+from higgs_lora.shards import INDEX_FILE, sha256_file
+
+from tests.conftest import REPO_ROOT
+from tests.e2e.launch import train, train_env
+from tests.e2e.test_train import overrides_value, probe_batch
+
+STEPS = ["train.lr=5e-3", "train.warmup_steps=1", "train.log_every=1", "train.eval_every=0", "train.max_steps=3",
+         "train.save_every=3"]
+
+
+@pytest.fixture(scope="module")
+def lora_run(demo_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("merge-lora") / "run"
+    train(out, [*demo_cache, *STEPS, "name=arabic-test"], launcher="python", num_ranks=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def qlora_run(demo_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("merge-qlora") / "run"
+    train(out, [*demo_cache, *STEPS, "name=arabic-test", "model.quantization=nf4"], launcher="python", num_ranks=1)
+    return out
+
+
+def run_merge_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "higgs_lora.merge", *args], cwd=REPO_ROOT, env=train_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def adapter_and_base_logits(demo_cache, adapter_dir, dtype=torch.float32):
+    """Logits of the adapter on the (unquantised) tiny base, via plain PEFT, on a cached training sample."""
+    from peft import PeftModel
+    from transformers import HiggsAudioV2ForConditionalGeneration
+
+    model_dir = overrides_value(demo_cache, "model.path")
+    batch = probe_batch(model_dir, overrides_value(demo_cache, "model.codec_path"),
+                        overrides_value(demo_cache, "data.cache_dir"))
+    base = HiggsAudioV2ForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
+    with torch.no_grad():
+        adapted = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+        return batch, adapted(**batch).logits.float()
+
+
+def plain_logits(merged_dir, batch, dtype=torch.float32):
+    from transformers import HiggsAudioV2ForConditionalGeneration
+
+    model = HiggsAudioV2ForConditionalGeneration.from_pretrained(str(merged_dir), dtype=dtype).eval()
+    with torch.no_grad():
+        return model(**batch).logits.float()
+
+
+def test_lora_adapter_merges_into_a_plain_transformers_checkpoint(lora_run, demo_cache, capsys):
+    from transformers import AutoProcessor
+
+    result = run_merge_cli("--adapter", str(lora_run), "--shard-size", "1MB")
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged = lora_run / "Higgs-Audio-2-arabic-test"  # default name: the licence prefix + the run name
+    assert f"[merge] adapter: run directory {lora_run}: its final adapter" in result.stdout
+    assert f"[merge] merged model: {merged}" in result.stdout
+    assert "max |merged - adapter on base| = " in result.stdout and "[verify] passed" in result.stdout
+
+    # The released layout: sharded weights with an index, config with codebook_size 1026 in bf16, generation
+    # config, tokenizer, chat template, processor config pointing at the codec copied alongside.
+    shards = sorted(merged.glob("model-*-of-*.safetensors"))
+    index = json.loads((merged / INDEX_FILE).read_text())
+    assert len(shards) >= 3 and set(index["weight_map"].values()) == {s.name for s in shards}
+    config = json.loads((merged / "config.json").read_text())
+    assert config["codebook_size"] == 1026 and config["dtype"] == "bfloat16"
+    assert config["model_type"] == "higgs_audio_v2"
+    for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                 "audio_tokenizer/config.json", "audio_tokenizer/model.safetensors", "README.md"):
+        assert (merged / name).is_file(), name
+    processor_config = json.loads((merged / "processor_config.json").read_text())
+    assert processor_config["audio_tokenizer"]["audio_tokenizer_name_or_path"] == str(merged / "audio_tokenizer")
+    notice = (merged / "NOTICE").read_text()
+    assert "Higgs Audio 2" in notice and "Meta Llama 3" in notice and "Copyright (c) Meta Platforms" in notice
+    record = json.loads((merged / MERGE_MARKER).read_text())
+    assert record["adapter"] == str(lora_run / "adapter") and record["dtype"] == "bf16"
+    assert record["adapter_sha256"]["adapter_model.safetensors"] == sha256_file(
+        lora_run / "adapter" / "adapter_model.safetensors")
+    assert record["merged_weights"] == 20  # 2 layers x (q, k, v, o + gate, up, down of both MLPs) and record["weights_sha256"].keys() == {s.name for s in shards}
+    report = record["verification"]
+    assert report["passed"] and report["merged_vs_adapter"] < 0.1 * report["adapter_effect"]
+    assert not list(lora_run.glob(".*partial"))
+
+    # Plain transformers, offline (conftest), no project code: the model and the processor with its codec.
+    batch, adapter_logits = adapter_and_base_logits(demo_cache, lora_run / "adapter", torch.bfloat16)
+    merged_logits = plain_logits(merged, batch, torch.bfloat16)
+    _, fp32_reference = adapter_and_base_logits(demo_cache, lora_run / "adapter")
+    merge_error = float((merged_logits - adapter_logits).abs().max())
+    adapter_effect = float((fp32_reference - plain_logits(overrides_value(demo_cache, "model.path"), batch)).abs().max())
+    assert merge_error < 0.05 * adapter_effect, (merge_error, adapter_effect)
+    processor = AutoProcessor.from_pretrained(str(merged))
+    assert type(processor.audio_tokenizer).__name__ == "HiggsAudioV2TokenizerModel"
+    with capsys.disabled():
+        print(f"\n[merge figures] LoRA bf16: max |merged - adapter| {merge_error:.4g} (adapter effect "
+              f"{adapter_effect:.4g}); merge tool's own check: {report['merged_vs_adapter']:.4g}")
+
+
+def test_fp32_merge_reproduces_the_adapter_exactly(lora_run, demo_cache, tmp_path):
+    out = tmp_path / "Higgs-Audio-2-fp32"
+    step = lora_run / "checkpoints" / "step_00000003"
+    assert merge_main(["--adapter", str(step), "--out", str(out), "--dtype", "fp32", "--no-verify"]) == 0
+    assert json.loads((out / MERGE_MARKER).read_text())["adapter_step"] == 3
+    batch, adapter_logits = adapter_and_base_logits(demo_cache, step / "adapter")
+    assert float((plain_logits(out, batch) - adapter_logits).abs().max()) < 1e-4
+
+
+def test_merged_directories_and_busy_outputs_are_refused(lora_run, tmp_path, capsys):
+    merged = lora_run / "Higgs-Audio-2-arabic-test"
+    if not merged.is_dir():  # made by the first test; make it here when run alone
+        assert merge_main(["--adapter", str(lora_run), "--no-verify"]) == 0
+    capsys.readouterr()
+    assert merge_main(["--adapter", str(merged)]) == 2
+    assert "already a merged model" in capsys.readouterr().err
+    assert merge_main(["--adapter", str(lora_run), "--base", str(merged), "--out", str(tmp_path / "x")]) == 2
+    assert "already contains this adapter" in capsys.readouterr().err
+    before = sha256_file(merged / MERGE_MARKER)
+    assert merge_main(["--adapter", str(lora_run), "--no-verify"]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err and sha256_file(merged / MERGE_MARKER) == before
+    assert merge_main(["--adapter", str(lora_run), "--shard-size", "lots"]) == 2
+    assert "--shard-size" in capsys.readouterr().err
+
+
+def test_qlora_adapter_merges_into_the_full_precision_base(qlora_run, demo_cache):
+    result = run_merge_cli("--adapter", str(qlora_run))
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged = qlora_run / "Higgs-Audio-2-arabic-test"
+    assert "QLoRA: max |merged - adapter on the NF4 base" in result.stdout
+    report = json.loads((merged / MERGE_MARKER).read_text())["verification"]
+    assert report["passed"] and json.loads((merged / MERGE_MARKER).read_text())["trained_quantization"] == "nf4"
+    # Merged into bf16, the model matches the adapter on the bf16 base; the NF4 base it was trained against differs
+    # by the base's quantisation error, which is far larger than the merge's rounding.
+    assert report["merged_vs_adapter"] < 0.1 * report["adapter_effect"]
+    assert report["merged_vs_nf4_adapter"] > 3 * report["merged_vs_adapter"]
+    batch, adapter_logits = adapter_and_base_logits(demo_cache, qlora_run / "adapter", torch.bfloat16)
+    merge_error = float((plain_logits(merged, batch, torch.bfloat16) - adapter_logits).abs().max())
+    assert merge_error < 0.1 * report["adapter_effect"]
