@@ -39,7 +39,7 @@ from higgs_lora.checkpoint import ADAPTER, RUN_CONFIG, latest_checkpoint, licenc
 from higgs_lora.config import ConfigError, ModelConfig, RunConfig
 from higgs_lora.files import atomic_write_json, atomic_write_text, replace_directory
 from higgs_lora.lora_weights import AdapterError, check_targets, lora_deltas, merge_weight
-from higgs_lora.model import CheckpointError, check_loadable, inspect_checkpoint, resolve_codec_path
+from higgs_lora.model import CheckpointError, check_codec, check_loadable, inspect_checkpoint, resolve_codec_path
 from higgs_lora.shards import DEFAULT_SHARD_BYTES, ShardWriter, iter_tensors, parse_size, sha256_file, tensor_shapes
 
 MERGE_MARKER = "higgs_lora_merge.json"
@@ -177,9 +177,7 @@ def make_plan(adapter: str, out: str | None = None, base: str | None = None, cod
         codec_dir = resolve_codec_path(ModelConfig(path=str(base_dir), codec_path=cfg.model.codec_path)).resolve()
     if not (codec_dir / "config.json").is_file():
         raise MergeError(f"codec {codec_dir} has no config.json; pass --codec with the audio tokenizer directory")
-    if (codec_dir / "model.pth").is_file() and not list(codec_dir.glob("*.safetensors")):
-        raise MergeError(f"codec {codec_dir} is in Boson's original layout; convert it first:\n"
-                         f"  python -m higgs_lora.convert --src {codec_dir} --out {codec_dir}-hf")
+    check_codec(codec_dir)
     out_dir = Path(out).expanduser().resolve() if out else default_output(location, cfg)
     for what, path in (("the adapter", location.path), ("the base model", base_dir), ("the codec", codec_dir)):
         if _contains(out_dir, path):

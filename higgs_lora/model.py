@@ -1,8 +1,8 @@
 """Loading the base model, its processor and codec from local directories, and applying LoRA.
 
 One code path for real and tiny checkpoints: `from_pretrained(local_dir)` on the transformers layout. Boson's
-original layout (downloads from before the transformers port) is recognised and refused with the command that
-converts it. Nothing here downloads: every path must be a local directory.
+original layout (downloads from before the transformers port), of the model or of the codec, is recognised and
+refused with the command that converts it (`python -m higgs_lora.convert`, docs/deploy.md). Nothing here downloads: every path must be a local directory.
 """
 
 from __future__ import annotations
@@ -150,9 +150,24 @@ def resolve_codec_path(cfg: ModelConfig) -> Path:
     )
 
 
+def check_codec(path: str | Path) -> None:
+    """Raise CheckpointError when `path` holds Boson's original audio tokenizer (`model.pth`), with the fix."""
+    path = Path(path)
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    if config.get("model_type") != "higgs_audio_v2_tokenizer" and (path / "model.pth").is_file():
+        raise CheckpointError(
+            f"{path} is Boson's original audio tokenizer layout (model.pth). Convert it once to the transformers "
+            f"layout:\n  python -m higgs_lora.convert --src {path} --out {path}-hf\n"
+            "then set model.codec_path to the converted directory (see docs/deploy.md)."
+        )
+
+
 def load_codec(path: str | Path, device: "str | torch.device | None" = None):
     """The audio codec (HiggsAudioV2TokenizerModel) from a local directory, in eval mode, float32."""
     from transformers import HiggsAudioV2TokenizerModel
+
+    check_codec(path)
 
     codec = HiggsAudioV2TokenizerModel.from_pretrained(str(path))
     if device is not None:

@@ -102,6 +102,8 @@ def test_partially_frozen_embeddings_are_joined(tiny_checkpoint, tmp_path):
 
 def test_converted_codec_encodes_and_decodes_like_the_source(tiny_checkpoint, tmp_path):
     original = write_original_codec(tiny_checkpoint.codec_dir, tmp_path / "higgs-audio-v2-tokenizer")
+    with pytest.raises(CheckpointError, match=f"(?s)original audio tokenizer.*--src {original} --out {original}-hf"):
+        load_codec(original)  # what prepare, training and merge load codecs with
     out = tmp_path / "codec-hf"
     out.mkdir()
     # The tiny HuBERT has 2 heads of 8; the original checkpoint does not record heads (see convert_codec).
