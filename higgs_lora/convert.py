@@ -13,9 +13,9 @@ The generation model (tensor names per docs/deploy.md and ../shared/HIGGS_FACTS.
   `norm.*` -> under `model.`; `audio_decoder_proj.{audio,text}_lm_head.weight` -> `{audio,text}_lm_head.weight`;
   rotary buffers and `audio_codebook_weights` dropped; embeddings or heads stored as a frozen + trainable pair
   (Boson's partially frozen modules) concatenated back into one tensor. The config becomes a `HiggsAudioV2Config`
-  with `codebook_size` 1026 (1024 codes + stream BOS + EOS). Tensors are streamed shard by shard (higgs_lora.shards):
-  host memory holds one output shard, not the model. Options the transformers port does not implement (a Whisper
-  audio tower, audio FFNs in only some layers, an embedding projector, ...) are refused by name.
+  with `codebook_size` 1026 (1024 codes + stream BOS + EOS). Tensors are streamed (higgs_lora.shards): host memory
+  holds one tensor at a time, not the model. Options the transformers port does not implement (a Whisper audio
+  tower, audio FFNs in only some layers, an embedding projector, ...) are refused by name.
 
 The codec: higgs_lora.convert_codec.
 
@@ -39,7 +39,7 @@ import tempfile
 from pathlib import Path
 
 from higgs_lora.files import atomic_write_json, replace_directory
-from higgs_lora.shards import ShardWriter, iter_tensors, tensor_shapes
+from higgs_lora.shards import ShardWriter, TensorSpec, iter_tensors, tensor_specs
 from higgs_lora.tiny import CHAT_TEMPLATE_PATH
 
 CONVERT_MARKER = "higgs_lora_convert.json"
@@ -231,13 +231,20 @@ def convert_model(src: Path, staging: Path, codec_reference: str = DEFAULT_CODEC
                  for token, i in token_ids.items()}
     config_args = model_config_from_original(original, token_ids)
 
-    original_shapes = tensor_shapes(src)
+    original_specs = tensor_specs(src)
+    original_shapes = {name: shape for name, (_, shape) in original_specs.items()}
     renamed, joined, dropped = plan_tensors(original_shapes)
     planned, problems = planned_shapes(original_shapes, renamed, joined)
     problems += compare_shapes(planned, expected_model_shapes(config_args), optional=("text_lm_head.weight",))
+    codes = {new: original_specs[old][0] for old, new in renamed.items()}
+    for new, pair in joined.items():
+        part_codes = {original_specs[part][0] for part in pair if part is not None}
+        if len(part_codes) > 1:
+            problems.append(f"{new}: its frozen and trainable parts have different dtypes {sorted(part_codes)}")
+        codes[new] = min(part_codes) if part_codes else "BF16"
     _raise_if(problems, f"{src} does not map onto the transformers model")
 
-    writer = ShardWriter(staging)
+    writer = ShardWriter(staging, [TensorSpec(name, codes[name], shape) for name, shape in planned.items()])
     part_of = {part: new for new, pair in joined.items() for part in pair}
     pending: dict[str, dict[str, torch.Tensor]] = {}
     stored_dtype = None
@@ -253,6 +260,7 @@ def convert_model(src: Path, staging: Path, codec_reference: str = DEFAULT_CODEC
                 del pending[new]
         elif name in renamed:
             writer.add(renamed[name], tensor)
+        del tensor  # before the next one is read (higgs_lora.shards.iter_tensors)
     files = writer.close()
 
     config = HiggsAudioV2Config(**config_args)

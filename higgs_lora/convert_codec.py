@@ -20,7 +20,7 @@ import math
 import re
 from pathlib import Path
 
-from higgs_lora.shards import ShardWriter
+from higgs_lora.shards import ShardWriter, TensorSpec, dtype_code
 
 SUPPORTED_TEACHERS = ("hubert_base", "hubert_base_general")
 HUBERT_HEAD_DIM = 64
@@ -235,8 +235,10 @@ def convert_codec(src: Path, staging: Path, semantic_attention_heads: int | None
     config_args = codec_config_from_original(original_config, shapes, semantic_attention_heads)
     num_blocks = len(config_args["acoustic_model_config"]["downsampling_ratios"])
     converted = convert_state_dict(state, num_blocks, expected_codec_shapes(config_args))
-    writer = ShardWriter(staging)
-    for name in sorted(converted):
+    names = sorted(converted)
+    writer = ShardWriter(staging, [TensorSpec(name, dtype_code(converted[name].dtype), tuple(converted[name].shape))
+                                   for name in names])
+    for name in names:
         writer.add(name, converted[name])
     writer.close()
     HiggsAudioV2TokenizerConfig(**config_args).save_pretrained(str(staging))

@@ -9,9 +9,9 @@ The adapter folder says everything else: the base model's location and the resol
 1. Resolve: an adapter directory, a checkpoint (`step_N/`), or a run directory (its `adapter/`, else the newest
    checkpoint's); refuse a directory this tool already merged.
 2. Merge, streaming: every base tensor is read from its shard, the adapter's update added in float32
-   (W + alpha/r * B @ A), cast to `--dtype`, checked finite and written to the next output shard. The model is never
-   instantiated: host memory holds one output shard (2 GB), one tensor and the adapter. A QLoRA adapter is merged
-   into the full-precision base, not into the 4-bit weights it was trained against (docs/deploy.md: what that costs).
+   (W + alpha/r * B @ A), cast to `--dtype`, checked finite and written at its place in the output shards. The model
+   is never instantiated: host memory holds the adapter and one tensor at a time (higgs_lora.shards). A QLoRA adapter
+   is merged into the full-precision base, not into the 4-bit weights it was trained against (docs/deploy.md).
 3. Copy what loading needs (config with the new dtype, generation config, tokenizer, chat template, processor config,
    the codec under `audio_tokenizer/`, licence files) and write NOTICE, a model card and `higgs_lora_merge.json`
    (provenance; it also marks the directory as merged).
@@ -40,7 +40,16 @@ from higgs_lora.config import ConfigError, ModelConfig, RunConfig
 from higgs_lora.files import atomic_write_json, atomic_write_text, replace_directory
 from higgs_lora.lora_weights import AdapterError, check_targets, lora_deltas, merge_weight
 from higgs_lora.model import CheckpointError, check_codec, check_loadable, inspect_checkpoint, resolve_codec_path
-from higgs_lora.shards import DEFAULT_SHARD_BYTES, ShardWriter, iter_tensors, parse_size, sha256_file, tensor_shapes
+from higgs_lora.shards import (
+    DEFAULT_SHARD_BYTES,
+    ShardWriter,
+    TensorSpec,
+    dtype_code,
+    iter_tensors,
+    parse_size,
+    sha256_file,
+    tensor_specs,
+)
 
 MERGE_MARKER = "higgs_lora_merge.json"
 """Provenance of a merged directory; its presence is how an already merged directory is recognised."""
@@ -219,33 +228,43 @@ def merge_into_shards(base_dir: Path, deltas: dict, out_dir: Path, dtype_name: s
 
     Floating-point tensors are cast to `dtype_name`; those with a LoRA update get it added first. Raises MergeError
     when the adapter does not fit the base (checked from the shard headers before anything is written) or when any
-    written tensor holds NaN/inf (all such tensors are named).
+    written tensor holds NaN/inf (all such tensors are named). Memory: one tensor at a time (higgs_lora.shards).
     """
-    import torch
-
     from higgs_lora.model import torch_dtype
 
-    problems = check_targets(deltas, tensor_shapes(base_dir))
+    specs = tensor_specs(base_dir)
+    problems = check_targets(deltas, {name: shape for name, (_, shape) in specs.items()})
     if problems:
         raise MergeError(f"the adapter does not fit the base {base_dir}:\n" + "\n".join(f"  - {p}" for p in problems))
     dtype = torch_dtype(dtype_name)
-    writer = ShardWriter(out_dir, max_shard_bytes)
-    non_finite, num_tensors, num_merged = [], 0, 0
+    float_codes = ("F64", "F32", "F16", "BF16")
+    plan = [TensorSpec(name, dtype_code(dtype) if code in float_codes else code, shape)
+            for name, (code, shape) in specs.items()]
+    writer = ShardWriter(out_dir, plan, max_shard_bytes)
+    non_finite, num_merged = [], 0
     for name, tensor in iter_tensors(base_dir):
         if name in deltas:
             tensor = merge_weight(tensor, deltas[name], dtype, device)
             num_merged += 1
         elif tensor.is_floating_point():
             tensor = tensor.to(dtype)
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not all_finite(tensor):
             non_finite.append(name)
         writer.add(name, tensor)
-        num_tensors += 1
+        del tensor  # before the next one is read: one tensor in memory at a time
     if non_finite:
         raise MergeError(f"{len(non_finite)} merged tensors hold NaN or inf ({', '.join(non_finite[:5])}); no merged model "
                          f"was published. Check the base model's weights and that --dtype {dtype_name} can hold them.")
     files = writer.close()
-    return MergeResult(files, num_tensors, num_merged, writer.total_bytes)
+    return MergeResult(files, len(plan), num_merged, writer.total_bytes)
+
+
+def all_finite(tensor, chunk: int = 2**24) -> bool:
+    """Whether every element is finite, checked in chunks (a whole-tensor mask would be a second, bool-sized copy)."""
+    import torch
+
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(part).all()) for part in flat.split(chunk))
 
 
 # ------------------------------------------------------------------------------------------ support files
@@ -402,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="dtype of the merged weights (default bf16, as released)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where the update and the verification are computed (default: a GPU if present)")
-    parser.add_argument("--shard-size", default="2GB", help="largest output shard (default 2GB)")
+    parser.add_argument("--shard-size", default="5GB", help="largest output file (default 5GB; memory does not "
+                                                             "depend on it)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--no-verify", action="store_true", help="skip the logits comparison after merging")
     args = parser.parse_args(argv)

@@ -18,7 +18,16 @@ from higgs_lora.merge import (
     merge_into_shards,
 )
 from higgs_lora.merge_check import logits_report
-from higgs_lora.shards import INDEX_FILE, SINGLE_FILE, ShardWriter, iter_tensors, parse_size, weight_files
+from higgs_lora.shards import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    ShardWriter,
+    TensorSpec,
+    dtype_code,
+    iter_tensors,
+    parse_size,
+    weight_files,
+)
 
 
 def random_peft_adapter(tiny, out, use_rslora=False):
@@ -124,26 +133,44 @@ def test_non_finite_merged_weights_are_refused_by_name(tiny_checkpoint, tmp_path
 # -------------------------------------------------------------------------------------------------- shards
 
 
-def test_shard_writer_splits_names_and_indexes_every_tensor(tmp_path):
+def specs_of(tensors):
+    return [TensorSpec(name, dtype_code(t.dtype), tuple(t.shape)) for name, t in tensors.items()]
+
+
+def test_shard_writer_places_tensors_by_plan_in_any_order_and_indexes_them(tmp_path):
     tensors = {f"t{i}": torch.full((250,), float(i)) for i in range(7)}  # 1000 bytes each
-    writer = ShardWriter(tmp_path / "many", max_shard_bytes=2500)
-    for name, tensor in tensors.items():
-        writer.add(name, tensor)
+    tensors["bf16"] = torch.randn(3, 5).to(torch.bfloat16)
+    tensors["ints"] = torch.arange(6, dtype=torch.int64).reshape(2, 3)
+    tensors["empty"] = torch.zeros(0, 4)
+    writer = ShardWriter(tmp_path / "many", specs_of(tensors), max_shard_bytes=2500)
+    for name in reversed(list(tensors)):  # written out of order: offsets are planned
+        writer.add(name, tensors[name])
     files = writer.close()
     assert [f.name for f in files] == [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
     index = json.loads((tmp_path / "many" / INDEX_FILE).read_text())
-    assert index["metadata"]["total_size"] == 7000 and set(index["weight_map"]) == set(tensors)
+    assert index["metadata"]["total_size"] == 7000 + 30 + 48 and set(index["weight_map"]) == set(tensors)
     assert weight_files(tmp_path / "many") == files
-    assert {k: v.tolist() for k, v in iter_tensors(tmp_path / "many")} == {k: v.tolist() for k, v in tensors.items()}
-    assert not list((tmp_path / "many").glob(".shard-*"))
+    # Read back by the reference implementation (and by our reader): the same names, dtypes and values.
+    from safetensors.torch import load_file
 
-    single = ShardWriter(tmp_path / "one", max_shard_bytes=10**6)
-    single.add("big", torch.zeros(10))
-    assert [f.name for f in single.close()] == [SINGLE_FILE] and not (tmp_path / "one" / INDEX_FILE).exists()
+    for reader in ({k: v for f in files for k, v in load_file(str(f)).items()}, dict(iter_tensors(tmp_path / "many"))):
+        assert reader.keys() == tensors.keys()
+        for name, tensor in tensors.items():
+            assert reader[name].dtype == tensor.dtype and torch.equal(reader[name], tensor), name
+
+
+def test_shard_writer_refuses_what_the_plan_does_not_say(tmp_path):
+    single = ShardWriter(tmp_path / "one", [TensorSpec("w", "F32", (10,))], max_shard_bytes=10**6)
+    with pytest.raises(ValueError, match="does not match the plan"):
+        single.add("w", torch.zeros(10, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="not in the plan"):
+        single.add("v", torch.zeros(10))
+    with pytest.raises(ValueError, match="never written: w"):
+        single.close()
+    single.add("w", torch.zeros(10))
     with pytest.raises(ValueError, match="written twice"):
-        writer = ShardWriter(tmp_path / "dup", 100)
-        writer.add("a", torch.zeros(1))
-        writer.add("a", torch.zeros(1))
+        single.add("w", torch.zeros(10))
+    assert [f.name for f in single.close()] == [SINGLE_FILE] and not (tmp_path / "one" / INDEX_FILE).exists()
 
 
 @pytest.mark.parametrize("text,size", [("2GB", 2 * 10**9), ("500MiB", 500 * 2**20), ("1024", 1024), ("1.5kb", 1500)])
