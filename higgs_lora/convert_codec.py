@@ -161,8 +161,8 @@ def codec_config_from_original(original: dict, shapes: dict[str, tuple[int, ...]
     num_quantizers = int(1000 * bandwidths[-1] // (frame_rate * math.ceil(math.log2(bins))))
     stored = len({m[1] for name in shapes if (m := re.match(r"quantizer\.vq\.layers\.(\d+)\.", name))})
     if num_quantizers != stored:
-        raise CodecConvertError(f"target_bandwidths ending at {bandwidths[-1]} kbps give {num_quantizers} quantizers at "
-                                f"{frame_rate} frames/s, but model.pth holds {stored}")
+        raise CodecConvertError(f"target_bandwidths ending at {bandwidths[-1]} kbps give {num_quantizers} "
+                                f"quantizers at {frame_rate} frames/s, but model.pth holds {stored}")
     return {
         "target_bandwidths": bandwidths,
         "sample_rate": sample_rate,
@@ -242,8 +242,8 @@ def convert_codec(src: Path, staging: Path, semantic_attention_heads: int | None
         writer.add(name, converted[name])
     writer.close()
     HiggsAudioV2TokenizerConfig(**config_args).save_pretrained(str(staging))
-    DacFeatureExtractor(feature_size=1, hop_length=math.prod(config_args["acoustic_model_config"]["downsampling_ratios"]),
-                        padding_side="right", padding_value=0.0, return_attention_mask=True,
+    hop_length = math.prod(config_args["acoustic_model_config"]["downsampling_ratios"])
+    DacFeatureExtractor(feature_size=1, hop_length=hop_length, padding_side="right", padding_value=0.0, return_attention_mask=True,
                         sampling_rate=config_args["sample_rate"]).save_pretrained(str(staging))
     folded = sum(1 for name in state if name.endswith(".weight_g"))
     log(f"[convert] codec: {len(converted)} tensors, {folded} weight-norm pairs, "

@@ -46,7 +46,7 @@ class LoraDelta:
 
 
 def lora_deltas(tensors: dict[str, "torch.Tensor"], adapter_config: dict) -> dict[str, LoraDelta]:
-    """The updates of a PEFT LoRA adapter, keyed by the base weight they apply to (e.g. `model.layers.0.mlp.up_proj.weight`).
+    """The updates of a PEFT LoRA adapter, keyed by the base weight they apply to (`model.layers.0.mlp.up_proj.weight`).
 
     `tensors` is the content of `adapter_model.safetensors`, `adapter_config` that of `adapter_config.json`.
     Raises AdapterError listing every problem: unsupported options, keys that are not LoRA A/B weights, A without B,

@@ -253,8 +253,8 @@ def merge_into_shards(base_dir: Path, deltas: dict, out_dir: Path, dtype_name: s
         writer.add(name, tensor)
         del tensor  # before the next one is read: one tensor in memory at a time
     if non_finite:
-        raise MergeError(f"{len(non_finite)} merged tensors hold NaN or inf ({', '.join(non_finite[:5])}); no merged model "
-                         f"was published. Check the base model's weights and that --dtype {dtype_name} can hold them.")
+        raise MergeError(f"{len(non_finite)} merged tensors hold NaN or inf ({', '.join(non_finite[:5])}); no "
+                         f"merged model was published. Check the base model's weights and that --dtype {dtype_name} can hold them.")
     files = writer.close()
     return MergeResult(files, len(plan), num_merged, writer.total_bytes)
 

@@ -24,10 +24,11 @@ NUM_REFERENCE_FRAMES = 20
 NUM_TARGET_FRAMES = 15
 SAMPLE_SEED = 0
 
-MAX_RELATIVE_ERROR = 0.1
-"""The merge fails verification when max |merged - adapter| exceeds this fraction of max |adapter - base| (the
-adapter's own effect on the logits) and the bf16 noise floor below. A correct merge differs from the adapter only by
-rounding; a wrong one (missing layer, wrong scale) by a sizeable part of the adapter's effect."""
+MAX_RELATIVE_ERROR = 0.25
+"""The merge fails its check when the mean |merged - adapter| over all logits exceeds this fraction of the mean
+|adapter - base| (the adapter's own effect), and the bf16 noise floor below. A correct merge differs from the adapter
+only by rounding; a wrong one (a layer missed, a wrong scale) by a large part of the adapter's effect. Means, not
+maxima: the maximum of a million rounding differences through 28 bf16 layers is an outlier-prone statistic."""
 
 
 class VerificationError(RuntimeError):
@@ -108,7 +109,7 @@ def compare_logits(merged_dir: Path, base_dir: Path, adapter_dir: Path, cfg: Run
     report = logits_report(base_logits, adapter_logits, merged_logits, quantised_logits)
     report.update(dtype=dtype, device=device, positions=int(batch["input_ids"].shape[1]))
     log(f"[verify] {report['positions']} positions, {dtype} on {device}: max |logit| {report['max_abs_logit']:.4g}; "
-        f"the adapter changes logits by up to {report['adapter_effect']:.4g}")
+        f"the adapter changes logits by up to {report['adapter_effect']:.4g} (mean {report['adapter_effect_mean']:.3g})")
     log(f"[verify] max |merged - adapter on base| = {report['merged_vs_adapter']:.4g} "
         f"(mean {report['merged_vs_adapter_mean']:.3g})")
     if quantised_logits is not None:
@@ -127,25 +128,30 @@ def logits_report(base, adapter, merged, adapter_nf4=None) -> dict:
     def max_abs(x) -> float:
         return float(x.abs().max())
 
+    def mean_abs(x) -> float:
+        return float(x.abs().mean())
+
     report = {
         "max_abs_logit": max_abs(adapter),
         "adapter_effect": max_abs(adapter - base),
+        "adapter_effect_mean": mean_abs(adapter - base),
         "merged_vs_adapter": max_abs(merged - adapter),
-        "merged_vs_adapter_mean": float((merged - adapter).abs().mean()),
+        "merged_vs_adapter_mean": mean_abs(merged - adapter),
     }
     if adapter_nf4 is not None:
         report["merged_vs_nf4_adapter"] = max_abs(merged - adapter_nf4)
-        report["merged_vs_nf4_adapter_mean"] = float((merged - adapter_nf4).abs().mean())
+        report["merged_vs_nf4_adapter_mean"] = mean_abs(merged - adapter_nf4)
         report["nf4_vs_full_base"] = max_abs(adapter - adapter_nf4)
     finite = all(bool(torch.isfinite(x).all()) for x in (base, adapter, merged))
-    # bf16 keeps 8 significant bits: differences up to a few ulps of the largest logit are rounding, not error.
-    noise_floor = 2.0 ** -6 * report["max_abs_logit"]
-    allowed = max(MAX_RELATIVE_ERROR * report["adapter_effect"], noise_floor)
-    report["allowed"] = allowed
-    report["passed"] = finite and report["merged_vs_adapter"] <= allowed
+    # bf16 keeps 8 significant bits: a mean difference of a few ulps of the typical logit is rounding, not error.
+    noise_floor = 2.0 ** -7 * mean_abs(adapter)
+    allowed = max(MAX_RELATIVE_ERROR * report["adapter_effect_mean"], noise_floor)
+    report["allowed_mean"] = allowed
+    report["passed"] = finite and report["merged_vs_adapter_mean"] <= allowed
     if not finite:
         report["reason"] = "the logits hold NaN or inf"
     elif not report["passed"]:
-        report["reason"] = (f"max |merged - adapter| = {report['merged_vs_adapter']:.4g} exceeds {allowed:.4g} "
-                            f"({MAX_RELATIVE_ERROR:.0%} of the adapter's effect {report['adapter_effect']:.4g})")
+        report["reason"] = (f"mean |merged - adapter| = {report['merged_vs_adapter_mean']:.4g} exceeds {allowed:.4g} "
+                            f"({MAX_RELATIVE_ERROR:.0%} of the adapter's mean effect "
+                            f"{report['adapter_effect_mean']:.4g})")
     return report

@@ -2,7 +2,8 @@
 
 One code path for real and tiny checkpoints: `from_pretrained(local_dir)` on the transformers layout. Boson's
 original layout (downloads from before the transformers port), of the model or of the codec, is recognised and
-refused with the command that converts it (`python -m higgs_lora.convert`, docs/deploy.md). Nothing here downloads: every path must be a local directory.
+refused with the command that converts it (`python -m higgs_lora.convert`, docs/deploy.md). Nothing here
+downloads: every path must be a local directory.
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ def load_base_model(cfg: ModelConfig, device: "str | torch.device | None" = None
 
 
 def resolve_codec_path(cfg: ModelConfig) -> Path:
-    """The codec directory: `cfg.codec_path`, else the processor config's reference if local, else `../codec`."""
+    """The codec directory: `cfg.codec_path`, else the processor config's reference if local, else the model's own
+    `audio_tokenizer/` (merged models), else `../codec` beside the model."""
     if cfg.codec_path:
         path = Path(cfg.codec_path).expanduser()
         if not (path / "config.json").is_file():
@@ -138,8 +140,8 @@ def resolve_codec_path(cfg: ModelConfig) -> Path:
         if named:
             candidates.append(Path(named).expanduser())
             candidates.append(Path(cfg.path) / named)
+    candidates.append(Path(cfg.path) / "audio_tokenizer")  # a merged model carries its codec (higgs_lora.merge)
     candidates.append(Path(cfg.path).parent / "codec")
-    candidates.append(Path(cfg.path) / "audio_tokenizer")
     for candidate in candidates:
         if (candidate / "config.json").is_file():
             return candidate

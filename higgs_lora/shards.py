@@ -181,7 +181,8 @@ class ShardWriter:
             groups[-1].append(spec)
             size += spec.num_bytes
         count = len(groups)
-        names = [SINGLE_FILE] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+        names = [SINGLE_FILE] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors"
+                                                  for i in range(1, count + 1)]
         self.files = [self.out_dir / name for name in names]
         self._where: dict[str, tuple[Path, int]] = {}
         for path, group in zip(self.files, groups):

@@ -7,13 +7,16 @@ with plain transformers (offline) and its logits compared with the adapter's on 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from higgs_lora.config import ModelConfig
 from higgs_lora.merge import MERGE_MARKER, main as merge_main
+from higgs_lora.model import resolve_codec_path
 from higgs_lora.shards import INDEX_FILE, sha256_file
 
 from tests.conftest import REPO_ROOT
@@ -65,7 +68,7 @@ def plain_logits(merged_dir, batch, dtype=torch.float32):
         return model(**batch).logits.float()
 
 
-def test_lora_adapter_merges_into_a_plain_transformers_checkpoint(lora_run, demo_cache, capsys):
+def test_lora_adapter_merges_into_a_plain_transformers_checkpoint(lora_run, demo_cache, tmp_path, capsys):
     from transformers import AutoProcessor
 
     result = run_merge_cli("--adapter", str(lora_run), "--shard-size", "1MB")
@@ -94,9 +97,11 @@ def test_lora_adapter_merges_into_a_plain_transformers_checkpoint(lora_run, demo
     assert record["adapter"] == str(lora_run / "adapter") and record["dtype"] == "bf16"
     assert record["adapter_sha256"]["adapter_model.safetensors"] == sha256_file(
         lora_run / "adapter" / "adapter_model.safetensors")
-    assert record["merged_weights"] == 20  # 2 layers x (q, k, v, o + gate, up, down of both MLPs) and record["weights_sha256"].keys() == {s.name for s in shards}
+    assert record["merged_weights"] == 20  # 2 layers x (q, k, v, o + gate, up, down of both MLPs)
+    assert record["weights_sha256"] == {s.name: sha256_file(s) for s in shards}
     report = record["verification"]
     assert report["passed"] and report["merged_vs_adapter"] < 0.1 * report["adapter_effect"]
+    assert report["merged_vs_adapter_mean"] < 0.05 * report["adapter_effect_mean"]
     assert not list(lora_run.glob(".*partial"))
 
     # Plain transformers, offline (conftest), no project code: the model and the processor with its codec.
@@ -104,10 +109,20 @@ def test_lora_adapter_merges_into_a_plain_transformers_checkpoint(lora_run, demo
     merged_logits = plain_logits(merged, batch, torch.bfloat16)
     _, fp32_reference = adapter_and_base_logits(demo_cache, lora_run / "adapter")
     merge_error = float((merged_logits - adapter_logits).abs().max())
-    adapter_effect = float((fp32_reference - plain_logits(overrides_value(demo_cache, "model.path"), batch)).abs().max())
+    base_logits = plain_logits(overrides_value(demo_cache, "model.path"), batch)
+    adapter_effect = float((fp32_reference - base_logits).abs().max())
     assert merge_error < 0.05 * adapter_effect, (merge_error, adapter_effect)
     processor = AutoProcessor.from_pretrained(str(merged))
     assert type(processor.audio_tokenizer).__name__ == "HiggsAudioV2TokenizerModel"
+    # Moved elsewhere (the processor config's absolute path gone stale, another codec beside it), our loader still
+    # takes the model's own codec copy.
+    moved = tmp_path / "elsewhere" / "model"
+    shutil.copytree(merged, moved)
+    shutil.copytree(merged / "audio_tokenizer", moved.parent / "codec")
+    stale = json.loads((moved / "processor_config.json").read_text())
+    stale["audio_tokenizer"]["audio_tokenizer_name_or_path"] = str(tmp_path / "gone")
+    (moved / "processor_config.json").write_text(json.dumps(stale))
+    assert resolve_codec_path(ModelConfig(path=str(moved))) == moved / "audio_tokenizer"
     with capsys.disabled():
         print(f"\n[merge figures] LoRA bf16: max |merged - adapter| {merge_error:.4g} (adapter effect "
               f"{adapter_effect:.4g}); merge tool's own check: {report['merged_vs_adapter']:.4g}")
@@ -152,3 +167,17 @@ def test_qlora_adapter_merges_into_the_full_precision_base(qlora_run, demo_cache
     batch, adapter_logits = adapter_and_base_logits(demo_cache, qlora_run / "adapter", torch.bfloat16)
     merge_error = float((plain_logits(merged, batch, torch.bfloat16) - adapter_logits).abs().max())
     assert merge_error < 0.1 * report["adapter_effect"]
+
+
+def test_a_wrong_merge_fails_the_check_and_publishes_nothing(lora_run, tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    import higgs_lora.merge as merge
+
+    real = merge.merge_weight
+    monkeypatch.setattr(merge, "merge_weight",  # a scale bug: half of every update
+                        lambda weight, delta, *a: real(weight, dataclasses.replace(delta, scale=delta.scale / 2), *a))
+    out = tmp_path / "Higgs-Audio-2-wrong"
+    assert merge_main(["--adapter", str(lora_run), "--out", str(out)]) == 1
+    assert "verification failed, nothing was written" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".*partial"))
