@@ -35,10 +35,9 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from higgs_lora.files import atomic_write_json, replace_directory
+from higgs_lora.files import atomic_write_json, staged_directory
 from higgs_lora.shards import ShardWriter, TensorSpec, iter_tensors, tensor_specs
 from higgs_lora.tiny import CHAT_TEMPLATE_PATH
 
@@ -333,9 +332,7 @@ def convert(src: str | Path, out: str | Path, codec: str | None = None, force: b
     if codec is not None and kind == "codec":
         raise ConvertError("--codec names the codec a converted generation model refers to; --src is a codec")
     log(f"[convert] {src}: Boson's original {'generation model' if kind == 'model' else 'audio tokenizer'}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with staged_directory(out) as staging:
         if kind == "model":
             reference = str(Path(codec).expanduser().resolve()) if codec else DEFAULT_CODEC_REFERENCE
             summary = convert_model(src, staging, reference, log)
@@ -345,12 +342,6 @@ def convert(src: str | Path, out: str | Path, codec: str | None = None, force: b
             if path.is_file() and re.match(r"^(LICEN[CS]E|NOTICE)", path.name, re.IGNORECASE):
                 shutil.copy2(path, staging / path.name)
         atomic_write_json(staging / CONVERT_MARKER, {"tool": "higgs_lora.convert", "source": str(src), **summary})
-        for path in staging.rglob("*"):
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        replace_directory(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log(f"[convert] wrote {out}")
     return out
 

@@ -31,13 +31,12 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from higgs_lora.checkpoint import ADAPTER, RUN_CONFIG, latest_checkpoint, licence_notice, read_adapter_config
 from higgs_lora.config import ConfigError, ModelConfig, RunConfig
-from higgs_lora.files import atomic_write_json, atomic_write_text, replace_directory
+from higgs_lora.files import atomic_write_json, atomic_write_text, staged_directory
 from higgs_lora.lora_weights import AdapterError, check_targets, lora_deltas, merge_weight
 from higgs_lora.model import CheckpointError, check_codec, check_loadable, inspect_checkpoint, resolve_codec_path
 from higgs_lora.shards import (
@@ -378,10 +377,7 @@ def run_merge(plan: MergePlan, verify: bool = True, max_shard_bytes: int = DEFAU
     deltas = load_adapter_deltas(plan.adapter.path)
     log(f"[merge] {len(deltas)} LoRA updates (r={plan.cfg.lora.r}, alpha={plan.cfg.lora.alpha}) -> base {plan.base}, "
         f"{plan.dtype} on {plan.device}")
-    plan.out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{plan.out.name}.", suffix=".partial", dir=plan.out.parent))
-    staging.chmod(0o755)
-    try:
+    with staged_directory(plan.out) as staging:
         result = merge_into_shards(plan.base, deltas, staging, plan.dtype, plan.device, max_shard_bytes)
         del deltas
         log(f"[merge] wrote {result.num_tensors} tensors ({result.num_merged} with the adapter folded in), "
@@ -391,15 +387,9 @@ def run_merge(plan: MergePlan, verify: bool = True, max_shard_bytes: int = DEFAU
         report = None
         if verify:
             report = compare_logits(staging, plan.base, plan.adapter.path, plan.cfg, plan.dtype, plan.device, log)
-        atomic_write_json(staging / MERGE_MARKER, provenance(plan, result, report))
-        for path in staging.rglob("*"):  # temporary files are private (0600); a model to deploy is readable
-            path.chmod(0o755 if path.is_dir() else 0o644)
         if report is not None and not report["passed"]:
             raise VerificationError(report["reason"])
-        replace_directory(staging, plan.out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        atomic_write_json(staging / MERGE_MARKER, provenance(plan, result, report))
     log(f"[merge] merged model: {plan.out}")
     if not plan.out.name.startswith(NAME_PREFIX):
         log(f"[merge] note: the licence requires a distributed fine-tune's name to start with \"Higgs Audio 2\" "

@@ -292,3 +292,20 @@ def test_logits_report_passes_rounding_and_fails_a_wrong_merge():
     assert not broken["passed"] and "NaN" in broken["reason"]
     quantised = logits_report(base, adapter, rounded, adapter_nf4=adapter + 0.1)
     assert quantised["merged_vs_nf4_adapter"] == pytest.approx(0.1, abs=0.02)
+
+
+def test_staged_directory_publishes_whole_or_not_at_all(tmp_path):
+    from higgs_lora.files import staged_directory
+
+    target = tmp_path / "Higgs-Audio-2-x"
+    target.mkdir()
+    (target / "old").write_text("old")
+    with pytest.raises(RuntimeError):
+        with staged_directory(target) as staging:
+            (staging / "new").write_text("half")
+            raise RuntimeError("interrupted")
+    assert [p.name for p in tmp_path.iterdir()] == ["Higgs-Audio-2-x"] and (target / "old").is_file()
+    with staged_directory(target) as staging:
+        (staging / "new").write_text("whole")
+    assert [p.name for p in target.iterdir()] == ["new"] and oct((target / "new").stat().st_mode & 0o777) == "0o644"
+    assert [p.name for p in tmp_path.iterdir()] == ["Higgs-Audio-2-x"]
