@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from higgs_lora.checkpoint import ADAPTER, RUN_CONFIG, latest_checkpoint, licence_notice, read_adapter_config
-from higgs_lora.config import ConfigError, ModelConfig, RunConfig
+from higgs_lora.config import ConfigError, LoraConfig, ModelConfig, RunConfig
 from higgs_lora.files import atomic_write_json, atomic_write_text, staged_directory
 from higgs_lora.lora_weights import AdapterError, check_targets, lora_deltas, merge_weight
 from higgs_lora.model import CheckpointError, check_codec, check_loadable, inspect_checkpoint, resolve_codec_path
@@ -158,6 +158,22 @@ class MergePlan:
     force: bool
 
 
+def config_of_foreign_adapter(adapter_dir: Path, base: str, codec: str | None) -> RunConfig:
+    """A run config for a PEFT adapter trained elsewhere (no higgs_lora.yaml): named after it, on `base`.
+
+    How it was trained (bf16 or NF4) is unknown, so the check compares with the bf16 base only.
+    """
+    settings = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    name = adapter_dir.parent.name if adapter_dir.name == ADAPTER else adapter_dir.name
+    targets = settings.get("target_modules") or ["q_proj"]
+    try:
+        return RunConfig(name=name, model=ModelConfig(path=str(base), codec_path=codec or ""),
+                         lora=LoraConfig(r=int(settings.get("r", 8)), alpha=settings.get("lora_alpha", 8),
+                                         target_modules=[targets] if isinstance(targets, str) else list(targets)))
+    except ConfigError as err:
+        raise MergeError(f"{adapter_dir}/adapter_config.json: {err}") from err
+
+
 def _contains(outer: Path, inner: Path) -> bool:
     return inner == outer or outer in inner.parents
 
@@ -166,16 +182,19 @@ def make_plan(adapter: str, out: str | None = None, base: str | None = None, cod
               dtype: str = "bf16", device: str = "auto", force: bool = False) -> MergePlan:
     """Resolve and check every input of a merge; raises MergeError/CheckpointError saying what to do."""
     location = locate_adapter(adapter)
-    if not (location.path / RUN_CONFIG).is_file():
-        raise MergeError(f"{location.path} has no {RUN_CONFIG}: it was not written by higgs-lora training, so the base "
-                         "model is unknown. Pass --base BASE_DIR (and --codec CODEC_DIR).")
     missing = [name for name in ADAPTER_FILES if not (location.path / name).is_file()]
     if missing:
         raise MergeError(f"{location.path} lacks {', '.join(missing)}: not a complete PEFT adapter")
-    try:
-        cfg = read_adapter_config(location.path)
-    except ConfigError as err:
-        raise MergeError(f"{location.path / RUN_CONFIG} does not load: {err}") from err
+    if (location.path / RUN_CONFIG).is_file():
+        try:
+            cfg = read_adapter_config(location.path)
+        except ConfigError as err:
+            raise MergeError(f"{location.path / RUN_CONFIG} does not load: {err}") from err
+    elif base:
+        cfg = config_of_foreign_adapter(location.path, base, codec)
+    else:
+        raise MergeError(f"{location.path} has no {RUN_CONFIG}: it was not written by higgs-lora training, so the base "
+                         "model is unknown. Pass --base BASE_DIR (and --codec CODEC_DIR if the codec is not beside it).")
     base_dir = Path(base).expanduser().resolve() if base else Path(cfg.model.path).expanduser().resolve()
     info = inspect_checkpoint(base_dir)
     check_loadable(info)
@@ -427,7 +446,9 @@ def main(argv: list[str] | None = None) -> int:
             raise MergeError(f"--shard-size: {err}") from err
         plan = make_plan(args.adapter, args.out, args.base, args.codec, args.dtype, args.device, args.force)
         print(f"[merge] adapter: {plan.adapter.how}")
-        print(f"[merge] base: {plan.base}\n[merge] codec: {plan.codec}\n[merge] out: {plan.out}")
+        recorded = Path(plan.cfg.model.path).expanduser().resolve()
+        note = f" (given with --base; the adapter was trained on {recorded})" if recorded != plan.base else ""
+        print(f"[merge] base: {plan.base}{note}\n[merge] codec: {plan.codec}\n[merge] out: {plan.out}")
         run_merge(plan, verify=not args.no_verify, max_shard_bytes=shard_bytes)
     except (MergeError, AdapterError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)

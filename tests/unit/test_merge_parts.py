@@ -262,10 +262,13 @@ def test_out_must_not_clobber_inputs_or_a_non_empty_directory(tiny_checkpoint, t
         make_plan(str(tmp_path / "adapter"), out=str(tmp_path), force=True)
 
 
-def test_an_adapter_without_run_config_asks_for_the_base(tmp_path, tiny_checkpoint):
-    random_peft_adapter(tiny_checkpoint, tmp_path / "adapter")
+def test_an_adapter_from_elsewhere_needs_only_the_base(tmp_path, tiny_checkpoint):
+    random_peft_adapter(tiny_checkpoint, tmp_path / "my-voice")  # plain PEFT: no higgs_lora.yaml
     with pytest.raises(MergeError, match="no higgs_lora.yaml.*--base"):
-        make_plan(str(tmp_path / "adapter"))
+        make_plan(str(tmp_path / "my-voice"))
+    plan = make_plan(str(tmp_path / "my-voice"), base=str(tiny_checkpoint.model_dir), device="cpu")
+    assert plan.out == tmp_path / "Higgs-Audio-2-my-voice" and plan.codec == tiny_checkpoint.codec_dir
+    assert (plan.cfg.lora.r, plan.cfg.lora.alpha) == (4, 12) and plan.cfg.model.quantization == "none"
 
 
 # ------------------------------------------------------------------------------------------- verification
