@@ -68,7 +68,7 @@ def plain_logits(merged_dir, batch, dtype=torch.float32):
         return model(**batch).logits.float()
 
 
-def test_lora_adapter_merges_into_a_plain_transformers_checkpoint(lora_run, demo_cache, tmp_path, capsys):
+def test_lora_adapter_merges_into_a_plain_transformers_checkpoint(lora_run, demo_cache, tmp_path):
     from transformers import AutoProcessor
 
     result = run_merge_cli("--adapter", str(lora_run), "--shard-size", "1MB")
@@ -123,9 +123,6 @@ def test_lora_adapter_merges_into_a_plain_transformers_checkpoint(lora_run, demo
     stale["audio_tokenizer"]["audio_tokenizer_name_or_path"] = str(tmp_path / "gone")
     (moved / "processor_config.json").write_text(json.dumps(stale))
     assert resolve_codec_path(ModelConfig(path=str(moved))) == moved / "audio_tokenizer"
-    with capsys.disabled():
-        print(f"\n[merge figures] LoRA bf16: max |merged - adapter| {merge_error:.4g} (adapter effect "
-              f"{adapter_effect:.4g}); merge tool's own check: {report['merged_vs_adapter']:.4g}")
 
 
 def test_fp32_merge_reproduces_the_adapter_exactly(lora_run, demo_cache, tmp_path):
