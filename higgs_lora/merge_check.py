@@ -58,11 +58,10 @@ def _logits(model, batch: dict, device: str):
         return model(**inputs).logits.float().cpu()
 
 
-def _free(*models) -> None:
+def _release_memory() -> None:
+    """Return the memory of models the caller just deleted, before the next one loads (one model at a time)."""
     import torch
 
-    for model in models:
-        del model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -88,8 +87,8 @@ def compare_logits(merged_dir: Path, base_dir: Path, adapter_dir: Path, cfg: Run
     base_logits = _logits(base, batch, device)
     adapted = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     adapter_logits = _logits(adapted, batch, device)
-    _free(adapted, base)
     del adapted, base
+    _release_memory()
 
     quantised_logits = None
     if cfg.model.quantization == "nf4":
@@ -98,13 +97,16 @@ def compare_logits(merged_dir: Path, base_dir: Path, adapter_dir: Path, cfg: Run
         quantised = load_base_model(trained, device)
         adapted = PeftModel.from_pretrained(quantised, str(adapter_dir)).eval()
         quantised_logits = _logits(adapted, batch, device)
-        _free(adapted, quantised)
         del adapted, quantised
+        _release_memory()
 
-    merged = HiggsAudioV2ForConditionalGeneration.from_pretrained(str(merged_dir), dtype=torch_dtype(dtype))
-    merged_logits = _logits(merged.to(device).eval(), batch, device)
-    _free(merged)
+    # Straight onto the GPU when there is one: a CPU copy first would cost host memory for the whole model.
+    placement = {} if device == "cpu" else {"device_map": {"": device}}
+    merged = HiggsAudioV2ForConditionalGeneration.from_pretrained(str(merged_dir), dtype=torch_dtype(dtype),
+                                                                  **placement)
+    merged_logits = _logits(merged.eval(), batch, device)
     del merged
+    _release_memory()
 
     report = logits_report(base_logits, adapter_logits, merged_logits, quantised_logits)
     report.update(dtype=dtype, device=device, positions=int(batch["input_ids"].shape[1]))
