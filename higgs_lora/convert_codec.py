@@ -243,8 +243,10 @@ def convert_codec(src: Path, staging: Path, semantic_attention_heads: int | None
     writer.close()
     HiggsAudioV2TokenizerConfig(**config_args).save_pretrained(str(staging))
     hop_length = math.prod(config_args["acoustic_model_config"]["downsampling_ratios"])
-    DacFeatureExtractor(feature_size=1, hop_length=hop_length, padding_side="right", padding_value=0.0, return_attention_mask=True,
-                        sampling_rate=config_args["sample_rate"]).save_pretrained(str(staging))
+    feature_extractor = DacFeatureExtractor(feature_size=1, hop_length=hop_length, padding_side="right",
+                                            padding_value=0.0, return_attention_mask=True,
+                                            sampling_rate=config_args["sample_rate"])
+    feature_extractor.save_pretrained(str(staging))
     folded = sum(1 for name in state if name.endswith(".weight_g"))
     log(f"[convert] codec: {len(converted)} tensors, {folded} weight-norm pairs, "
         f"{config_args['semantic_model_config']['num_hidden_layers']}-layer HuBERT, "

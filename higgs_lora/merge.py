@@ -193,8 +193,9 @@ def make_plan(adapter: str, out: str | None = None, base: str | None = None, cod
     elif base:
         cfg = config_of_foreign_adapter(location.path, base, codec)
     else:
-        raise MergeError(f"{location.path} has no {RUN_CONFIG}: it was not written by higgs-lora training, so the base "
-                         "model is unknown. Pass --base BASE_DIR (and --codec CODEC_DIR if the codec is not beside it).")
+        raise MergeError(f"{location.path} has no {RUN_CONFIG}: it was not written by higgs-lora training, so the "
+                         "base model is unknown. Pass --base BASE_DIR (and --codec CODEC_DIR if the codec is not "
+                         "beside it).")
     base_dir = Path(base).expanduser().resolve() if base else Path(cfg.model.path).expanduser().resolve()
     info = inspect_checkpoint(base_dir)
     check_loadable(info)
@@ -258,9 +259,14 @@ def merge_into_shards(base_dir: Path, deltas: dict, out_dir: Path, dtype_name: s
     float_codes = ("F64", "F32", "F16", "BF16")
     plan = [TensorSpec(name, dtype_code(dtype) if code in float_codes else code, shape)
             for name, (code, shape) in specs.items()]
+    from tqdm import tqdm
+
     writer = ShardWriter(out_dir, plan, max_shard_bytes)
     non_finite, num_merged = [], 0
+    # A bar only on a terminal (disable=None): minutes of work at full size, nothing else to show meanwhile.
+    progress = tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="[merge]", disable=None)
     for name, tensor in iter_tensors(base_dir):
+        progress.update(writer.specs[name].num_bytes)
         if name in deltas:
             tensor = merge_weight(tensor, deltas[name], dtype, device)
             num_merged += 1
@@ -270,9 +276,11 @@ def merge_into_shards(base_dir: Path, deltas: dict, out_dir: Path, dtype_name: s
             non_finite.append(name)
         writer.add(name, tensor)
         del tensor  # before the next one is read: one tensor in memory at a time
+    progress.close()
     if non_finite:
         raise MergeError(f"{len(non_finite)} merged tensors hold NaN or inf ({', '.join(non_finite[:5])}); no "
-                         f"merged model was published. Check the base model's weights and that --dtype {dtype_name} can hold them.")
+                         f"merged model was published. Check the base model's weights and that --dtype {dtype_name} "
+                         "can hold them.")
     files = writer.close()
     return MergeResult(files, len(plan), num_merged, writer.total_bytes)
 
@@ -340,9 +348,7 @@ def _model_card(plan: MergePlan) -> str:
 
 def provenance(plan: MergePlan, result: MergeResult, verification: dict | None) -> dict:
     """The record written as higgs_lora_merge.json: what was merged into what, how, with which software."""
-    import peft
-    import torch
-    import transformers
+    from importlib.metadata import version
 
     base_files = [name for name in ("config.json", "model.safetensors.index.json") if (plan.base / name).is_file()]
     return {
@@ -361,7 +367,7 @@ def provenance(plan: MergePlan, result: MergeResult, verification: dict | None) 
         "merged_weights": result.num_merged,
         "weights_sha256": {path.name: sha256_file(path) for path in result.files},
         "verification": verification,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+        "versions": {name: version(name) for name in ("torch", "transformers", "peft", "safetensors")},
     }
 
 
@@ -399,8 +405,10 @@ def run_merge(plan: MergePlan, verify: bool = True, max_shard_bytes: int = DEFAU
     with staged_directory(plan.out) as staging:
         result = merge_into_shards(plan.base, deltas, staging, plan.dtype, plan.device, max_shard_bytes)
         del deltas
+        gigabytes = result.total_bytes / 1e9
+        size = f"{gigabytes:.2f} GB" if gigabytes >= 0.1 else f"{gigabytes * 1e3:.1f} MB"
         log(f"[merge] wrote {result.num_tensors} tensors ({result.num_merged} with the adapter folded in), "
-            f"{result.total_bytes / 1e9:.2f} GB in {len(result.files)} file(s)")
+            f"{size} in {len(result.files)} file(s)")
         copied = write_support_files(plan, staging)
         log(f"[merge] copied {', '.join(copied)}")
         report = None

@@ -111,7 +111,8 @@ def compare_logits(merged_dir: Path, base_dir: Path, adapter_dir: Path, cfg: Run
     report = logits_report(base_logits, adapter_logits, merged_logits, quantised_logits)
     report.update(dtype=dtype, device=device, positions=int(batch["input_ids"].shape[1]))
     log(f"[verify] {report['positions']} positions, {dtype} on {device}: max |logit| {report['max_abs_logit']:.4g}; "
-        f"the adapter changes logits by up to {report['adapter_effect']:.4g} (mean {report['adapter_effect_mean']:.3g})")
+        f"the adapter changes logits by up to {report['adapter_effect']:.4g} "
+        f"(mean {report['adapter_effect_mean']:.3g})")
     log(f"[verify] max |merged - adapter on base| = {report['merged_vs_adapter']:.4g} "
         f"(mean {report['merged_vs_adapter_mean']:.3g})")
     if quantised_logits is not None:

@@ -195,7 +195,8 @@ def test_model_tensor_names(original, expected):
     ("fc_post2.weight", "fc2.weight"),
     ("encoder_semantic.conv_blocks.0.res_units.1.conv1.conv.weight",
      "encoder_semantic.conv_blocks.0.res_units.1.conv1.weight"),
-    ("semantic_model.encoder.layers.0.attention.q_proj.weight", "semantic_model.encoder.layers.0.attention.q_proj.weight"),
+    ("semantic_model.encoder.layers.0.attention.q_proj.weight",
+     "semantic_model.encoder.layers.0.attention.q_proj.weight"),
     ("encoder.block.9.weight", None),
     ("something.else", None),
 ])
