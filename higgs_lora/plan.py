@@ -465,18 +465,13 @@ def ds_stage_and_offload(ds_config: dict) -> tuple[int | None, str | None]:
     zero = ds_config.get("zero_optimization", {})
     stage = zero.get("stage", "auto")
     stage = None if stage == "auto" else int(stage)
-    devices = [zero.get(key, {}).get("device", "auto") for key in ("offload_optimizer", "offload_param")]
-    if "auto" in devices:
-        pinned = [d for d in devices if d != "auto"]
-        if any(d not in (None, "none") for d in pinned):
-            optimizer_device, param_device = devices
-            if param_device not in ("auto", None, "none"):
-                return stage, "optimizer+params"
-            if optimizer_device not in ("auto", None, "none"):
-                return stage, None  # optimizer offloaded, parameters open: both 'optimizer' and '+params' fit
-        return stage, None
-    optimizer, params = (d not in (None, "none") for d in devices)
-    return stage, "optimizer+params" if params else ("optimizer" if optimizer else "none")
+    optimizer, params = (zero.get(key, {}).get("device", "auto") for key in ("offload_optimizer", "offload_param"))
+    offloaded = lambda device: device not in ("auto", None, "none")  # noqa: E731
+    if offloaded(params):
+        return stage, "optimizer+params"
+    if "auto" in (optimizer, params):
+        return stage, None  # open (with the optimizer pinned to the CPU, '+params' would still fit the JSON)
+    return stage, "optimizer" if offloaded(optimizer) else "none"
 
 
 def _pins(cfg: RunConfig, ds_config: dict) -> tuple[dict, list[str]]:
@@ -549,7 +544,7 @@ def make_plan(cfg: RunConfig, ds_config: dict, hardware: Hardware | int, model_c
         # No GPU: host memory is not what this model describes. Take the fastest allowed way and the given budget.
         choice = allowed[0]
         budget = pinned_budget or max(cfg.plan.useful_micro_batch_tokens, _round_up(longest))
-        accumulation, budget = _accumulate(budget, world, cfg.train.global_batch_tokens, budget, longest,
+        accumulation, budget = _accumulate(budget, world, cfg.train.global_batch_tokens, longest,
                                            pinned=bool(pinned_budget))
         return Plan(zero_stage=choice.zero_stage, offload=choice.offload, micro_batch_tokens=budget,
                     accumulation=accumulation, gradient_checkpointing=choice.checkpointing,
@@ -594,7 +589,7 @@ def make_plan(cfg: RunConfig, ds_config: dict, hardware: Hardware | int, model_c
         budget = max(budget, longest)
         for c in allowed[:allowed.index(choice)]:
             reasons.append(f"not {c.describe()}: fits only {budgets[c]:,} positions per micro-batch")
-    accumulation, budget = _accumulate(budget, world, cfg.train.global_batch_tokens, budget, longest,
+    accumulation, budget = _accumulate(budget, world, cfg.train.global_batch_tokens, longest,
                                        pinned=bool(pinned_budget))
     return Plan(zero_stage=choice.zero_stage, offload=choice.offload, micro_batch_tokens=budget,
                 accumulation=accumulation, gradient_checkpointing=choice.checkpointing,
@@ -607,13 +602,12 @@ def _round_up(value: int) -> int:
     return -(-value // BUDGET_STEP) * BUDGET_STEP
 
 
-def _accumulate(budget: int, world: int, global_target: int, largest: int, longest: int,
-                pinned: bool = False) -> tuple[int, int]:
+def _accumulate(budget: int, world: int, global_target: int, longest: int, pinned: bool = False) -> tuple[int, int]:
     """(accumulation, budget): enough micro-batches for the global target, the budget trimmed to overshoot least.
 
-    With a target G and a largest budget b: accumulation a = ceil(G / (b x ranks)); the budget becomes the smallest
-    multiple of BUDGET_STEP with a x budget x ranks >= G (never above b, never below the longest sample). A pinned
-    budget is kept as it is.
+    With a target G and the largest fitting budget b: accumulation a = ceil(G / (b x ranks)); the budget becomes the
+    smallest multiple of BUDGET_STEP with a x budget x ranks >= G (never above b, never below the longest sample). A
+    pinned budget is kept as it is.
     """
     if not global_target:
         return 1, budget
@@ -621,7 +615,7 @@ def _accumulate(budget: int, world: int, global_target: int, largest: int, longe
         return max(1, math.ceil(global_target / (budget * world))), budget
     accumulation = max(1, math.ceil(global_target / (budget * world)))
     trimmed = _round_up(math.ceil(global_target / (accumulation * world)))
-    return accumulation, max(longest, min(largest, trimmed))
+    return accumulation, max(longest, min(budget, trimmed))
 
 
 def _infeasible(cfg: RunConfig, memory: MemoryModel, allowed: list[Candidate], capacity: float, longest: int,
