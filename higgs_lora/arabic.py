@@ -390,3 +390,35 @@ def _collapse_whitespace(text: str) -> str:
     """Step 8: whitespace runs -> one space, no space before punctuation, ends stripped."""
     text = " ".join(text.split())
     return _SPACE_BEFORE_PUNCT_RE.sub("", text)
+
+
+SENTENCE_END = re.compile(r"(?<=[.!?؟!،؛;\n])\s*|\n+")
+"""Where long text may be cut for generation: after . ! ? ؟ ، ؛ ; and at newlines."""
+
+
+def split_sentences(text: str, max_chars: int = 200) -> list[str]:
+    """Pieces of `text` for generation one after another, each at most `max_chars` characters where possible.
+
+    The model speaks a piece of up to ~20 s well; a whole paragraph in one go drifts or stops early. Cuts fall at
+    sentence ends and clause marks (. ، ؛ ؟ ! and newlines); consecutive short sentences are packed together up to
+    `max_chars`, so a comma does not make a one-word piece. A single sentence longer than `max_chars` is cut at the
+    last space before the limit (never inside a word).
+    """
+    sentences = [s.strip() for s in SENTENCE_END.split(text) if s and s.strip()]
+    pieces: list[str] = []
+    for sentence in sentences:
+        while len(sentence) > max_chars:
+            cut = sentence.rfind(" ", 0, max_chars + 1)
+            cut = cut if cut > 0 else max_chars
+            head, sentence = sentence[:cut].strip(), sentence[cut:].strip()
+            _pack(pieces, head, max_chars)
+        if sentence:
+            _pack(pieces, sentence, max_chars)
+    return pieces
+
+
+def _pack(pieces: list[str], sentence: str, max_chars: int) -> None:
+    if pieces and len(pieces[-1]) + 1 + len(sentence) <= max_chars:
+        pieces[-1] = f"{pieces[-1]} {sentence}"
+    else:
+        pieces.append(sentence)

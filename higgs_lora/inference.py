@@ -1,0 +1,408 @@
+"""The one inference core: zero-shot Arabic voice cloning with a merged model or a base plus LoRA adapters.
+
+    cloner = VoiceCloner.load("merged/")                        # or VoiceCloner.load(base, adapters={"ar": "run/adapter"})
+    result = cloner.clone("ref.wav", "نص التسجيل المرجعي", "النص الجديد الذي يقال بصوت المتحدث")
+    soundfile.write("out.wav", result.waveform, result.sample_rate)
+
+The batch CLI (`higgs_lora.infer`), the REST API and the WebSocket stream (`higgs_lora.serve`) are thin layers over
+`VoiceCloner.events`, which runs a batch of requests and yields audio as it is made:
+
+1. the reference recording is conditioned as training conditioned its corpus (mono 24 kHz, silence trimmed,
+   loudness normalised) and encoded by the codec once (cached by content, so a voice used again costs nothing);
+2. texts are normalised as the training run normalised its transcripts (the run config saved with the adapter or
+   merged model says how); a long target text is cut at sentence ends (`arabic.split_sentences`) and its pieces are
+   spoken one after another, each prompted with the same reference, so the voice stays the same;
+3. each piece's prompt is the training sample's layout cut where the target audio begins (`collate.build_prompt`);
+4. `generation.Decoder` produces delay-pattern columns; they are reverted into codec frames and decoded, either all
+   at once when the piece ends, or in chunks as frames arrive (`streaming.StreamingDecoder`).
+
+Adapters are loaded once on top of the base; each batch runs with the adapter its requests name (None: the base).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from higgs_lora.arabic import normalize_arabic, split_sentences
+from higgs_lora.config import AudioConfig, DataConfig, ModelConfig, RunConfig, load_config
+from higgs_lora.data.collate import build_prompt
+from higgs_lora.generation import Decoder, columns_to_codes
+from higgs_lora.sampling import FRAMES_PER_SECOND, SamplingParams, make_generator
+from higgs_lora.streaming import HOP_SAMPLES, StreamingDecoder, StreamSettings, decode_codes
+
+SAMPLE_RATE = 24000
+RUN_CONFIG = "higgs_lora.yaml"
+PAUSE_SECONDS = 0.15
+"""Silence put between the pieces of a long text."""
+
+
+class InferenceError(ValueError):
+    """A request that cannot be served as given; the message says why."""
+
+
+@dataclass
+class CloneRequest:
+    """One cloning request: whose voice (reference recording and its transcript), and what to say."""
+
+    reference_audio: np.ndarray
+    """Mono float32 samples of the reference recording at `reference_rate` Hz."""
+    reference_rate: int
+    reference_text: str
+    target_text: str
+    params: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str | None = None
+    """Name of a loaded adapter, or None for the model as loaded (the base, or a merged model)."""
+
+
+@dataclass
+class CloneResult:
+    """The generated speech of one request, and how it was made."""
+
+    waveform: np.ndarray
+    """Mono float32 at 24 kHz."""
+    sample_rate: int
+    seconds_taken: float
+    """Wall time from the start of the batch to the last sample of this request."""
+    first_audio_seconds: float | None
+    """Wall time to this request's first audio chunk (streaming only)."""
+    frames: int
+    stops: list[str]
+    """Per piece of text: 'eos' (the model ended it) or 'max_seconds' (cut at the length limit)."""
+    pieces: list[str]
+    seed: int
+    repaired_codes: int = 0
+    """Stray BOS/EOS ids inside the audio that had to be replaced (see generation.columns_to_codes)."""
+
+    @property
+    def duration(self) -> float:
+        return len(self.waveform) / self.sample_rate
+
+    @property
+    def real_time_factor(self) -> float:
+        """Seconds taken per second of audio (below 1: faster than real time)."""
+        return self.seconds_taken / self.duration if self.duration else float("inf")
+
+
+@dataclass
+class Chunk:
+    """Audio of request `index`, in order; `final` chunks close the request and carry its result."""
+
+    index: int
+    samples: np.ndarray
+    result: CloneResult | None = None
+
+
+@dataclass
+class _Job:
+    """The running state of one request inside `events`."""
+
+    request: CloneRequest
+    pieces: list[str]
+    seed: int
+    reference: "Reference"
+    started: float
+    piece: int = 0
+    audio: list[np.ndarray] = field(default_factory=list)
+    stops: list[str] = field(default_factory=list)
+    frames: int = 0
+    repaired: int = 0
+    first_audio: float | None = None
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A conditioned, encoded reference recording and its normalised transcript."""
+
+    codes: torch.Tensor
+    """(K, T) codec codes."""
+    text: str
+    seconds: float
+
+
+class VoiceCloner:
+    """A loaded model (with its adapters), processor and codec, ready to clone voices."""
+
+    def __init__(self, model, processor, codec, run_config: RunConfig, adapters: list[str], max_batch: int = 8,
+                 cache: str = "dynamic", compile_step: bool = False, stream: StreamSettings = StreamSettings()):
+        self.model, self.processor, self.codec = model, processor, codec
+        self.run_config, self.adapters, self.max_batch = run_config, adapters, max_batch
+        self.decoder = Decoder(model, cache=cache, compile_step=compile_step)
+        self.stream_settings = stream
+        self._references: OrderedDict[str, Reference] = OrderedDict()
+
+    # ---------------------------------------------------------------------------------------------- loading
+
+    @classmethod
+    def load(cls, model_dir: str | Path, adapters: dict[str, str] | None = None, device: str = "auto",
+             dtype: str = "auto", codec_path: str = "", cache: str = "auto", compile_step: bool | str = "auto",
+             max_batch: int = 8) -> "VoiceCloner":
+        """Load a merged model or a base (transformers layout), and any adapters given as {name: directory}.
+
+        `model_dir` may also be an adapter directory written by training: its base is then read from the adapter's
+        run config. On a GPU the defaults are bf16, a static KV cache and a compiled decode step; on the CPU fp32
+        and a dynamic cache.
+        """
+        from higgs_lora.model import load_base_model, load_codec, load_processor, resolve_codec_path
+
+        model_dir = Path(model_dir).expanduser()
+        adapters = dict(adapters or {})
+        if (model_dir / "adapter_config.json").is_file():
+            adapters = {model_dir.name if model_dir.name != "adapter" else "adapter": str(model_dir), **adapters}
+            model_dir = Path(load_config(model_dir / RUN_CONFIG).model.path)
+        run_config = _run_config_for(model_dir, adapters)
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        on_gpu = str(device).startswith("cuda")
+        dtype = ("bf16" if on_gpu else "fp32") if dtype == "auto" else dtype
+        model_cfg = ModelConfig(path=str(model_dir), codec_path=codec_path, dtype=dtype)
+        model = load_base_model(model_cfg, device=device).eval()
+        if adapters:
+            model = _attach_adapters(model, adapters)
+        codec = load_codec(resolve_codec_path(model_cfg), device=device)
+        processor = load_processor(model_cfg, codec)
+        cache = ("static" if on_gpu else "dynamic") if cache == "auto" else cache
+        compile_step = (on_gpu and cache == "static") if compile_step == "auto" else bool(compile_step)
+        return cls(model, processor, codec, run_config, list(adapters), max_batch=max_batch, cache=cache,
+                   compile_step=compile_step)
+
+    # --------------------------------------------------------------------------------------------- requests
+
+    def clone(self, reference_audio: str | Path | np.ndarray, reference_text: str, target_text: str,
+              params: SamplingParams | None = None, adapter: str | None = None,
+              reference_rate: int = SAMPLE_RATE) -> CloneResult:
+        """Speak `target_text` in the voice of `reference_audio` (a path, or samples at `reference_rate` Hz)."""
+        request = self.request(reference_audio, reference_text, target_text, params, adapter, reference_rate)
+        return self.clone_batch([request])[0]
+
+    def request(self, reference_audio: str | Path | np.ndarray, reference_text: str, target_text: str,
+                params: SamplingParams | None = None, adapter: str | None = None,
+                reference_rate: int = SAMPLE_RATE) -> CloneRequest:
+        """A `CloneRequest` from a path or samples (read here, so a bad file fails before any batch starts)."""
+        if not isinstance(reference_audio, np.ndarray):
+            from higgs_lora.audio import AudioError, read_audio
+
+            try:
+                reference_audio, reference_rate = read_audio(str(reference_audio))
+            except AudioError as err:
+                raise InferenceError(f"reference audio: {err}") from None
+        return CloneRequest(reference_audio, reference_rate, reference_text, target_text,
+                            params or SamplingParams(), adapter)
+
+    def clone_batch(self, requests: list[CloneRequest]) -> list[CloneResult]:
+        """Results of `requests` in order; batched `max_batch` at a time, grouped by adapter."""
+        results: list[CloneResult | None] = [None] * len(requests)
+        for group in self.batches(range(len(requests)), [r.adapter for r in requests]):
+            for chunk in self.events([requests[i] for i in group], stream=False):
+                if chunk.result is not None:
+                    results[group[chunk.index]] = chunk.result
+        return results  # type: ignore[return-value]
+
+    def batches(self, indices, adapters: list[str | None]) -> list[list[int]]:
+        """Indices grouped by adapter, each group cut to `max_batch`."""
+        by_adapter: dict[str | None, list[int]] = {}
+        for i in indices:
+            by_adapter.setdefault(adapters[i], []).append(i)
+        return [group[s: s + self.max_batch] for group in by_adapter.values()
+                for s in range(0, len(group), self.max_batch)]
+
+    def check(self, request: CloneRequest) -> None:
+        """Raise InferenceError naming everything wrong with `request` (before it takes a batch slot)."""
+        problems = request.params.problems()
+        if not request.target_text.strip():
+            problems.append("target text is empty")
+        if not request.reference_text.strip():
+            problems.append("reference text is empty: give the transcript of the reference recording")
+        if request.adapter is not None and request.adapter not in self.adapters:
+            known = ", ".join(self.adapters) or "none loaded"
+            problems.append(f"unknown adapter {request.adapter!r} (loaded: {known})")
+        if problems:
+            raise InferenceError("; ".join(problems))
+
+    # ------------------------------------------------------------------------------------------ generation
+
+    def events(self, requests: list[CloneRequest], stream: bool = True) -> Iterator[Chunk]:
+        """Run `requests` (one adapter) as one batch; yield their audio chunk by chunk, then one final `Chunk`
+        per request with its `CloneResult`.
+
+        Long texts are spoken piece by piece: each round generates the next piece of every request that has one
+        left, so a batch of requests with several pieces stays batched. With `stream=False` a piece is decoded once
+        it is complete (exactly the non-streamed waveform); with `stream=True` it is decoded in chunks as frames
+        arrive.
+        """
+        if len({r.adapter for r in requests}) > 1:
+            raise InferenceError("one batch runs one adapter: group requests by adapter (VoiceCloner.batches)")
+        for request in requests:
+            self.check(request)
+        started = time.perf_counter()
+        jobs = [self._job(r, started) for r in requests]
+        with self._adapter(requests[0].adapter if requests else None):
+            while True:
+                active = [i for i, job in enumerate(jobs) if job.piece < len(job.pieces)]
+                if not active:
+                    return
+                yield from self._round(jobs, active, stream)
+                for i in active:
+                    job = jobs[i]
+                    job.piece += 1
+                    if job.piece == len(job.pieces):
+                        yield Chunk(i, np.zeros(0, dtype=np.float32), result=self._result(job))
+
+    def _round(self, jobs: list[_Job], active: list[int], stream: bool) -> Iterator[Chunk]:
+        """Generate the current piece of each active job; yield its audio (chunks or whole)."""
+        spec = self.decoder.spec
+        prompts, params, generators = [], [], []
+        for i in active:
+            job = jobs[i]
+            prompts.append(build_prompt(self.processor, job.reference.text, job.reference.codes,
+                                        job.pieces[job.piece], self.run_config.data.scene))
+            params.append(job.request.params)
+            generators.append(make_generator(job.seed + job.piece, self.decoder.device)
+                              if job.request.params.temperature > 0 else None)
+        columns: list[list[torch.Tensor]] = [[] for _ in active]
+        decoders = [StreamingDecoder(self.codec, self.stream_settings) for _ in active]
+        done = [False] * len(active)
+        for column in self.decoder.run(prompts, params, generators):
+            for row, i in enumerate(active):
+                if done[row]:
+                    continue
+                columns[row].append(column.codes[row])
+                if column.finished[row]:
+                    done[row] = True
+                    yield from self._end_piece(jobs[i], i, torch.stack(columns[row]), decoders[row], stream, spec)
+                elif stream:
+                    codes, _ = columns_to_codes(torch.stack(columns[row]), spec.bos_id, spec.eos_id)
+                    for samples in decoders[row].push(codes):
+                        yield self._audio(jobs[i], i, samples)
+
+    def _end_piece(self, job: _Job, index: int, columns: torch.Tensor, decoder: StreamingDecoder, stream: bool,
+                   spec) -> Iterator[Chunk]:
+        codes, repaired = columns_to_codes(columns, spec.bos_id, spec.eos_id)
+        job.frames += codes.shape[1]
+        job.repaired += repaired
+        job.stops.append("eos" if bool((columns[-1] == spec.eos_id).all()) else "max_seconds")
+        if job.piece > 0:
+            yield self._audio(job, index, np.zeros(int(PAUSE_SECONDS * SAMPLE_RATE), dtype=np.float32))
+        if stream:
+            for samples in decoder.push(codes):
+                yield self._audio(job, index, samples)
+            yield self._audio(job, index, decoder.finish(codes))
+        else:
+            yield self._audio(job, index, decode_codes(self.codec, codes))
+
+    def _audio(self, job: _Job, index: int, samples: np.ndarray) -> Chunk:
+        if job.first_audio is None and len(samples):
+            job.first_audio = time.perf_counter() - job.started
+        job.audio.append(samples)
+        return Chunk(index, samples)
+
+    def _result(self, job: _Job) -> CloneResult:
+        waveform = np.concatenate(job.audio) if job.audio else np.zeros(0, dtype=np.float32)
+        return CloneResult(
+            waveform=waveform.astype(np.float32), sample_rate=SAMPLE_RATE,
+            seconds_taken=time.perf_counter() - job.started, first_audio_seconds=job.first_audio,
+            frames=job.frames, stops=job.stops, pieces=job.pieces, seed=job.seed, repaired_codes=job.repaired,
+        )
+
+    def _job(self, request: CloneRequest, started: float) -> _Job:
+        pieces = split_sentences(self.normalize(request.target_text), max_chars=200)
+        if not pieces:
+            raise InferenceError("target text is empty after normalisation")
+        reference = self.reference(request.reference_audio, request.reference_rate, request.reference_text)
+        seed = request.params.seed if request.params.seed is not None else secrets.randbelow(2**63)
+        return _Job(request=request, pieces=pieces, seed=seed, reference=reference, started=started)
+
+    # ---------------------------------------------------------------------------------------------- inputs
+
+    def normalize(self, text: str) -> str:
+        """`text` normalised as the training run normalised its transcripts."""
+        data = self.run_config.data
+        if data.language != "ar":
+            return " ".join(text.split())
+        return normalize_arabic(text, strip_diacritics=data.strip_diacritics, fold_letters=data.fold_letters,
+                                numbers_to_words=data.numbers_to_words)
+
+    def reference(self, samples: np.ndarray, rate: int, text: str) -> Reference:
+        """The conditioned, encoded reference (cached by the samples' and text's content; 64 entries)."""
+        from higgs_lora.audio import AudioError, condition
+
+        key = hashlib.sha1(np.ascontiguousarray(samples, dtype=np.float32).tobytes() + f"{rate}|{text}".encode())
+        digest = key.hexdigest()
+        if digest in self._references:
+            self._references.move_to_end(digest)
+            return self._references[digest]
+        audio: AudioConfig = self.run_config.audio
+        data: DataConfig = self.run_config.data
+        try:
+            conditioned = condition(
+                np.asarray(samples, dtype=np.float32), rate, sample_rate=SAMPLE_RATE, hop_samples=HOP_SAMPLES,
+                target_lufs=audio.target_lufs, trim=audio.trim_silence, trim_db=audio.trim_db,
+                trim_pad_seconds=audio.trim_pad_seconds, silence_dbfs=audio.silence_dbfs,
+                max_clipped_fraction=1.0, min_seconds=0.5, max_seconds=max(data.reference_max_seconds, 30.0),
+            )
+        except AudioError as err:
+            raise InferenceError(f"reference audio: {err}") from None
+        text = self.normalize(text)
+        if not text:
+            raise InferenceError("reference text is empty after normalisation")
+        device = next(self.codec.parameters()).device
+        with torch.inference_mode():
+            codes = self.codec.encode(torch.from_numpy(conditioned.samples)[None, None].to(device)).audio_codes[0]
+        reference = Reference(codes=codes.cpu(), text=text, seconds=conditioned.seconds)
+        self._references[digest] = reference
+        if len(self._references) > 64:
+            self._references.popitem(last=False)
+        return reference
+
+    def _adapter(self, name: str | None):
+        """A context in which the model runs with adapter `name` (None: without any adapter)."""
+        from contextlib import nullcontext
+
+        if not self.adapters:
+            return nullcontext()
+        if name is None:
+            return self.model.disable_adapter()
+        self.model.set_adapter(name)
+        return nullcontext()
+
+    def describe(self) -> dict:
+        """What is loaded, for logs and the server's /health."""
+        return {
+            "model": self.run_config.model.path, "adapters": self.adapters, "device": str(self.decoder.device),
+            "dtype": str(self.decoder.dtype).removeprefix("torch."), "cache": self.decoder.cache_kind,
+            "max_batch": self.max_batch, "frames_per_second": FRAMES_PER_SECOND, "sample_rate": SAMPLE_RATE,
+        }
+
+
+def _run_config_for(model_dir: Path, adapters: dict[str, str]) -> RunConfig:
+    """The training run config that says how texts and audio were normalised: the first adapter's, else the merged
+    model's copy, else the defaults (which are what training uses unless told otherwise)."""
+    for candidate in [Path(p) / RUN_CONFIG for p in adapters.values()] + [model_dir / RUN_CONFIG]:
+        if candidate.is_file():
+            cfg = load_config(candidate)
+            cfg.model.path = str(model_dir)
+            return cfg
+    cfg = RunConfig()
+    cfg.model.path = str(model_dir)
+    return cfg
+
+
+def _attach_adapters(model, adapters: dict[str, str]):
+    """The base wrapped in PEFT with every adapter loaded under its name (the first one active)."""
+    from peft import PeftModel
+
+    names = list(adapters)
+    for name, path in adapters.items():
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise InferenceError(f"adapter {name!r}: {path} has no adapter_config.json")
+    peft_model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0], is_trainable=False)
+    for name in names[1:]:
+        peft_model.load_adapter(adapters[name], adapter_name=name, is_trainable=False)
+    return peft_model.eval()
