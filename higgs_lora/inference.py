@@ -226,6 +226,13 @@ class VoiceCloner:
         if problems:
             raise InferenceError("; ".join(problems))
 
+    def prepare(self, request: CloneRequest) -> None:
+        """Check `request` and encode its reference now (cached), so that nothing about it can fail in a batch."""
+        self.check(request)
+        self.reference(request.reference_audio, request.reference_rate, request.reference_text)
+        if not split_sentences(self.normalize(request.target_text)):
+            raise InferenceError("target text is empty after normalisation")
+
     # ------------------------------------------------------------------------------------------ generation
 
     def events(self, requests: list[CloneRequest], stream: bool = True) -> Iterator[Chunk]:

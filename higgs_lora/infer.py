@@ -1,0 +1,276 @@
+"""Batch voice cloning from a file of samples: `python -m higgs_lora.infer --chatml samples.json --out out/`.
+
+Input (paths inside are relative to the input file):
+- the seed design's ChatML JSON: a list of samples whose user message holds the reference transcript (text), the
+  reference recording (`{"type": "audio", "audio_url": ...}`) and the target text; an assistant audio after it,
+  when present, is the ground-truth target recording (kept for evaluation);
+- or JSONL, one `{"reference_audio", "reference_text", "target_text"[, "target_audio", "id", "speaker"]}` per line.
+
+Output in `--out`: `NNN.wav` (24 kHz mono PCM16) per sample, `manifest.jsonl` (one line per generated sample: texts,
+paths, duration, seconds taken, real-time factor; the contract `higgs_lora.evaluate` reads), `errors.jsonl` (samples
+that could not be generated, with the reason) and `run.json` (model, adapter, device, sampling settings, totals).
+A bad sample is reported and skipped; the others are generated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from higgs_lora.sampling import SamplingParams
+
+
+@dataclass
+class Sample:
+    """One line of work: who speaks (reference), what to say (target), and the ground truth if known."""
+
+    index: int
+    id: str
+    reference_audio: str
+    reference_text: str
+    target_text: str
+    target_audio: str | None = None
+    speaker: str | None = None
+
+
+class SampleError(ValueError):
+    """A sample record that cannot be used; the message names it."""
+
+
+def _resolve(base: Path, path: str) -> str:
+    return str((base / path).resolve()) if not Path(path).is_absolute() else path
+
+
+def _chatml_sample(index: int, record: dict, base: Path) -> Sample:
+    """The seed format: texts and audios in turn order; the last text not followed by audio is the target."""
+    from higgs_lora.data.sources import _audio_of, _contents
+
+    if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+        raise SampleError("no 'messages' list")
+    texts_audio: list[tuple[str, str | None]] = []
+    for message in record["messages"]:
+        if message.get("role") == "system":
+            continue
+        for part in _contents(message):
+            audio = _audio_of(part)
+            if audio is not None:
+                if texts_audio and texts_audio[-1][1] is None:
+                    texts_audio[-1] = (texts_audio[-1][0], audio)
+                else:
+                    raise SampleError("an audio part without a transcript before it")
+            elif part.get("type") == "text":
+                texts_audio.append((str(part.get("text", "")), None))
+    if len(texts_audio) < 2 or texts_audio[0][1] is None:
+        raise SampleError("expected a reference transcript, the reference audio and a target text")
+    reference_text, reference_audio = texts_audio[0]
+    target_text, target_audio = texts_audio[1]
+    misc = record.get("misc") or {}
+    return Sample(index, str(record.get("id") or misc.get("id") or f"{index:03d}"), _resolve(base, reference_audio),
+                  reference_text, target_text, _resolve(base, target_audio) if target_audio else None,
+                  record.get("speaker") or misc.get("speaker"))
+
+
+def _jsonl_sample(index: int, record: dict, base: Path) -> Sample:
+    if not isinstance(record, dict):
+        raise SampleError("not a JSON object")
+    if "messages" in record:
+        return _chatml_sample(index, record, base)
+    missing = [k for k in ("reference_audio", "reference_text", "target_text") if not record.get(k)]
+    if missing:
+        raise SampleError(f"missing {', '.join(missing)}")
+    target = record.get("target_audio")
+    return Sample(index, str(record.get("id") or f"{index:03d}"), _resolve(base, record["reference_audio"]),
+                  record["reference_text"], record["target_text"], _resolve(base, target) if target else None,
+                  record.get("speaker"))
+
+
+def read_samples(path: str | Path) -> tuple[list[Sample], list[dict]]:
+    """(samples, problems) of a ChatML JSON or a JSONL file; a malformed record is a problem, not a failure."""
+    path = Path(path)
+    base = path.parent
+    samples, problems = [], []
+    if path.suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                records.append(SampleError(f"line {number + 1} is not JSON: {err}"))
+    else:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        records = data if isinstance(data, list) else data.get("samples") or [data]
+    for index, record in enumerate(records):
+        try:
+            if isinstance(record, SampleError):
+                raise record
+            samples.append(_jsonl_sample(index, record, base))
+        except SampleError as err:
+            problems.append({"index": index, "id": f"{index:03d}", "error": str(err)})
+    return samples, problems
+
+
+def write_wav(path: Path, samples, sample_rate: int) -> None:
+    """A 16-bit PCM WAV, written to a temporary name and renamed (atomic)."""
+    import io
+
+    import soundfile as sf
+
+    from higgs_lora.files import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, sample_rate, subtype="PCM_16", format="WAV")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def run(cloner, samples: list[Sample], problems: list[dict], out: Path, params: SamplingParams,
+        adapter: str | None, progress: bool = True) -> dict:
+    """Generate every sample (batched), write wavs, manifest, errors and run record; return the run record."""
+    from tqdm import tqdm
+
+    from higgs_lora.files import atomic_write_json, atomic_write_text
+    from higgs_lora.inference import InferenceError
+
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    requests, kept = [], []
+    for sample in samples:
+        try:
+            sample_params = replace(params, seed=params.seed + sample.index) if params.seed is not None else params
+            request = cloner.request(sample.reference_audio, sample.reference_text, sample.target_text,
+                                     sample_params, adapter)
+            cloner.prepare(request)
+        except InferenceError as err:
+            problems.append({"index": sample.index, "id": sample.id, "error": str(err)})
+            continue
+        requests.append(request)
+        kept.append(sample)
+    lines = []
+    bar = tqdm(total=len(requests), unit="sample", disable=not progress or not sys.stderr.isatty())
+    for group in cloner.batches(range(len(requests)), [r.adapter for r in requests]):
+        results = cloner.clone_batch([requests[i] for i in group])
+        for i, result in zip(group, results):
+            bar.update(1)
+            sample = kept[i]
+            wav = f"{sample.index:03d}.wav"
+            write_wav(out / wav, result.waveform, result.sample_rate)
+            lines.append({
+                "index": sample.index, "id": sample.id, "wav": wav, "reference_audio": sample.reference_audio,
+                "reference_text": sample.reference_text, "target_text": sample.target_text,
+                "target_audio": sample.target_audio, "speaker": sample.speaker,
+                "duration_s": round(result.duration, 4), "seconds": round(result.seconds_taken, 4),
+                "rtf": round(result.real_time_factor, 4), "first_audio_s": None, "frames": result.frames,
+                "stop": "eos" if all(s == "eos" for s in result.stops) else "max_seconds",
+                "batch_size": len(group), "adapter": adapter, "seed": result.seed,
+            })
+    bar.close()
+    lines.sort(key=lambda line: line["index"])
+    atomic_write_text(out / "manifest.jsonl", "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    problems.sort(key=lambda p: p["index"])
+    if problems:
+        atomic_write_text(out / "errors.jsonl",
+                          "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in problems))
+    elif (out / "errors.jsonl").exists():
+        (out / "errors.jsonl").unlink()
+    record = {**cloner.describe(), "adapter": adapter, "params": params.to_dict(), "samples": len(lines),
+              "failed": len(problems), "seconds": round(time.perf_counter() - started, 3),
+              "audio_seconds": round(sum(line["duration_s"] for line in lines), 3)}
+    atomic_write_json(out / "run.json", record)
+    return record
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """--temperature, --top-k, --top-p, --seed, --max-seconds with the SamplingParams defaults."""
+    defaults = SamplingParams()
+    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=defaults.top_k)
+    parser.add_argument("--top-p", type=float, default=defaults.top_p)
+    parser.add_argument("--seed", type=int, default=0, help="seed of sample 0 (sample i uses seed + i)")
+    parser.add_argument("--max-seconds", type=float, default=defaults.max_seconds, help="per piece of text")
+
+
+def sampling_from_args(args) -> SamplingParams:
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                          max_seconds=args.max_seconds)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="merged model or base directory (transformers layout), or an adapter "
+                                        "directory written by training (its base is read from its config)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
+                        help="LoRA adapter on top of --model (repeatable; NAME defaults to the directory name)")
+    parser.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: cuda when present)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    parser.add_argument("--max-batch", type=int, default=8, help="requests generated together")
+
+
+def parse_adapters(given: list[str]) -> dict[str, str]:
+    """{name: dir} from NAME=DIR or DIR arguments."""
+    adapters = {}
+    for item in given:
+        name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
+        path_obj = Path(path)
+        adapters[name or (path_obj.parent.name if path_obj.name == "adapter" else path_obj.name)] = path
+    return adapters
+
+
+def load_cloner(args):
+    from higgs_lora.inference import VoiceCloner
+
+    adapters = parse_adapters(args.adapter)
+    model = args.model or (next(iter(adapters.values())) if adapters else None)
+    if model is None:
+        raise SystemExit("error: give --model DIR (a merged model or base) and/or --adapter DIR")
+    if args.model is None:
+        adapters = {}
+    return VoiceCloner.load(model, adapters=adapters, device=args.device, dtype=args.dtype, max_batch=args.max_batch)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m higgs_lora.infer", description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--chatml", help="seed-format ChatML JSON (or JSONL) of samples")
+    source.add_argument("--jsonl", help="JSONL of {reference_audio, reference_text, target_text} records")
+    parser.add_argument("--out", required=True, help="output directory (wavs, manifest.jsonl, run.json)")
+    add_model_arguments(parser)
+    add_sampling_arguments(parser)
+    parser.add_argument("--use-adapter", default=None, help="name of the loaded adapter to use (default: the first)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    from higgs_lora.inference import InferenceError
+    from higgs_lora.model import CheckpointError
+
+    params = sampling_from_args(args)
+    if params.problems():
+        print(f"error: {'; '.join(params.problems())}", file=sys.stderr)
+        return 2
+    input_path = Path(args.chatml or args.jsonl)
+    if not input_path.is_file():
+        print(f"error: {input_path}: no such file", file=sys.stderr)
+        return 2
+    try:
+        samples, problems = read_samples(input_path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        print(f"error: {input_path} is not valid JSON: {err}", file=sys.stderr)
+        return 2
+    try:
+        cloner = load_cloner(args)
+    except (CheckpointError, InferenceError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    adapter = args.use_adapter or (cloner.adapters[0] if cloner.adapters else None)
+    record = run(cloner, samples, problems, Path(args.out), params, adapter, progress=not args.quiet)
+    print(f"[infer] {record['samples']} samples -> {args.out} ({record['audio_seconds']:.1f} s of audio in "
+          f"{record['seconds']:.1f} s); {record['failed']} failed" + (" (see errors.jsonl)" if record["failed"] else ""))
+    for problem in problems:
+        print(f"[infer]   sample {problem['id']}: {problem['error']}", file=sys.stderr)
+    return 0 if record["samples"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
