@@ -14,7 +14,6 @@ running 429; a missing or wrong bearer token (when the server has one) 401. Requ
 `batching.BatchQueue`.
 """
 
-from __future__ import annotations
 
 import argparse
 import base64

@@ -159,3 +159,31 @@ def test_adapters_are_switched_per_request_without_reloading(tiny_checkpoint, tw
     assert np.array_equal(results[1].waveform, expected_base.waveform)
     assert not np.array_equal(results[2].waveform, results[0].waveform)
     assert not np.array_equal(results[0].waveform, results[1].waveform)
+
+
+def test_the_queue_batches_concurrent_requests_and_refuses_beyond_its_limit(cloner):
+    import asyncio
+
+    from higgs_lora.batching import BatchQueue, QueueFull
+
+    params = SamplingParams(temperature=0, max_seconds=1)
+    requests = [cloner.request(REFERENCE, REFERENCE_TEXT, text, params) for text in ("مرحبا", "أهلا", "شكرا")]
+
+    async def run():
+        queue = BatchQueue(cloner, max_pending=3, wait_seconds=0.5)
+        tickets = [queue.submit(r) for r in requests]
+        with pytest.raises(QueueFull, match="limit 3"):
+            queue.submit(requests[0])
+        results = []
+        for ticket in tickets:
+            while not hasattr(item := await ticket.chunks.get(), "waveform"):
+                assert isinstance(item, np.ndarray)
+            results.append(item)
+        queue.close()
+        return queue, results
+
+    queue, results = asyncio.run(run())
+    assert queue.batches_run == 1 and queue.largest_batch == 3 and queue.pending == 0
+    expected = cloner.clone_batch(requests)
+    for got, want in zip(results, expected):
+        assert np.allclose(got.waveform, want.waveform, atol=1e-4)
