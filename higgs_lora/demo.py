@@ -7,9 +7,9 @@
 3. trains through the real launcher, exactly as a user would on GPUs:
    `deepspeed --num_gpus N launch/train.py --ds ds_configs/zero2.json --config <resolved config>`
    (2 data-parallel ranks over gloo on CPU, ZeRO-2), with checkpoints, held-out-speaker evaluation and an adapter;
-4. summarises what the run logged and where the adapter is.
-
-Later stages (merge -> clone -> evaluate) extend this same command.
+4. summarises what the run logged and where the adapter is;
+5. clones the held-out speakers' voices with the trained adapter through the batch CLI (`higgs_lora.infer`):
+   `runs/demo/clone/NNN.wav` + `manifest.jsonl`. The tiny random model babbles; the point is the whole path.
 """
 
 from __future__ import annotations
@@ -110,9 +110,58 @@ def run(cfg: RunConfig, tiny_dir: str | None, ds_config: str, num_ranks: int) ->
     if not summary["last_loss"] < summary["first_loss"]:
         print("[demo] FAILED: the training loss did not fall", file=sys.stderr)
         return 1
+    clone_dir = clone_demo_voices(cfg, out)
+    if clone_dir is None:
+        return 1
     print(f"[demo] done. Outputs in {out.resolve()}: checkpoints/, adapter/, metrics.jsonl, tensorboard/, "
-          f"{report.name}")
+          f"{report.name}, {clone_dir.name}/")
     return 0
+
+
+def demo_samples(cfg: RunConfig, out: Path, per_speaker: int = 2) -> Path:
+    """A seed-format ChatML file cloning the held-out speakers: each speaker's first utterance is the reference,
+    the next ones are targets (their text to speak, their recording as ground truth for evaluation)."""
+    from higgs_lora.data.sampler import split_speakers
+    from higgs_lora.data.sources import read_corpus
+
+    corpus = read_corpus(cfg.data.corpus, cfg.data.format, cfg.data.language)
+    # The speakers training held out (same rule, same seed), so the demo clones voices the adapter never heard.
+    speakers = sorted(split_speakers([u.speaker for u in corpus.utterances], cfg.data.eval_speakers,
+                                     cfg.data.num_eval_speakers, cfg.seed))
+    speakers = speakers or sorted({u.speaker for u in corpus.utterances})[:1]
+    samples = []
+    for speaker in speakers:
+        utterances = [u for u in corpus.utterances if u.speaker == speaker]
+        reference = utterances[0]
+        for target in utterances[1: 1 + per_speaker]:
+            user = [{"type": "text", "text": reference.text}, {"type": "audio", "audio_url": reference.audio},
+                    {"type": "text", "text": target.text}]
+            samples.append({"speaker": speaker, "messages": [
+                {"role": "system", "content": "Generate audio following instruction."},
+                {"role": "user", "content": user},
+                {"role": "assistant", "content": [{"type": "audio", "audio_url": target.audio}]},
+            ]})
+    from higgs_lora.files import atomic_write_text
+
+    return atomic_write_text(out / "clone_samples.json", json.dumps(samples, ensure_ascii=False, indent=1))
+
+
+def clone_demo_voices(cfg: RunConfig, out: Path) -> Path | None:
+    """Run the batch CLI with the trained adapter on the demo's cloning samples; the output directory."""
+    from higgs_lora import infer
+
+    samples = demo_samples(cfg, out)
+    clone_dir = out / "clone"
+    command = ["--chatml", str(samples), "--out", str(clone_dir), "--model", cfg.model.path,
+               "--adapter", f"demo={out / 'adapter'}", "--max-seconds", "4", "--quiet"]
+    print(f"[demo] clone: python -m higgs_lora.infer {' '.join(command)}", flush=True)
+    if infer.main(command) != 0:
+        print("[demo] FAILED: cloning wrote no audio", file=sys.stderr)
+        return None
+    first = json.loads((clone_dir / "manifest.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    print(f"[demo] cloned voice: {clone_dir / first['wav']} ({first['duration_s']:.2f} s, speaker "
+          f"{first['speaker']}, real-time factor {first['rtf']:.2f})")
+    return clone_dir
 
 
 def main(argv: list[str] | None = None) -> int:

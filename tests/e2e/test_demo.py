@@ -29,6 +29,10 @@ def test_demo_command_end_to_end(tmp_path):
     assert adapter_tensors(out / "adapter")
     assert load_config(out / "demo_config.yaml").output_dir == str(out)
     assert (tiny / "model" / "model.safetensors").is_file()  # built because it was missing
+    # The demo ends by cloning the held-out speaker's voice with the adapter it trained.
+    lines = [json.loads(line) for line in (out / "clone" / "manifest.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(line["adapter"] == "demo" for line in lines)
+    assert (out / "clone" / lines[0]["wav"]).stat().st_size > 44 and "[demo] cloned voice:" in result.stdout
 
 
 def test_demo_command_reports_config_errors(capsys):
