@@ -5,7 +5,8 @@
 #                                      config, start munged, slurmctld and both slurmd, wait until the nodes are idle;
 #                                      prints `export SLURM_CONF=...`. Idempotent: a running cluster with the same
 #                                      config is left alone.
-#   tests/slurm/local_slurm.sh stop    cancel every job, wait until none is left, shut the daemons down
+#   tests/slurm/local_slurm.sh stop    cancel every job, wait until none is left, shut the daemons down (and
+#                                      munged, if this script started it)
 #   tests/slurm/local_slurm.sh env     print `export SLURM_CONF=...`
 #
 # Needs root (Debian 12 as on CI; no systemd). Everything of the cluster lives under $SLURM_BASE
@@ -55,6 +56,7 @@ start_munge() {
   install -d -o munge -g munge -m 0700 /var/log/munge /var/lib/munge
   log "starting munged"
   runuser -u munge -- /usr/sbin/munged --force
+  touch "$BASE/run/munged.ours"   # so that `stop` stops only a munged this script started
   for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && return 0; sleep 0.1; done
   log "munged did not come up (see /var/log/munge/munged.log)"
   return 1
@@ -139,6 +141,17 @@ stop_cluster() {
   rm -f "$BASE"/run/slurmctld.pid "$BASE"/run/slurmd-*.pid
 }
 
+stop_munge() {
+  [ -f "$BASE/run/munged.ours" ] || return 0
+  local p
+  if [ -s /run/munge/munged.pid ]; then
+    p=$(cat /run/munge/munged.pid)
+    kill "$p" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+  fi
+  rm -f "$BASE/run/munged.ours"
+}
+
 start_cluster() {
   install_packages
   mkdir -p "$BASE"/etc "$BASE"/spool/ctld "$BASE"/log "$BASE"/run
@@ -169,7 +182,7 @@ start_cluster() {
 
 case "${1:-start}" in
   start) start_cluster ;;
-  stop) stop_cluster ;;
+  stop) stop_cluster; stop_munge ;;
   env) echo "export SLURM_CONF=$CONF" ;;
   *) echo "usage: $0 [start|stop|env]" >&2; exit 2 ;;
 esac
