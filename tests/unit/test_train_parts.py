@@ -136,3 +136,15 @@ def test_resume_checks_ranks_and_adapter_settings_before_loading(tmp_path):
                                                                  "model.quantization=nf4"])
     with pytest.raises(ResumeError, match=r"r, model.quantization"):
         check_compatible(step, changed, world_size=2)
+
+
+def test_a_stop_signal_is_recorded_and_a_second_one_is_left_to_kill():
+    """higgs_lora.stop in a fresh process (its handlers are process-wide): SIGUSR1 is recorded, not fatal."""
+    import subprocess
+    import sys
+
+    code = ("import os, signal; from higgs_lora import stop; stop.catch(); os.kill(os.getpid(), signal.SIGUSR1); "
+            "assert stop.received() == signal.SIGUSR1; assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL; "
+            "stop.catch(); assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL; print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout.strip()) == (0, "ok"), result.stderr
