@@ -61,6 +61,20 @@ def launcher_environment(env: dict[str, str]) -> dict[str, str]:
     }
 
 
+def cuda_index(local_rank: int, visible: int) -> int:
+    """The CUDA device of this rank among the `visible` ones.
+
+    One task per GPU under srun sees either all the node's GPUs (index = local rank) or, where the site binds GPUs
+    to tasks (`--gpu-bind`, `--gpus-per-task=1`), only its own (index 0).
+    """
+    if local_rank < visible:
+        return local_rank
+    if visible == 1:
+        return 0
+    raise RuntimeError(f"LOCAL_RANK {local_rank} but {visible} GPUs are visible to this process: start one "
+                       "process per GPU (srun --ntasks-per-node equal to --gpus-per-node)")
+
+
 def init_distributed() -> Topology:
     """Fill in missing launcher variables, start the process group through DeepSpeed, pin this rank's GPU."""
     import deepspeed
@@ -69,7 +83,7 @@ def init_distributed() -> Topology:
     os.environ.update(launcher_environment(dict(os.environ)))
     topology = Topology(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
     if torch.cuda.is_available():
-        torch.cuda.set_device(topology.local_rank)
+        torch.cuda.set_device(cuda_index(topology.local_rank, torch.cuda.device_count()))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return topology
 
@@ -77,7 +91,9 @@ def init_distributed() -> Topology:
 def device_for(topology: Topology):
     import torch
 
-    return torch.device("cuda", topology.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", cuda_index(topology.local_rank, torch.cuda.device_count()))
 
 
 def _default_device():

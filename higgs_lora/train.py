@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from higgs_lora import checkpoint
+from higgs_lora import checkpoint, stop
 from higgs_lora.config import FRAMES_PER_SECOND, RunConfig, save_config
 from higgs_lora.data.collate import build_example, collate, prompt_overhead_tokens
 from higgs_lora.data.sampler import (
@@ -188,7 +187,6 @@ class Trainer:
         self.state = SamplerState(world_size=plan.world_size, accumulation=plan.accumulation,
                                   micro_batch_tokens=plan.micro_batch_tokens)
         self.nonfinite_in_a_row = 0
-        self.stop_signal: int | None = None
         self.output = Path(cfg.output_dir)
         self.writer = None
 
@@ -261,18 +259,13 @@ class Trainer:
         self.log(f"[train] checkpoint {path}")
         return path
 
-    def _on_signal(self, signum, frame) -> None:
-        self.stop_signal = signum
-        signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once
-
     # ----------------------------------------------------------------------------------------- the loop
 
     def train(self) -> dict:
         """Run to train.max_steps (or train.epochs); returns the last logged metrics."""
         from tqdm import tqdm
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
+        stop.catch()
         if self.topology.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
             if self.cfg.train.tensorboard:
@@ -303,10 +296,10 @@ class Trainer:
             micro_batches = epoch_plan.rank_micro_batches(self.state.step, self.topology.rank, self.plan.accumulation)
             batches = [self.data.collate(mb) for mb in micro_batches]
             counts = [label_counts(b) for b in batches]
-            audio_total, text_total, stop = all_reduce_sum(
-                [sum(a for a, _ in counts), sum(t for _, t in counts), float(self.stop_signal is not None)],
+            audio_total, text_total, stopping = all_reduce_sum(
+                [sum(a for a, _ in counts), sum(t for _, t in counts), float(stop.received() is not None)],
                 self.device)
-            if stop:
+            if stopping:
                 self.log(f"[train] stop signal received: checkpointing at step {self.step} and exiting")
                 if last_saved != self.step:
                     self.save()
@@ -559,6 +552,7 @@ def run(cfg: RunConfig, ds_config_path: str) -> dict:
     from higgs_lora.data.prepare import cache_dir_of
     from higgs_lora.distributed import init_distributed
     from higgs_lora.model import apply_lora, load_base_model, load_processor
+    stop.catch()  # before the (long) model load: see higgs_lora/stop.py
     topology = init_distributed()
     cfg, plan, resolved, model_config = plan_run(cfg, ds_config_path, topology)
     if topology.is_main:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from higgs_lora import stop  # noqa: E402
 from higgs_lora.config import ConfigError, add_config_arguments, config_from_args  # noqa: E402
 
 
@@ -24,6 +25,7 @@ def main(argv=None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     add_config_arguments(parser)
     args = parser.parse_args(argv)
+    stop.catch()  # SLURM's time-limit warning may come while torch is still importing
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights are local; never reach a hub
     try:
         cfg = config_from_args(args)

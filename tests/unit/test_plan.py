@@ -259,6 +259,10 @@ def test_detect_hardware_from_slurm_launcher_and_overrides():
     # The process group wins in a running job.
     running = detect_hardware(cfg(), env={}, cuda=h200, world_size=16)
     assert (running.gpus_per_node, running.nodes) == (8, 2)
+    # slurm/train.sbatch: one srun task per GPU, each seeing only its bound GPU; the job is still 2 x 8.
+    bound = {"SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "8", "SLURM_TASKS_PER_NODE": "8(x2)"}
+    job = detect_hardware(cfg(), env=bound, cuda=(1, 141 * GIB, "NVIDIA H200"), world_size=16)
+    assert (job.gpus_per_node, job.nodes) == (8, 2)
     given = detect_hardware(cfg("plan.gpus_per_node=8", "plan.nodes=2", "plan.gpu_memory_gib=40"), env={},
                             cuda=(0, 0, ""))
     assert (given.world_size, given.gpu_memory_bytes) == (16, 40 * GIB)

@@ -8,7 +8,7 @@ import pytest
 
 from higgs_lora.checkpoint import ResumeError, latest_checkpoint, list_checkpoints, resolve_resume
 from higgs_lora.config import load_config
-from higgs_lora.distributed import first_slurm_host, launcher_environment
+from higgs_lora.distributed import cuda_index, first_slurm_host, launcher_environment
 from higgs_lora.metrics import FlopCounter, peak_flops
 
 from tests.conftest import FULL_SIZE_CONFIG, REPO_ROOT
@@ -34,6 +34,13 @@ def test_a_plain_process_is_a_single_rank():
                                              ("single", "single")])
 def test_first_slurm_host(nodelist, first):
     assert first_slurm_host(nodelist) == first
+
+
+def test_cuda_index_of_a_rank_that_sees_all_or_only_its_own_gpu():
+    assert [cuda_index(r, 8) for r in (0, 7)] == [0, 7]
+    assert cuda_index(5, 1) == 0  # srun bound one GPU to the task
+    with pytest.raises(RuntimeError, match="one process per GPU"):
+        cuda_index(5, 4)
 
 
 def test_warmup_then_cosine_to_zero():
@@ -129,3 +136,15 @@ def test_resume_checks_ranks_and_adapter_settings_before_loading(tmp_path):
                                                                  "model.quantization=nf4"])
     with pytest.raises(ResumeError, match=r"r, model.quantization"):
         check_compatible(step, changed, world_size=2)
+
+
+def test_a_stop_signal_is_recorded_and_a_second_one_is_left_to_kill():
+    """higgs_lora.stop in a fresh process (its handlers are process-wide): SIGUSR1 is recorded, not fatal."""
+    import subprocess
+    import sys
+
+    code = ("import os, signal; from higgs_lora import stop; stop.catch(); os.kill(os.getpid(), signal.SIGUSR1); "
+            "assert stop.received() == signal.SIGUSR1; assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL; "
+            "stop.catch(); assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL; print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout.strip()) == (0, "ok"), result.stderr
