@@ -26,6 +26,7 @@ ASR_RATE = 16000
 WHISPER_CHUNK_SECONDS = 30.0
 MAX_NEW_TOKENS = 200
 """Cap on Whisper's output per 30 s piece (a 30 s Arabic utterance is ~100 tokens; garbage can loop forever)."""
+WHISPER_START_TOKENS = 4
 
 
 class AsrError(ValueError):
@@ -81,14 +82,18 @@ class Transcriber:
     def _whisper(self, audio: np.ndarray) -> str:
         features = self.processor.feature_extractor(audio, sampling_rate=ASR_RATE, return_tensors="pt")
         input_features = features.input_features.to(self.device, self.model.dtype)
-        ids = self.model.generate(input_features, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
+        # The start tokens (<|startoftranscript|><|ar|><|transcribe|><|notimestamps|>) share the decoder's
+        # max_target_positions (448 in the released models) with the output; generate refuses to exceed it.
+        max_new_tokens = min(MAX_NEW_TOKENS, self.model.config.max_target_positions - WHISPER_START_TOKENS)
+        ids = self.model.generate(input_features, max_new_tokens=max_new_tokens, do_sample=False,
                                   **self._language_options)
         return self.processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
 
     def _ctc(self, audio: np.ndarray) -> str:
         inputs = self.processor(audio, sampling_rate=ASR_RATE, return_tensors="pt")
         logits = self.model(inputs.input_values.to(self.device, self.model.dtype)).logits
-        return self.processor.batch_decode(logits.argmax(dim=-1))[0].strip()
+        # <unk> and the like are not text anyone said: dropped, like Whisper's special tokens.
+        return self.processor.batch_decode(logits.argmax(dim=-1), skip_special_tokens=True)[0].strip()
 
 
 def load_asr(path: str | Path, device: str = "cpu") -> Transcriber:

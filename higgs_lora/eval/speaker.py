@@ -15,6 +15,8 @@ corpus in docs/evaluation.md). The number is a relative measure for comparing mo
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from higgs_lora.audio import resample
@@ -27,6 +29,17 @@ MIN_SPEECH_SECONDS = 0.5
 """Below this much VAD-detected speech, the untrimmed audio is embedded instead."""
 
 
+def _resemblyzer():
+    """The resemblyzer module, imported quietly: 0.1.4 imports scipy.ndimage.morphology, which warns of its removal
+    in SciPy 2.0 on every import; the pin in constraints.txt keeps a SciPy where it works."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="resemblyzer")
+        import resemblyzer
+    return resemblyzer
+
+
 class SpeakerEmbedder:
     """resemblyzer's VoiceEncoder, loaded on first use and kept (loading costs ~2 s; embedding ~50 ms/s of audio)."""
 
@@ -36,15 +49,11 @@ class SpeakerEmbedder:
 
     def _load(self):
         if self._encoder is None:
-            from resemblyzer import VoiceEncoder
-
-            self._encoder = VoiceEncoder(device=self.device, verbose=False)
+            self._encoder = _resemblyzer().VoiceEncoder(device=self.device, verbose=False)
         return self._encoder
 
     def embed(self, samples: np.ndarray, sample_rate: int) -> np.ndarray:
         """Unit-norm speaker embedding (float32, shape (256,)) of a mono float signal at ``sample_rate`` Hz."""
-        from resemblyzer import preprocess_wav
-
         if len(samples) < MIN_SECONDS * sample_rate:
             raise ValueError(f"{len(samples) / sample_rate:.3f} s of audio is too short to embed (< {MIN_SECONDS} s)")
         if not np.isfinite(samples).all():
@@ -52,13 +61,33 @@ class SpeakerEmbedder:
         audio = resample(np.asarray(samples, dtype=np.float32), sample_rate, EMBED_RATE)
         if not np.any(audio):
             raise ValueError("audio is digital silence; there is no voice to embed")
-        trimmed = preprocess_wav(audio)
+        trimmed = _resemblyzer().preprocess_wav(audio)
         if len(trimmed) < MIN_SPEECH_SECONDS * EMBED_RATE:
             trimmed = audio  # too little speech found: embed everything (see the module docstring)
-        embedding = self._load().embed_utterance(np.asarray(trimmed, dtype=np.float32))
+        encoder = self._load()
+        with _one_torch_thread():
+            embedding = encoder.embed_utterance(np.asarray(trimmed, dtype=np.float32))
         if not np.isfinite(embedding).all():
             raise ValueError("the speaker encoder returned a non-finite embedding")
         return embedding.astype(np.float32)
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    """Run torch ops on one intra-op thread, restoring the previous count afterwards.
+
+    The encoder is a 3-layer LSTM over 160 frames x 40 mels: too small to gain from intra-op threads, and on a busy
+    CPU the threads wait for each other. Measured on the shared 2-core machine: 20-28 ms per forward on one thread,
+    12 ms to 2.7 s on two.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
