@@ -19,8 +19,7 @@ from pathlib import Path
 from higgs_lora.eval.asr import AsrError, load_asr
 from higgs_lora.eval.predictions import read_predictions
 from higgs_lora.eval.report import write_report
-from higgs_lora.eval.scoring import Scorers, compare, per_speaker, score_folder, summarise
-from higgs_lora.eval.speaker import SpeakerEmbedder
+from higgs_lora.eval.scoring import Scorers, compare, default_embedder, per_speaker, score_folder, summarise
 
 ASR_SKIPPED = ("CER/WER skipped: no --asr given. Pass --asr DIR, a local Whisper or CTC (wav2vec2) checkpoint "
                "directory, to score intelligibility (docs/evaluation.md, 'ASR').")
@@ -71,7 +70,7 @@ def evaluate(
     transcriber = load_asr(asr, device) if asr is not None else None
     if transcriber is None and not quiet:
         print(f"[evaluate] {ASR_SKIPPED}", flush=True)
-    scorers = Scorers(SpeakerEmbedder(device), transcriber, use_dnsmos=dnsmos)
+    scorers = Scorers(default_embedder(device), transcriber, use_dnsmos=dnsmos)
 
     rows = score_folder(folder, scorers, _printer(quiet, folder.path.name))
     base_rows = score_folder(base_folder, scorers, _printer(quiet, base_folder.path.name)) if base_folder else None

@@ -139,7 +139,7 @@ def _speaker_table(metrics: dict) -> str:
     columns = ["similarity_reference", "similarity_target", "cer", "dnsmos_ovrl", "duration_ratio"]
     present = [c for c in columns if any(c in v for v in metrics["per_speaker"].values())]
     rows = [
-        f"<tr><td>{escape(speaker)}</td><td class='num'>{values['n']}</td>"
+        f'<tr data-speaker="{escape(speaker)}"><td>{escape(speaker)}</td><td class="num">{values["n"]}</td>'
         + "".join(f'<td class="num">{_number(values.get(c))}</td>' for c in present) + "</tr>"
         for speaker, values in metrics["per_speaker"].items()
     ]
@@ -150,6 +150,8 @@ def _audio(path: str | None, pred: Path, out: Path) -> str:
     if not path:
         return "-"
     absolute = Path(path) if Path(path).is_absolute() else pred / path
+    if not absolute.is_file():
+        return '<span class="note">missing</span>'
     relative = os.path.relpath(absolute, out)
     return f'<audio controls preload="none" src="{escape(quote(relative))}"></audio>'
 

@@ -242,10 +242,11 @@ def summarise(rows: Sequence[dict]) -> dict[str, dict]:
 
 
 def per_speaker(rows: Sequence[dict]) -> dict[str, dict]:
-    """Headline values per speaker (rows without a speaker are grouped under "-")."""
+    """Headline values per speaker; samples whose manifest entry names no speaker are left out of this view."""
     groups: dict[str, list[dict]] = {}
     for row in rows:
-        groups.setdefault(row.get("speaker") or "-", []).append(row)
+        if row.get("speaker"):
+            groups.setdefault(row["speaker"], []).append(row)
     out = {}
     for speaker in sorted(groups):
         summary = summarise(groups[speaker])
@@ -296,10 +297,11 @@ class GeneratedPair:
     generated_rate: int
 
 
-@lru_cache(maxsize=1)
-def default_embedder() -> SpeakerEmbedder:
-    """One CPU speaker embedder per process, so repeated evaluation steps load resemblyzer once."""
-    return SpeakerEmbedder("cpu")
+@lru_cache(maxsize=None)
+def default_embedder(device: str = "cpu") -> SpeakerEmbedder:
+    """One speaker embedder per device and process: repeated evaluations load resemblyzer once and reuse the
+    embeddings of audio they have already seen (the same references, step after step)."""
+    return SpeakerEmbedder(device)
 
 
 def score_generated(
