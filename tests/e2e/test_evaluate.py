@@ -13,22 +13,27 @@ from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
 
+import numpy as np
 import pytest
 
 from higgs_lora.evaluate import main
-from tests.eval_folders import by_speaker, make_prediction_folder, same_speaker_samples
+from tests.eval_folders import by_speaker, make_prediction_folder, same_speaker_samples, write_wav
 
 FINE_TUNED_RTF, BASE_RTF = 0.5, 2.0
 
 
-def _append_broken_samples(pred: Path) -> None:
-    """A corrupt wav, a missing wav, a line that is not JSON, and a sample that failed to generate."""
+def _append_broken_samples(pred: Path, reference: str) -> None:
+    """A corrupt wav, a missing wav, a line that is not JSON, a sample that failed to generate, and a readable
+    clip too short to embed or rate (50 ms, as a broken generation might stop)."""
     (pred / "corrupt.wav").write_bytes(b"RIFF not really a wav file")
+    write_wav(pred / "short.wav", np.full(1200, 0.1, np.float32))
     lines = [
         {"index": 5, "id": "corrupt", "wav": "corrupt.wav", "reference_audio": None, "reference_text": None,
          "target_text": "نص", "duration_s": 2.0, "seconds": 2.0 * FINE_TUNED_RTF, "rtf": FINE_TUNED_RTF},
         {"index": 6, "id": "missing", "wav": "nope.wav", "target_text": "نص", "duration_s": 1.0,
          "seconds": 1.0 * FINE_TUNED_RTF},
+        {"index": 8, "id": "short", "wav": "short.wav", "reference_audio": str(reference), "target_text": "نص",
+         "duration_s": 0.05, "seconds": 0.05 * FINE_TUNED_RTF},
     ]
     with open(pred / "manifest.jsonl", "a", encoding="utf-8") as handle:
         handle.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
@@ -45,7 +50,7 @@ def folders(demo_rows, tmp_path_factory):
     for sample in samples[:2]:
         sample["first_audio_s"] = 0.25
     fine_tuned = make_prediction_folder(root / "out", samples, seconds_per_audio_second=FINE_TUNED_RTF)
-    _append_broken_samples(fine_tuned)
+    _append_broken_samples(fine_tuned, samples[0]["reference"]["audio"])
     groups = by_speaker(demo_rows)
     speakers = sorted(groups)
     base_samples = [{**s, "generated": groups[speakers[(i + 1) % 5]][2]} for i, s in enumerate(samples)]
@@ -70,7 +75,7 @@ def _csv(folder: Path) -> dict[str, dict]:
 
 def test_metrics_json(folders):
     metrics = _metrics(folders["fine_tuned"])
-    assert metrics["num_samples"] == 7 and metrics["num_scored"] == 5
+    assert metrics["num_samples"] == 8 and metrics["num_scored"] == 6
     assert metrics["num_failed_generation"] == 1 and metrics["num_failed_scoring"] == 2
     summary = metrics["summary"]
     # generated == the ground-truth target recording (resampled to 24 kHz PCM16): the same voice, almost exactly
@@ -94,8 +99,8 @@ def test_speed_is_aggregated_from_the_manifest(folders):
     total_seconds = sum(r["seconds"] for r in rows)
     total_audio = sum(r["duration_s"] for r in rows)
     assert metrics["summary"]["rtf"]["value"] == pytest.approx(total_seconds / total_audio) == pytest.approx(0.5)
-    assert metrics["summary"]["rtf"]["n"] == 7  # speed comes from the manifest, even for unreadable wavs
-    assert metrics["summary"]["seconds"]["mean"] == pytest.approx(total_seconds / 7)
+    assert metrics["summary"]["rtf"]["n"] == 8  # speed comes from the manifest, even for unreadable wavs
+    assert metrics["summary"]["seconds"]["mean"] == pytest.approx(total_seconds / 8)
     assert metrics["summary"]["seconds"]["max"] == pytest.approx(max(r["seconds"] for r in rows))
     assert metrics["summary"]["first_audio_s"] == pytest.approx(
         {"value": 0.25, "mean": 0.25, "median": 0.25, "p10": 0.25, "p90": 0.25, "min": 0.25, "max": 0.25, "n": 2})
@@ -104,15 +109,20 @@ def test_speed_is_aggregated_from_the_manifest(folders):
 def test_bad_samples_are_reported_not_fatal(folders):
     metrics = _metrics(folders["fine_tuned"])
     problems = "\n".join(metrics["problems"])
-    assert "manifest.jsonl:8: not JSON" in problems
+    assert "manifest.jsonl:9: not JSON" in problems
     assert "oom: generation failed: CUDA out of memory" in problems
     assert "corrupt: generated audio:" in problems and "cannot read audio" in problems
     assert "missing: generated audio:" in problems and "file not found" in problems
     rows = _csv(folders["fine_tuned"])
-    assert list(rows) == ["spk_f1-0", "spk_f2-0", "spk_m1-0", "spk_m2-0", "spk_m3-0", "corrupt", "missing"]
+    assert list(rows) == ["spk_f1-0", "spk_f2-0", "spk_m1-0", "spk_m2-0", "spk_m3-0", "corrupt", "missing", "short"]
     assert rows["corrupt"]["similarity_reference"] == "" and "cannot read audio" in rows["corrupt"]["error"]
     assert rows["spk_f1-0"]["error"] == "" and float(rows["spk_f1-0"]["similarity_target"]) > 0.99
     assert rows["spk_f1-0"]["wav"] == "000.wav" and rows["spk_f1-0"]["first_audio_s"] == "0.25"
+    # readable but too short: no error, the metrics that need more audio are missing with the reason, the rest kept
+    short = rows["short"]
+    assert short["error"] == "" and short["similarity_reference"] == "" and short["dnsmos_ovrl"] == ""
+    assert "speaker similarity: 0.050 s of audio is too short" in short["notes"] and "DNSMOS:" in short["notes"]
+    assert float(short["silence_ratio"]) == 0.0 and float(short["audio_seconds"]) == pytest.approx(0.05)
 
 
 def test_missing_manifest_is_a_clear_error(tmp_path, capsys):
@@ -123,7 +133,7 @@ def test_missing_manifest_is_a_clear_error(tmp_path, capsys):
 def test_compare_deltas_are_differences_of_the_two_folders(folders):
     compared = _metrics(folders["compared"])["compare"]
     assert compared["num_common"] == 5
-    assert compared["only_in_pred"] == ["corrupt", "missing"] and compared["only_in_base"] == ["extra-base"]
+    assert compared["only_in_pred"] == ["corrupt", "missing", "short"] and compared["only_in_base"] == ["extra-base"]
     fine_tuned, base = _csv(folders["fine_tuned"]), _csv(folders["base"])
     common = [i for i in fine_tuned if i in base]
     for metric in ("similarity_reference", "similarity_target", "silence_ratio", "duration_ratio"):
@@ -216,7 +226,7 @@ def test_report_renders_in_headless_chromium(folders, tmp_path):
     assert {"run", "summary", "speed", "speakers", "samples"} <= set(page.table_rows)
     assert {"similarity_reference", "similarity_target", "silence_ratio", "rtf"} <= set(page.metric_rows)
     assert "delta" in page.headers and "base (common ids)" in page.headers
-    assert page.table_rows["samples"] == 7 and page.table_rows["speed"] >= 1 and page.table_rows["speakers"] == 5
+    assert page.table_rows["samples"] == 8 and page.table_rows["speed"] >= 1 and page.table_rows["speakers"] == 5
     # plots drawn with visible bars: per-speaker similarity (5 speakers x fine-tuned/base) and distributions
     assert page.plot_bars["speaker_similarity"] == 10
     assert {"similarity_reference", "rtf", "duration_ratio"} <= set(page.plot_bars)
@@ -233,11 +243,12 @@ def test_report_renders_in_headless_chromium(folders, tmp_path):
 def test_report_screenshot_shows_the_plots(folders, tmp_path):
     """What a person sees: the bars' colour is on the rendered bitmap (only the plots use it)."""
     chromium = _chromium()
-    image_module = pytest.importorskip("PIL.Image", reason="Pillow reads the screenshot")
+    from PIL import Image  # Pillow is installed with tensorboard (pinned in constraints.txt)
+
     shot = tmp_path / "report.png"
     subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
                     "--window-size=1400,2400", (folders["compared"] / "report.html").as_uri()],
                    capture_output=True, timeout=180, env={**os.environ, "HOME": str(tmp_path)}, check=True)
-    image = image_module.open(shot).convert("RGB")
+    image = Image.open(shot).convert("RGB")
     bar_blue = sum(count for count, colour in image.getcolors(maxcolors=1 << 20) if colour == (0x3B, 0x6E, 0xA5))
     assert bar_blue > 2000, "no plot bars visible in the rendered page"
