@@ -10,14 +10,15 @@ from html import escape
 
 import numpy as np
 
-WIDTH, HEIGHT = 420, 220
-MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 44, 12, 28, 40
+WIDTH, HEIGHT = 420, 230
+MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 44, 12, 40, 40
 SERIES_COLOURS = ("#3b6ea5", "#d08a2e", "#5b9a5b", "#a5475b")
 
 
 def _figure(name: str, title: str, body: list[str], legend: list[tuple[str, str]] | None = None) -> str:
+    # The legend is one line under the title, left to right, so long titles never run into it.
     legend_items = "".join(
-        f'<text x="{WIDTH - MARGIN_RIGHT - 110}" y="{14 + 14 * i}" font-size="11">'
+        f'<text x="{MARGIN_LEFT + 90 * i}" y="30" font-size="11">'
         f'<tspan fill="{colour}">&#9632;</tspan> {escape(label)}</text>'
         for i, (label, colour) in enumerate(legend or [])
     )
