@@ -305,7 +305,7 @@ def default_embedder(device: str = "cpu") -> SpeakerEmbedder:
 
 
 def score_generated(
-    pairs: Iterable[GeneratedPair | tuple], *, embedder: SpeakerEmbedder | None = None,
+    pairs: Iterable[GeneratedPair | tuple], *, embedder: SpeakerEmbedder | None = None, dnsmos: bool = True,
     dnsmos_seconds: float | None = quality.DNSMOS_WINDOW_SECONDS,
 ) -> dict[str, float]:
     """Cheap similarity and DNSMOS of a few generated clips, for TensorBoard at evaluation steps. No file I/O.
@@ -314,7 +314,8 @@ def score_generated(
     Returns the means ``similarity`` (generated vs reference), ``dnsmos_sig``, ``dnsmos_bak``, ``dnsmos_ovrl``
     over the pairs that could be scored, plus ``num_scored`` and ``num_failed`` (clips too short or silent to
     score). A mean no pair could produce is left out rather than logged as NaN. Cheap: DNSMOS scores only the first
-    ``dnsmos_seconds`` (one 9.01 s window), and the embedder is loaded once per process.
+    ``dnsmos_seconds`` (one 9.01 s window; ``dnsmos=False`` skips it, most of the cost), and the embedder is loaded
+    once per process and remembers the references it has embedded.
     """
     embedder = embedder or default_embedder()
     similarities, scores, failed = [], [], 0
@@ -324,12 +325,13 @@ def score_generated(
         try:
             generated = embedder.embed(pair.generated, pair.generated_rate)
             similarity = cosine(generated, embedder.embed(pair.reference, pair.reference_rate))
-            score = quality.dnsmos(pair.generated, pair.generated_rate, max_seconds=dnsmos_seconds)
+            score = quality.dnsmos(pair.generated, pair.generated_rate, max_seconds=dnsmos_seconds) if dnsmos else None
         except ValueError:  # too short, silent or non-finite: counted, never fatal to a training run
             failed += 1
             continue
         similarities.append(similarity)
-        scores.append(score)
+        if score is not None:
+            scores.append(score)
     out: dict[str, float] = {"num_scored": float(len(similarities)), "num_failed": float(failed)}
     if similarities:
         out["similarity"] = float(np.mean(similarities))
