@@ -51,6 +51,15 @@ def _printer(quiet: bool, label: str):
     return progress
 
 
+def _problems(folder, rows: list[dict]) -> list[str]:
+    """Everything that went wrong in a folder, one line each: unreadable manifest lines, failed generations,
+    generated audio that could not be read."""
+    problems = list(folder.problems)
+    problems += [f"{e.get('id', e.get('index'))}: generation failed: {e.get('error')}"
+                 for e in folder.generation_errors]
+    return problems + [f"{r['id']}: {r['error']}" for r in rows if r.get("error")]
+
+
 def evaluate(
     pred: str | Path, *, asr: str | Path | None = None, compare_with: str | Path | None = None,
     out: str | Path | None = None, device: str = "cpu", dnsmos: bool = True, quiet: bool = False,
@@ -74,9 +83,9 @@ def evaluate(
 
     rows = score_folder(folder, scorers, _printer(quiet, folder.path.name))
     base_rows = score_folder(base_folder, scorers, _printer(quiet, base_folder.path.name)) if base_folder else None
-    problems = list(folder.problems)
-    problems += [f"{e.get('id', e.get('index'))}: generation failed: {e.get('error')}" for e in folder.generation_errors]
-    problems += [f"{r['id']}: {r['error']}" for r in rows if r.get("error")]
+    problems = _problems(folder, rows)
+    if base_folder is not None:
+        problems += [f"base {p}" for p in _problems(base_folder, base_rows)]
     metrics = {
         "tool": "higgs_lora.evaluate",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -98,7 +107,6 @@ def evaluate(
     if base_rows is not None:
         metrics["compare"] = {"pred": str(base_folder.path), **compare(rows, base_rows)}
         metrics["base_per_speaker"] = per_speaker(base_rows)
-        problems += [f"base {p}" for p in base_folder.problems]
     metrics["evaluation_seconds"] = time.perf_counter() - started
     metrics["evaluation_seconds_per_sample"] = metrics["evaluation_seconds"] / max(1, len(rows) + len(base_rows or []))
     metrics["files"] = {k: str(v) for k, v in write_report(out, metrics, rows, base_rows).items()}

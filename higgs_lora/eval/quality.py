@@ -47,7 +47,8 @@ def dnsmos(samples: np.ndarray, sample_rate: int, max_seconds: float | None = No
 
     if len(samples) < MIN_DNSMOS_SECONDS * sample_rate:
         # speechmos repeats a short clip until it is 9.01 s long; an empty one would never get there.
-        raise ValueError(f"{len(samples) / sample_rate:.3f} s of audio is too short for DNSMOS (< {MIN_DNSMOS_SECONDS} s)")
+        seconds = len(samples) / sample_rate
+        raise ValueError(f"{seconds:.3f} s of audio is too short for DNSMOS (< {MIN_DNSMOS_SECONDS} s)")
     if not np.isfinite(samples).all():
         raise ValueError("audio has NaN or infinite samples")
     if max_seconds is not None:

@@ -72,7 +72,8 @@ body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1400px}
 table{border-collapse:collapse;margin:0.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 8px;text-align:left;
 vertical-align:top}th{background:#f0f0f0}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .better{color:#1d7a1d}.worse{color:#b22}.note{color:#666;font-size:90%}.plots{display:flex;flex-wrap:wrap;gap:1em}
-figure.plot{margin:0}figcaption{display:none}audio{width:220px;height:32px}td.text{direction:rtl;min-width:12em;max-width:22em}
+figure.plot{margin:0}figcaption{display:none}audio{width:220px;height:32px}
+td.text{direction:rtl;min-width:12em;max-width:22em}
 """
 
 

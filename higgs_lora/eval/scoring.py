@@ -178,8 +178,8 @@ def _signal_metrics(row, p, generated, rate, scorers, audio_cache) -> None:
             reference_letters = quality.count_letters(scoring_text(p.reference_text))
             if reference_speech > 0 and reference_letters > 0:
                 letters_per_second = reference_letters / reference_speech
-        except AudioError:
-            pass  # already noted by the similarity step; the default rate is used
+        except AudioError as err:
+            row.note(f"speaking rate: reference unreadable ({err}); assumed {letters_per_second:g} letters/s")
     target_letters = quality.count_letters(scoring_text(p.target_text))
     if target_letters:
         row["expected_seconds"] = target_letters / letters_per_second
