@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", help="a second output folder for the same samples (e.g. the base model's)")
     parser.add_argument("--out", help="where metrics.json, samples.csv and report.html go (default: --pred)")
     parser.add_argument("--device", default="cpu", help="torch device for the speaker encoder and the ASR")
-    parser.add_argument("--no-dnsmos", action="store_true", help="skip DNSMOS (about half of the time per sample on a CPU)")
+    parser.add_argument("--no-dnsmos", action="store_true",
+                        help="skip DNSMOS (about half of the time per sample on a CPU)")
     parser.add_argument("--quiet", action="store_true", help="no per-sample lines")
     args = parser.parse_args(argv)
     try:
