@@ -1,0 +1,106 @@
+"""Inline SVG plots for the HTML report, written by hand: no plotting library, no JavaScript, no network.
+
+Each function returns one ``<figure class="plot">`` holding an ``<svg>`` whose bars are ``<rect class="bar">``
+elements, so the report is a single self-contained file and a test can count what was drawn.
+"""
+
+from __future__ import annotations
+
+from html import escape
+
+import numpy as np
+
+WIDTH, HEIGHT = 420, 230
+MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 44, 12, 40, 40
+SERIES_COLOURS = ("#3b6ea5", "#d08a2e", "#5b9a5b", "#a5475b")
+
+
+def _figure(name: str, title: str, body: list[str], legend: list[tuple[str, str]] | None = None) -> str:
+    # The legend is one line under the title, left to right, so long titles never run into it.
+    legend_items = "".join(
+        f'<text x="{MARGIN_LEFT + 90 * i}" y="30" font-size="11">'
+        f'<tspan fill="{colour}">&#9632;</tspan> {escape(label)}</text>'
+        for i, (label, colour) in enumerate(legend or [])
+    )
+    return (
+        f'<figure class="plot" data-plot="{escape(name)}">'
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" '
+        f'role="img" aria-label="{escape(title)}"><title>{escape(title)}</title>'
+        f'<text x="{MARGIN_LEFT}" y="16" font-size="13" font-weight="bold">{escape(title)}</text>'
+        + "".join(body) + legend_items + f"</svg><figcaption>{escape(title)}</figcaption></figure>"
+    )
+
+
+def _axes(y_max: float, x_labels: list[tuple[float, str]]) -> list[str]:
+    """Axis lines, a y scale (0 .. y_max, 4 ticks) and x tick labels at the given x positions (pixels)."""
+    bottom, left, right = HEIGHT - MARGIN_BOTTOM, MARGIN_LEFT, WIDTH - MARGIN_RIGHT
+    parts = [f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="#333"/>',
+             f'<line x1="{left}" y1="{MARGIN_TOP}" x2="{left}" y2="{bottom}" stroke="#333"/>']
+    for i in range(5):
+        value = y_max * i / 4
+        y = bottom - (bottom - MARGIN_TOP) * i / 4
+        label = f"{value:.3g}"
+        parts.append(f'<text x="{left - 4}" y="{y + 4:.1f}" font-size="10" text-anchor="end">{label}</text>')
+    for x, label in x_labels:
+        parts.append(f'<text x="{x:.1f}" y="{bottom + 14}" font-size="10" text-anchor="middle">{escape(label)}</text>')
+    return parts
+
+
+def histogram(name: str, title: str, series: dict[str, list[float]], bins: int = 10,
+              value_range: tuple[float, float] | None = None) -> str:
+    """Histogram of one or more series (e.g. fine-tuned vs base) over the same bins, bars side by side."""
+    all_values = [v for values in series.values() for v in values]
+    if value_range is None:
+        low, high = (min(all_values), max(all_values)) if all_values else (0.0, 1.0)
+        if high <= low:
+            low, high = low - 0.5, high + 0.5
+    else:
+        low, high = value_range
+    edges = np.linspace(low, high, bins + 1)
+    counts = {label: np.histogram(np.clip(values, low, high), bins=edges)[0] for label, values in series.items()}
+    highest = max([1, *[int(c.max()) for c in counts.values() if len(c)]])
+    y_max = -(-highest // 4) * 4  # a multiple of 4, so the 4 y ticks are whole counts
+    plot_width = WIDTH - MARGIN_LEFT - MARGIN_RIGHT
+    plot_height = HEIGHT - MARGIN_TOP - MARGIN_BOTTOM
+    bin_width = plot_width / bins
+    bar_width = bin_width / max(1, len(series)) - 1
+    body = []
+    for s, (label, bin_counts) in enumerate(counts.items()):
+        colour = SERIES_COLOURS[s % len(SERIES_COLOURS)]
+        for i, count in enumerate(bin_counts):
+            height = plot_height * count / y_max
+            x = MARGIN_LEFT + i * bin_width + s * (bar_width + 1) + 0.5
+            body.append(
+                f'<rect class="bar" x="{x:.1f}" y="{HEIGHT - MARGIN_BOTTOM - height:.1f}" width="{bar_width:.1f}" '
+                f'height="{height:.1f}" fill="{colour}"><title>{escape(label)}: {count} in '
+                f'[{edges[i]:.3g}, {edges[i + 1]:.3g})</title></rect>'
+            )
+    ticks = [(MARGIN_LEFT + plot_width * i / 4, f"{low + (high - low) * i / 4:.3g}") for i in range(5)]
+    legend = [(label, SERIES_COLOURS[s % len(SERIES_COLOURS)]) for s, label in enumerate(series)]
+    return _figure(name, title, _axes(y_max, ticks) + body, legend if len(series) > 1 else None)
+
+
+def bar_chart(name: str, title: str, series: dict[str, dict[str, float]], y_max: float = 1.0) -> str:
+    """Grouped bars: one group per category (e.g. speaker), one bar per series (e.g. fine-tuned, base)."""
+    categories = sorted({c for values in series.values() for c in values})
+    plot_width = WIDTH - MARGIN_LEFT - MARGIN_RIGHT
+    plot_height = HEIGHT - MARGIN_TOP - MARGIN_BOTTOM
+    group_width = plot_width / max(1, len(categories))
+    bar_width = group_width * 0.8 / max(1, len(series))
+    y_max = max([y_max, *[v for values in series.values() for v in values.values()]])
+    body = []
+    for s, (label, values) in enumerate(series.items()):
+        colour = SERIES_COLOURS[s % len(SERIES_COLOURS)]
+        for c, category in enumerate(categories):
+            if category not in values:
+                continue
+            height = plot_height * max(0.0, values[category]) / y_max
+            x = MARGIN_LEFT + c * group_width + group_width * 0.1 + s * bar_width
+            body.append(
+                f'<rect class="bar" x="{x:.1f}" y="{HEIGHT - MARGIN_BOTTOM - height:.1f}" width="{bar_width:.1f}" '
+                f'height="{height:.1f}" fill="{colour}"><title>{escape(label)} {escape(category)}: '
+                f'{values[category]:.3f}</title></rect>'
+            )
+    ticks = [(MARGIN_LEFT + group_width * (c + 0.5), category) for c, category in enumerate(categories)]
+    legend = [(label, SERIES_COLOURS[s % len(SERIES_COLOURS)]) for s, label in enumerate(series)]
+    return _figure(name, title, _axes(y_max, ticks) + body, legend if len(series) > 1 else None)
