@@ -65,34 +65,34 @@ class _Row(dict):
         self["notes"] = f"{self['notes']}; {message}" if self.get("notes") else message
 
 
-def _load(path: Path | None, cache: dict) -> tuple[np.ndarray, int]:
-    if path is None:
-        raise AudioError("no path given", reason="missing")
+def _reference(path: Path, scorers: Scorers, cache: dict) -> dict:
+    """What a recording's samples are needed for, computed once per path and kept instead of the audio (a corpus
+    of references would otherwise stay in memory): its speaker embedding and its seconds of speech.
+
+    An unreadable or unembeddable recording is remembered as its error, re-raised at every use.
+    """
     key = str(path)
     if key not in cache:
-        cache[key] = read_audio(key)
+        try:
+            samples, rate = read_audio(key)
+            cache[key] = {"speech_seconds": quality.speech_seconds(samples, rate)}
+            cache[key]["embedding"] = scorers.speaker.embed(samples, rate)
+        except (AudioError, ValueError) as err:
+            cache.setdefault(key, {})["error"] = err
+    if "error" in cache[key]:
+        raise cache[key]["error"]
     return cache[key]
 
 
-def _embedding(path: Path | None, scorers: Scorers, audio_cache: dict, embed_cache: dict) -> np.ndarray:
-    key = str(path)
-    if key not in embed_cache:
-        embed_cache[key] = scorers.speaker.embed(*_load(path, audio_cache))
-    return embed_cache[key]
-
-
-def score_prediction(
-    prediction: Prediction, folder: Path, scorers: Scorers, audio_cache: dict | None = None,
-    embed_cache: dict | None = None,
-) -> dict:
+def score_prediction(prediction: Prediction, folder: Path, scorers: Scorers, reference_cache: dict | None = None
+                     ) -> dict:
     """All metrics of one sample as a row keyed by :data:`COLUMNS`.
 
-    ``audio_cache`` / ``embed_cache`` (dicts keyed by path) let samples that share a reference recording read
-    and embed it once.
+    ``reference_cache`` (a dict shared across samples) lets samples that share a reference or target recording
+    read and embed it once.
     """
     started = time.perf_counter()
-    audio_cache = {} if audio_cache is None else audio_cache
-    embed_cache = {} if embed_cache is None else embed_cache
+    reference_cache = {} if reference_cache is None else reference_cache
     p = prediction
     row = _Row.fromkeys(COLUMNS)
     row.update(
@@ -108,9 +108,9 @@ def score_prediction(
         row["eval_seconds"] = round(time.perf_counter() - started, 3)
         return dict(row)
     row["audio_seconds"] = len(generated) / rate
-    _speaker_metrics(row, p, generated, rate, scorers, audio_cache, embed_cache)
+    _speaker_metrics(row, p, generated, rate, scorers, reference_cache)
     _intelligibility(row, p, generated, rate, scorers)
-    _signal_metrics(row, p, generated, rate, scorers, audio_cache)
+    _signal_metrics(row, p, generated, rate, scorers, reference_cache)
     row["eval_seconds"] = round(time.perf_counter() - started, 3)
     return dict(row)
 
@@ -131,7 +131,7 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
-def _speaker_metrics(row, p, generated, rate, scorers, audio_cache, embed_cache) -> None:
+def _speaker_metrics(row, p, generated, rate, scorers, reference_cache) -> None:
     try:
         generated_embedding = scorers.speaker.embed(generated, rate)
     except ValueError as err:
@@ -142,7 +142,7 @@ def _speaker_metrics(row, p, generated, rate, scorers, audio_cache, embed_cache)
         if path is None:
             continue  # no such recording for this sample: not a problem worth a note
         try:
-            row[column] = cosine(generated_embedding, _embedding(path, scorers, audio_cache, embed_cache))
+            row[column] = cosine(generated_embedding, _reference(path, scorers, reference_cache)["embedding"])
         except (AudioError, ValueError) as err:
             row.note(f"{what} audio: {err}")
 
@@ -160,7 +160,7 @@ def _intelligibility(row, p, generated, rate, scorers) -> None:
                word_edits=counts.word_edits, num_ref_words=counts.num_ref_words)
 
 
-def _signal_metrics(row, p, generated, rate, scorers, audio_cache) -> None:
+def _signal_metrics(row, p, generated, rate, scorers, reference_cache) -> None:
     if scorers.use_dnsmos:
         try:
             scores = quality.dnsmos(generated, rate)
@@ -173,13 +173,12 @@ def _signal_metrics(row, p, generated, rate, scorers, audio_cache) -> None:
     letters_per_second = quality.DEFAULT_LETTERS_PER_SECOND
     if p.reference_audio is not None and p.reference_text:
         try:
-            reference, reference_rate = _load(p.reference_audio, audio_cache)
-            reference_speech = quality.speech_seconds(reference, reference_rate)
+            reference_speech = _reference(p.reference_audio, scorers, reference_cache)["speech_seconds"]
             reference_letters = quality.count_letters(scoring_text(p.reference_text))
             if reference_speech > 0 and reference_letters > 0:
                 letters_per_second = reference_letters / reference_speech
-        except AudioError as err:
-            row.note(f"speaking rate: reference unreadable ({err}); assumed {letters_per_second:g} letters/s")
+        except (AudioError, ValueError) as err:
+            row.note(f"speaking rate: reference unusable ({err}); assumed {letters_per_second:g} letters/s")
     target_letters = quality.count_letters(scoring_text(p.target_text))
     if target_letters:
         row["expected_seconds"] = target_letters / letters_per_second
@@ -190,11 +189,10 @@ def score_folder(
     folder: PredictionFolder, scorers: Scorers, progress: Callable[[int, int, dict], None] | None = None
 ) -> list[dict]:
     """Rows for every prediction of a folder, in manifest order; ``progress(done, total, row)`` after each."""
-    audio_cache: dict = {}
-    embed_cache: dict = {}
+    reference_cache: dict = {}
     rows = []
     for done, prediction in enumerate(folder.predictions, start=1):
-        rows.append(score_prediction(prediction, folder.path, scorers, audio_cache, embed_cache))
+        rows.append(score_prediction(prediction, folder.path, scorers, reference_cache))
         if progress is not None:
             progress(done, len(folder.predictions), rows[-1])
     return rows
