@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import DEMO_CORPUS
 from tests.slurm.jobs import read, wait_until_done
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]  # first: skip fast
 
 
 def test_an_array_job_writes_one_shard_per_task_and_the_join_writes_the_report(tiny_checkpoint, slurm_jobs,
