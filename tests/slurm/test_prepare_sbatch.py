@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import DEMO_CORPUS
 from tests.slurm.jobs import read, wait_until_done
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]  # first: skip fast
 
 
 def test_an_array_job_writes_one_shard_per_task_and_the_join_writes_the_report(tiny_checkpoint, slurm_jobs,
@@ -24,8 +24,9 @@ def test_an_array_job_writes_one_shard_per_task_and_the_join_writes_the_report(t
     array = slurm_jobs.submit(
         "prepare.sbatch",
         ["--array=0-1", "--gpus-per-task=0", "--cpus-per-task=1", "--time=15", f"--output={tmp_path}/task-%a.log"],
-        ["configs/demo.yaml", f"model.path={tiny_checkpoint.model_dir}", f"model.codec_path={tiny_checkpoint.codec_dir}",
-         f"data.corpus={manifest}", f"data.cache_dir={cache}", "prepare.shard_size=4"])
+        ["configs/demo.yaml", f"model.path={tiny_checkpoint.model_dir}",
+         f"model.codec_path={tiny_checkpoint.codec_dir}", f"data.corpus={manifest}", f"data.cache_dir={cache}",
+         "prepare.shard_size=4"])
     first_log = tmp_path / "task-0.log"
     for task in ("0", "1"):
         state = wait_until_done(f"{array}_{task}", tmp_path / f"task-{task}.log")

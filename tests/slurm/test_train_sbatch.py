@@ -15,7 +15,7 @@ import pytest
 from tests.e2e.launch import adapter_tensors, metrics
 from tests.slurm.jobs import CPU_JOB, read, wait_for, wait_until_done
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]  # first: skip fast
 
 DEMO = "configs/demo.yaml"
 QUIET = ["train.eval_every=0", "train.log_every=1"]
