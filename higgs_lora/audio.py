@@ -182,3 +182,14 @@ def condition(
     padded = -(-len(audio) // hop_samples) * hop_samples
     audio = np.pad(audio, (0, padded - len(audio))).astype(np.float32)
     return Conditioned(samples=audio, seconds=seconds, source_rate=source_rate, loudness_lufs=measured)
+
+
+def wav_bytes(samples: np.ndarray, sample_rate: int) -> bytes:
+    """A mono 16-bit PCM WAV file's bytes (what the inference CLI writes and the server returns)."""
+    import io
+
+    import soundfile as sf
+
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, sample_rate, subtype="PCM_16", format="WAV")
+    return buffer.getvalue()

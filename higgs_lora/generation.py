@@ -118,14 +118,13 @@ class Decoder:
     def _forward(self, **inputs) -> torch.Tensor:
         return self.model(**inputs, use_cache=True, logits_to_keep=1, return_dict=True).logits[:, -1]
 
-    def new_cache(self, batch: int, max_length: int):
+    def new_cache(self, max_length: int):
+        """A fresh KV cache; a static one is preallocated to `max_length` positions."""
         from transformers import DynamicCache, StaticCache
 
-        config = self.model.config
         if self.cache_kind == "dynamic":
-            return DynamicCache(config=config)
-        cache = StaticCache(config=config, max_cache_len=max_length)
-        return cache
+            return DynamicCache(config=self.model.config)
+        return StaticCache(config=self.model.config, max_cache_len=max_length)
 
     def run(self, prompts: list[Prompt], params: list[SamplingParams],
             generators: list[torch.Generator | None]) -> Iterator[Column]:
@@ -135,7 +134,7 @@ class Decoder:
         size, prompt_length = batch["input_ids"].shape
         max_columns = max(p.max_columns() for p in params)
         limits = torch.tensor([p.max_columns() for p in params], device=device)
-        cache = self.new_cache(size, prompt_length + max_columns)
+        cache = self.new_cache(prompt_length + max_columns)
         valid = torch.zeros((size, prompt_length + max_columns), dtype=torch.long, device=device)
         valid[:, :prompt_length] = batch["attention_mask"]
         constraints = DelayConstraints(size, spec.num_codebooks, spec.bos_id, spec.eos_id, device)

@@ -117,15 +117,10 @@ def read_samples(path: str | Path) -> tuple[list[Sample], list[dict]]:
 
 def write_wav(path: Path, samples, sample_rate: int) -> None:
     """A 16-bit PCM WAV, written to a temporary name and renamed (atomic)."""
-    import io
-
-    import soundfile as sf
-
+    from higgs_lora.audio import wav_bytes
     from higgs_lora.files import atomic_write_bytes
 
-    buffer = io.BytesIO()
-    sf.write(buffer, samples, sample_rate, subtype="PCM_16", format="WAV")
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, wav_bytes(samples, sample_rate))
 
 
 def run(cloner, samples: list[Sample], problems: list[dict], out: Path, params: SamplingParams,

@@ -26,6 +26,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from higgs_lora.audio import wav_bytes
 from higgs_lora.batching import BatchQueue, QueueFull
 from higgs_lora.inference import CloneRequest, InferenceError, VoiceCloner
 from higgs_lora.sampling import SamplingParams
@@ -124,14 +125,6 @@ def build_request(cloner: VoiceCloner, settings: ServeSettings, body: dict,
     except InferenceError as err:
         raise RequestError(422, str(err)) from None
     return request
-
-
-def wav_bytes(samples: np.ndarray, sample_rate: int) -> bytes:
-    import soundfile as sf
-
-    buffer = io.BytesIO()
-    sf.write(buffer, samples, sample_rate, subtype="PCM_16", format="WAV")
-    return buffer.getvalue()
 
 
 def pcm16(samples: np.ndarray) -> bytes:
