@@ -198,6 +198,13 @@ class TrainConfig:
     """Checkpoints kept on disk; older ones are deleted once a newer one is complete."""
     eval_every: int = 200
     """Compute the loss on the held-out speakers every N optimizer steps (and at the end); 0 disables it."""
+    eval_samples: int = 4
+    """Held-out pairs generated at every evaluation (the same pairs and seeds each time): their speaker similarity
+    and DNSMOS go to TensorBoard and metrics.jsonl, the clips to <output_dir>/eval_samples/step_N/. 0: loss only."""
+    eval_sample_seconds: float = 6.0
+    """Longest clip the evaluation generates; targets up to this long are chosen first."""
+    eval_dnsmos: bool = True
+    """Score the evaluation clips with DNSMOS too (a second or so per clip on the CPU of rank 0)."""
     max_nonfinite_steps: int = 5
     """A step whose loss is NaN/inf is skipped with a warning; this many in a row stop the run with an error."""
     peak_tflops: float = 0.0
@@ -308,6 +315,8 @@ def _validate_run(cfg: RunConfig) -> list[str]:
                 "global_batch_tokens", "grad_clip", "text_loss_weight"):
         non_negative(f"train.{key}", getattr(train, key))
     non_negative("train.eval_every", train.eval_every)
+    non_negative("train.eval_samples", train.eval_samples)
+    positive("train.eval_sample_seconds", train.eval_sample_seconds)
     non_negative("train.peak_tflops", train.peak_tflops)
     non_negative("data.num_eval_speakers", data.num_eval_speakers)
     for key in ("log_every", "save_every", "keep_last", "max_nonfinite_steps"):

@@ -9,7 +9,9 @@
    (2 data-parallel ranks over gloo on CPU, ZeRO-2), with checkpoints, held-out-speaker evaluation and an adapter;
 4. summarises what the run logged and where the adapter is;
 5. clones the held-out speakers' voices with the trained adapter through the batch CLI (`higgs_lora.infer`):
-   `runs/demo/clone/NNN.wav` + `manifest.jsonl`. The tiny random model babbles; the point is the whole path.
+   `runs/demo/clone/NNN.wav` + `manifest.jsonl`. The tiny random model babbles; the point is the whole path;
+6. evaluates the clones (`python -m higgs_lora.evaluate --pred runs/demo/clone`): speaker similarity, DNSMOS,
+   duration and speed, in `runs/demo/clone/report.html` (no ASR model is bundled, so CER/WER are skipped).
 """
 
 from __future__ import annotations
@@ -113,8 +115,11 @@ def run(cfg: RunConfig, tiny_dir: str | None, ds_config: str, num_ranks: int) ->
     clone_dir = clone_demo_voices(cfg, out)
     if clone_dir is None:
         return 1
+    report_html = evaluate_clones(clone_dir)
+    if report_html is None:
+        return 1
     print(f"[demo] done. Outputs in {out.resolve()}: checkpoints/, adapter/, metrics.jsonl, tensorboard/, "
-          f"{report.name}, {clone_dir.name}/")
+          f"eval_samples/, {report.name}, {clone_dir.name}/ (report: {report_html})")
     return 0
 
 
@@ -162,6 +167,18 @@ def clone_demo_voices(cfg: RunConfig, out: Path) -> Path | None:
     print(f"[demo] cloned voice: {clone_dir / first['wav']} ({first['duration_s']:.2f} s, speaker "
           f"{first['speaker']}, real-time factor {first['rtf']:.2f})")
     return clone_dir
+
+
+def evaluate_clones(clone_dir: Path) -> Path | None:
+    """`python -m higgs_lora.evaluate` on the cloned voices; the report's path (None when nothing was scored)."""
+    from higgs_lora import evaluate
+
+    command = ["--pred", str(clone_dir), "--quiet"]
+    print(f"[demo] evaluate: python -m higgs_lora.evaluate {' '.join(command)}", flush=True)
+    if evaluate.main(command) != 0:
+        print("[demo] FAILED: the evaluation scored no sample", file=sys.stderr)
+        return None
+    return clone_dir / "report.html"
 
 
 def main(argv: list[str] | None = None) -> int:

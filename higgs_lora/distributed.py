@@ -131,6 +131,17 @@ def broadcast_object(value, source: int = 0):
     return holder[0]
 
 
+def gather_objects(value, destination: int = 0) -> list | None:
+    """Every rank's `value` in rank order on rank `destination` (None elsewhere); [value] in a single process."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    holder = [None] * dist.get_world_size() if dist.get_rank() == destination else None
+    dist.gather_object(value, holder, dst=destination)
+    return holder
+
+
 def raise_if_any_failed(error: BaseException | None, what: str) -> None:
     """Collective: raise on every rank if `error` is set on any rank.
 

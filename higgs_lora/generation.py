@@ -95,12 +95,16 @@ def additive_mask(valid: torch.Tensor, query_length: int, start: int, dtype: tor
 class Decoder:
     """Runs prefill and decode steps of one model, with a dynamic or a static (optionally compiled) KV cache."""
 
-    def __init__(self, model, cache: str = "dynamic", compile_step: bool = False):
+    def __init__(self, model, cache: str = "dynamic", compile_step: bool = False, inference_mode: bool = True):
+        """`inference_mode=False` runs the model under `torch.no_grad` instead: for a model that keeps training
+        afterwards (DeepSpeed ZeRO-3 gathers parameters inside the forward, and tensors made in inference mode must
+        never reach autograd later)."""
         if cache not in ("dynamic", "static"):
             raise ValueError(f"cache={cache!r}: expected 'dynamic' or 'static'")
         if compile_step and cache != "static":
             raise ValueError("a compiled decode step needs the static cache (fixed shapes)")
         self.model, self.cache_kind = model, cache
+        self._no_grad = torch.inference_mode if inference_mode else torch.no_grad
         self.spec = ModelSpec.of(model.config)
         self._step: DecodeStep = self._forward
         if compile_step:
@@ -126,9 +130,15 @@ class Decoder:
             return DynamicCache(config=self.model.config)
         return StaticCache(config=self.model.config, max_cache_len=max_length)
 
-    def run(self, prompts: list[Prompt], params: list[SamplingParams],
-            generators: list[torch.Generator | None]) -> Iterator[Column]:
-        """Yield one `Column` per decode step until every stream has finished or reached its max columns."""
+    def run(self, prompts: list[Prompt], params: list[SamplingParams], generators: list[torch.Generator | None],
+            all_done: Callable[[bool], bool] | None = None) -> Iterator[Column]:
+        """Yield one `Column` per decode step until every stream has finished or reached its max columns.
+
+        `all_done(local)` makes several processes decode in lockstep (DeepSpeed ZeRO-3, where every forward pass is
+        collective): called after each step with whether this batch is done, it returns whether every process's is
+        (an all-reduce); a finished batch keeps stepping, its columns all EOS, until then. Every process must give
+        the same max columns (`SamplingParams.max_seconds`), or the longest one waits for the others forever.
+        """
         spec, device = self.spec, self.device
         batch = batch_prompts(prompts, spec.pad_token_id, device)
         size, prompt_length = batch["input_ids"].shape
@@ -146,7 +156,7 @@ class Decoder:
         # consumer's code between steps.
         prefill = {k: batch[k] for k in ("input_ids", "audio_input_ids", "audio_input_ids_mask", "position_ids")}
         prefill["attention_mask"] = self._mask(valid, prompt_length, 0, prompt_length)
-        with torch.inference_mode():
+        with self._no_grad():
             logits = self._forward(**prefill, cache=cache)
         for step in range(max_columns):
             logits = logits.float().reshape(size, spec.num_codebooks, spec.codebook_size)
@@ -158,14 +168,15 @@ class Decoder:
             finished = finished | done
             history = torch.cat([history, codes[:, None]], dim=1)
             yield Column(step=step, codes=codes.cpu(), finished=finished.cpu(), newly_finished=newly.cpu())
-            if bool(finished.all()):
+            done_here = bool(finished.all())
+            if all_done(done_here) if all_done is not None else done_here:
                 return
             slot = prompt_length + step
             valid[:, slot] = 1
             positions = positions + 1
             inputs = {"audio_input_ids": codes[:, None, :], "position_ids": positions,
                       "attention_mask": self._mask(valid, 1, slot, slot + 1)}
-            with torch.inference_mode():
+            with self._no_grad():
                 logits = self._step(**inputs, cache=cache)
 
     def _mask(self, valid: torch.Tensor, query_length: int, start: int, end: int) -> torch.Tensor:

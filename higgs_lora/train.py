@@ -11,6 +11,8 @@
 - Checkpoints every `train.save_every` steps and at the end (`higgs_lora.checkpoint`); `train.resume=auto` picks the
   newest complete one up again, sampler position and RNG included. SIGTERM / SIGUSR1 finish the current step,
   checkpoint and exit 0 (a requeued job then resumes by itself).
+- Every `train.eval_every` steps: the loss on held-out speakers, and a few held-out clips generated with the model
+  and scored (speaker similarity, DNSMOS; `higgs_lora.eval.probe`), written to <output_dir>/eval_samples/.
 - Rank 0 logs one line per `train.log_every` steps (loss, per-codebook losses, lr, grad norm, positions/s, target
   audio seconds/s, MFU, memory) to stdout, `<output_dir>/metrics.jsonl` and TensorBoard.
 """
@@ -189,6 +191,24 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.output = Path(cfg.output_dir)
         self.writer = None
+        self.probe = self._build_probe()
+
+    def _build_probe(self):
+        """The held-out clips generated and scored at each evaluation (None when train.eval_samples is 0 or there
+        are no held-out speakers)."""
+        from higgs_lora.eval.probe import GenerationProbe, ProbeSettings, choose_pairs
+
+        train = self.cfg.train
+        samples = [s for micro_batch in self.data.eval_batches for s in micro_batch]
+        if not (train.eval_every and train.eval_samples and samples):
+            return None
+        utterances = self.data.utterances
+        pairs = choose_pairs(samples, [u.speaker for u in utterances], [u.num_frames for u in utterances],
+                             train.eval_samples, round(train.eval_sample_seconds * FRAMES_PER_SECOND))
+        settings = ProbeSettings(count=train.eval_samples, max_seconds=train.eval_sample_seconds,
+                                 dnsmos=train.eval_dnsmos, seed=self.cfg.seed)
+        return GenerationProbe(pairs, self.data, settings, self.output, self.topology.rank,
+                               self.topology.world_size)
 
     # ----------------------------------------------------------------------------------------- logging
 
@@ -402,7 +422,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Loss on the held-out speakers (all ranks take part; rank 0 logs)."""
+        """Loss on the held-out speakers, then the generated held-out clips' similarity and DNSMOS
+        (`higgs_lora.eval.probe`); all ranks take part, rank 0 logs."""
         engine = self.engine
         engine.eval()
         k = engine.module.config.num_codebooks
@@ -415,16 +436,18 @@ class Trainer:
                 sums += result.audio.double().cpu()
                 counts += result.audio_counts.double()
         reduced = all_reduce_sum(sums.tolist() + counts.tolist(), self.device)
-        engine.train()
         metrics = {
             "step": self.step,
             "loss": sum(reduced[:k]) / max(reduced[k], 1.0),
             "per_codebook_loss": [s / max(c, 1.0) for s, c in zip(reduced[:k], reduced[k:])],
             "positions": reduced[k],
         }
-        self.record("eval", metrics)
         self.log(f"[eval] step {self.step} | held-out speakers {','.join(self.data.eval_speakers)} | "
                  f"loss {metrics['loss']:.4f} over {int(reduced[k])} target positions")
+        if self.probe is not None:
+            metrics.update(self.probe.run(engine.module, self.step, self.device, self.writer, self.log))
+        engine.train()
+        self.record("eval", metrics)
         return metrics
 
     def export_final(self) -> Path:

@@ -33,6 +33,16 @@ def test_demo_command_end_to_end(tmp_path):
     lines = [json.loads(line) for line in (out / "clone" / "manifest.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and all(line["adapter"] == "demo" for line in lines)
     assert (out / "clone" / lines[0]["wav"]).stat().st_size > 44 and "[demo] cloned voice:" in result.stdout
+    # Training listened to the held-out speaker at each evaluation (steps 0, 5, 10): clips, scores, folders.
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert [e["step"] for e in evals] == [0, 5, 10] and all("similarity" in e and "dnsmos_ovrl" in e for e in evals)
+    assert sorted(p.name for p in (out / "eval_samples").glob("step_*")) == [
+        "step_000000", "step_000005", "step_000010"]
+    # ... and ends with the evaluation report of the clones.
+    evaluation = json.loads((out / "clone" / "metrics.json").read_text())
+    assert evaluation["num_scored"] == 2 and evaluation["summary"]["similarity_reference"]["n"] == 2
+    assert f"report: {out / 'clone' / 'report.html'}" in result.stdout
+    assert "<table" in (out / "clone" / "report.html").read_text()
 
 
 def test_demo_command_reports_config_errors(capsys):

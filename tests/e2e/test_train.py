@@ -13,7 +13,7 @@ from higgs_lora.config import ModelConfig
 
 from tests.e2e.launch import adapter_tensors, metrics, train
 
-FAST = ["train.lr=5e-3", "train.warmup_steps=1", "train.log_every=1", "train.eval_every=4"]
+FAST = ["train.lr=5e-3", "train.warmup_steps=1", "train.log_every=1", "train.eval_every=4", "train.eval_samples=0"]
 
 
 def probe_batch(model_dir, codec_dir, cache_dir):
@@ -30,6 +30,27 @@ def probe_batch(model_dir, codec_dir, cache_dir):
     return {k: batch[k] for k in MODEL_INPUTS}
 
 
+def assert_probe_logged(out, evals, count, dnsmos):
+    """Every evaluation scored `count` generated clips, logged them to metrics.jsonl and TensorBoard, and wrote an
+    inference folder `python -m higgs_lora.evaluate` reads."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from higgs_lora.eval.predictions import read_predictions
+
+    for m in evals:
+        assert m["num_scored"] + m["num_failed"] == count and m["num_scored"] >= 1, m
+        assert -1 <= m["similarity"] <= 1 and -1 <= m["similarity_ground_truth"] <= 1
+        assert ("dnsmos_ovrl" in m) == dnsmos and 0 <= m["eos_fraction"] <= 1
+        folder = read_predictions(out / "eval_samples" / f"step_{m['step']:06d}")
+        assert not folder.problems and len(folder.predictions) == count
+        assert all(p.wav.stat().st_size > 44 and p.reference_audio.is_file() for p in folder.predictions)
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"audio": 0, "scalars": 0}).Reload()
+    similarity = events.Scalars("eval/similarity")
+    assert [e.step for e in similarity] == [0, 4, 8]
+    assert [e.value for e in similarity] == pytest.approx([m["similarity"] for m in evals])
+    assert {f"eval_samples/{i:02d}" for i in range(count)} <= set(events.Tags()["audio"])
+
+
 def overrides_value(overrides, key):
     return next(o.split("=", 1)[1] for o in overrides if o.startswith(key + "="))
 
@@ -42,8 +63,12 @@ def test_two_ranks_train_and_write_a_working_adapter(demo_cache, tmp_path, ds, q
     from transformers import HiggsAudioV2ForConditionalGeneration
 
     out = tmp_path / "run"
-    train(out, [*demo_cache, *FAST, "train.max_steps=8", "train.save_every=4", f"model.quantization={quantization}"],
-          ds=ds)
+    # Three held-out clips at every evaluation (steps 0, 4, 8), split over the two ranks (2 + 1): under ZeRO-3 every
+    # forward pass is collective, so this also runs the lockstep decode. DNSMOS in one case only (its cost).
+    dnsmos = ds == "zero2.json" and quantization == "none"
+    probe = ["train.eval_samples=3", "train.eval_sample_seconds=1", f"train.eval_dnsmos={str(dnsmos).lower()}"]
+    train(out, [*demo_cache, *FAST, *probe, "train.max_steps=8", "train.save_every=4",
+                f"model.quantization={quantization}"], ds=ds)
 
     logged = metrics(out)
     assert [m["step"] for m in logged] == list(range(1, 9))
@@ -53,7 +78,9 @@ def test_two_ranks_train_and_write_a_working_adapter(demo_cache, tmp_path, ds, q
     for m in logged:  # the logged loss is the sum of the per-codebook losses (same positions each)
         assert m["loss"] == pytest.approx(sum(m["per_codebook_loss"]), rel=1e-6)
         assert m["positions_per_s"] > 0 and m["audio_seconds_per_s"] > 0
-    assert metrics(out, "eval"), "held-out speaker loss was never computed"
+    evals = metrics(out, "eval")
+    assert [m["step"] for m in evals] == [0, 4, 8], "held-out speaker loss was not computed at every evaluation"
+    assert_probe_logged(out, evals, count=3, dnsmos=dnsmos)
 
     adapter = out / ADAPTER
     tensors = adapter_tensors(adapter)

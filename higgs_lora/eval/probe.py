@@ -1,0 +1,265 @@
+"""Listening to the model while it trains: a few held-out clips generated and scored at every evaluation step.
+
+The held-out loss says whether the model predicts held-out codes better; it does not say whether the voice it makes
+is closer to the reference. At each evaluation the trainer calls `GenerationProbe.run`, which
+
+1. generates the same few held-out pairs every time (`choose_pairs`: one speaker after another, targets no longer
+   than `train.eval_sample_seconds`, fixed seeds), with the training model itself and the inference core's decode
+   loop (`generation.Decoder`, `SamplingParams` defaults: what `python -m higgs_lora.infer` would produce). The
+   pairs are split over the ranks; under ZeRO-3 every forward pass is collective, so the ranks decode in lockstep
+   and a rank with no pair of its own decodes a copy of the first and drops it;
+2. gathers the codes on rank 0, which decodes them with the codec on the CPU (the memory plan of the GPU has no room
+   set aside for the codec, and a few seconds of audio take a moment on a CPU);
+3. scores them with `scoring.score_generated` (resemblyzer similarity to the reference, DNSMOS) and logs
+   `eval/similarity`, `eval/dnsmos_{sig,bak,ovrl}`, `eval/eos_fraction` (clips the model ended itself) next to the
+   held-out loss, plus the same scores of the real held-out target (`*_ground_truth`: what a perfect model would
+   get, computed once);
+4. writes the clips as an inference folder, `<output_dir>/eval_samples/step_NNNNNN/` (`manifest.jsonl` +
+   wavs, references and ground-truth targets in `eval_samples/references/` and `targets/`), which
+   `python -m higgs_lora.evaluate --pred` reads (CER with an ASR model, `--compare` with step 0: base vs tuned),
+   and the audio to TensorBoard.
+
+References and targets are the codec's resynthesis of the cached codes, the audio the model was conditioned on, so
+the codec's own loss does not count against the model and the probe needs nothing but the cache.
+
+Scoring problems (a clip too short to embed, DNSMOS failing, the `eval` extras not installed) are logged as a
+warning and never stop training; the clips are written all the same.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from higgs_lora.data.sampler import Sample
+
+SAMPLE_RATE = 24000
+FOLDER = "eval_samples"
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """What the probe generates and how it scores it (from `train.eval_samples`, `eval_sample_seconds`,
+    `eval_dnsmos` and the run's seed)."""
+
+    count: int = 4
+    max_seconds: float = 6.0
+    dnsmos: bool = True
+    seed: int = 0
+
+
+def choose_pairs(samples: list[Sample], speakers: list[str], frames: list[int], count: int,
+                 max_frames: int) -> list[Sample]:
+    """Up to `count` of the held-out `samples`, the same for the same inputs: speakers in turn (sorted), each
+    speaker's targets in cache order, those longer than `max_frames` only when no shorter one is left."""
+    by_speaker: dict[str, list[Sample]] = defaultdict(list)
+    for sample in sorted(samples, key=lambda s: (frames[s.target] > max_frames, s.target)):
+        by_speaker[speakers[sample.target]].append(sample)
+    queues = [by_speaker[s] for s in sorted(by_speaker)]
+    chosen: list[Sample] = []
+    for rank in range(max((len(q) for q in queues), default=0)):
+        chosen.extend(q[rank] for q in queues if rank < len(q))
+    # Every speaker's first pair before anyone's second, but short targets before long ones overall.
+    short = [s for s in chosen if frames[s.target] <= max_frames]
+    return (short + [s for s in chosen if frames[s.target] > max_frames])[:count]
+
+
+@dataclass
+class _Clip:
+    index: int
+    codes: torch.Tensor
+    stop: str
+    repaired: int
+
+
+class GenerationProbe:
+    """Generates and scores the chosen held-out pairs; `run` is collective (every rank calls it)."""
+
+    def __init__(self, pairs: list[Sample], data, settings: ProbeSettings, output_dir: Path, rank: int,
+                 world_size: int):
+        self.pairs, self.data, self.settings = pairs, data, settings
+        self.root = Path(output_dir) / FOLDER
+        self.rank, self.world_size = rank, world_size
+        self._ground_truth: dict | None = None
+        self._scoring: bool | None = None
+        self._references: dict[int, np.ndarray] = {}
+        self._targets: dict[int, np.ndarray] = {}
+
+    # ---------------------------------------------------------------------------------------- generation
+
+    def generate(self, model, device: torch.device) -> list[_Clip]:
+        """This rank's share of the pairs, decoded in lockstep with the other ranks (collective)."""
+        from higgs_lora.data.collate import build_prompt
+        from higgs_lora.distributed import all_reduce_sum
+        from higgs_lora.generation import Decoder, columns_to_codes
+        from higgs_lora.sampling import SamplingParams, make_generator
+
+        mine = list(range(self.rank, len(self.pairs), self.world_size))
+        rows = mine or [0]  # a rank without a pair of its own still has to take part in every forward pass
+        data = self.data
+        prompts, params, generators = [], [], []
+        for i in rows:
+            pair = self.pairs[i]
+            reference = torch.from_numpy(np.asarray(data.cache[pair.reference]["codes"]))
+            prompts.append(build_prompt(data.processor, data.texts[pair.reference], reference,
+                                        data.texts[pair.target], data.scene))
+            params.append(SamplingParams(seed=self.settings.seed + i, max_seconds=self.settings.max_seconds))
+            generators.append(make_generator(self.settings.seed + i, device))
+        decoder = Decoder(model, cache="dynamic", inference_mode=False)
+        spec = decoder.spec
+
+        def all_done(done: bool) -> bool:
+            return all_reduce_sum([0.0 if done else 1.0], device)[0] == 0
+
+        columns: list[list[torch.Tensor]] = [[] for _ in rows]
+        finished = [False] * len(rows)
+        for column in decoder.run(prompts, params, generators, all_done if self.world_size > 1 else None):
+            for row in range(len(rows)):
+                if not finished[row]:
+                    columns[row].append(column.codes[row])
+                    finished[row] = bool(column.finished[row])
+        clips = []
+        for row, i in enumerate(mine):
+            stacked = torch.stack(columns[row])
+            codes, repaired = columns_to_codes(stacked, spec.bos_id, spec.eos_id)
+            stop = "eos" if bool((stacked[-1] == spec.eos_id).all()) else "max_seconds"
+            clips.append(_Clip(i, codes, stop, repaired))
+        return clips
+
+    # ------------------------------------------------------------------------------------------ one step
+
+    def run(self, model, step: int, device: torch.device, writer=None, log=print) -> dict:
+        """Generate (all ranks), then decode, score, write and log on rank 0. Returns rank 0's metrics ({} on the
+        other ranks, and on rank 0 when scoring failed)."""
+        from higgs_lora.distributed import gather_objects
+
+        started = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        try:
+            clips = self.generate(model, device)
+        finally:
+            model.train(was_training)
+        gathered = gather_objects(clips)
+        if gathered is None:
+            return {}
+        clips = sorted((c for part in gathered for c in part), key=lambda c: c.index)
+        generate_seconds = time.perf_counter() - started
+        try:
+            return self._score_and_write(clips, step, generate_seconds, writer, log)
+        except Exception as err:  # noqa: BLE001 - a scoring problem must never cost a training run
+            log(f"[eval] warning: scoring the generated samples failed at step {step}: {type(err).__name__}: {err}")
+            return {}
+
+    def _score_and_write(self, clips: list[_Clip], step: int, generate_seconds: float, writer, log) -> dict:
+        from higgs_lora.streaming import decode_codes
+
+        started = time.perf_counter()
+        codec = self.data.processor.audio_tokenizer
+        waveforms = [decode_codes(codec, clip.codes) for clip in clips]
+        references = [self._decoded(self._references, self.pairs[c.index].reference) for c in clips]
+        targets = [self._decoded(self._targets, self.pairs[c.index].target) for c in clips]
+        seconds = [len(w) / SAMPLE_RATE for w in waveforms]
+        self._write(step, clips, waveforms, seconds)
+        if writer is not None:
+            for clip, waveform in zip(clips, waveforms):
+                if len(waveform):
+                    writer.add_audio(f"eval_samples/{clip.index:02d}", torch.from_numpy(waveform)[None], step,
+                                     sample_rate=SAMPLE_RATE)
+        metrics = {
+            "eos_fraction": sum(c.stop == "eos" for c in clips) / len(clips),
+            "generated_seconds": float(np.mean(seconds)),
+            "generate_seconds": generate_seconds,
+        }
+        parts = [f"[eval] step {step} | {len(clips)} clips generated in {generate_seconds:.1f} s, "
+                 f"{sum(c.stop == 'eos' for c in clips)} ended by the model"]
+        if self._can_score(log):
+            from higgs_lora.eval.scoring import score_generated
+
+            scores = score_generated([(r, SAMPLE_RATE, w, SAMPLE_RATE) for r, w in zip(references, waveforms)],
+                                     dnsmos=self.settings.dnsmos)
+            if self._ground_truth is None:
+                truth = score_generated([(r, SAMPLE_RATE, t, SAMPLE_RATE) for r, t in zip(references, targets)],
+                                        dnsmos=self.settings.dnsmos)
+                self._ground_truth = {f"{k}_ground_truth": v for k, v in truth.items() if not k.startswith("num_")}
+            metrics.update({**scores, **self._ground_truth})
+            if "similarity" in scores:
+                truth = self._ground_truth.get("similarity_ground_truth")
+                parts.append(f"similarity {scores['similarity']:.3f}"
+                             + (f" (ground truth {truth:.3f})" if truth is not None else ""))
+            if "dnsmos_ovrl" in scores:
+                parts.append(f"DNSMOS OVRL {scores['dnsmos_ovrl']:.2f}")
+            if scores["num_failed"]:
+                parts.append(f"{int(scores['num_failed'])} too short or silent to score")
+        metrics["score_seconds"] = time.perf_counter() - started
+        parts.append(f"decoded, written and scored in {metrics['score_seconds']:.1f} s")
+        log(" | ".join(parts) + f" | {self.root / _step_name(step)}")
+        return metrics
+
+    def _can_score(self, log) -> bool:
+        """Whether the evaluation extras are installed (checked once; without them the clips are only written)."""
+        if self._scoring is None:
+            from importlib.util import find_spec
+
+            needed = ["resemblyzer"] + (["speechmos", "onnxruntime"] if self.settings.dnsmos else [])
+            missing = [name for name in needed if find_spec(name) is None]
+            self._scoring = not missing
+            if missing:
+                log(f"[eval] warning: {', '.join(missing)} not installed (pip install 'higgs-lora[eval]'): the "
+                    f"evaluation clips are written to {self.root} but not scored")
+        return self._scoring
+
+    def _decoded(self, cache: dict[int, np.ndarray], utterance: int) -> np.ndarray:
+        """The codec's resynthesis of a cached utterance (decoded once per run)."""
+        if utterance not in cache:
+            from higgs_lora.streaming import decode_codes
+
+            codes = torch.from_numpy(np.asarray(self.data.cache[utterance]["codes"]))
+            cache[utterance] = decode_codes(self.data.processor.audio_tokenizer, codes)
+        return cache[utterance]
+
+    # --------------------------------------------------------------------------------------------- files
+
+    def _write(self, step: int, clips: list[_Clip], waveforms: list[np.ndarray], seconds: list[float]) -> None:
+        """step_NNNNNN/ as `python -m higgs_lora.infer` writes a folder (published whole, atomically), and the
+        references and targets it points to (written once)."""
+        from higgs_lora.audio import wav_bytes
+        from higgs_lora.files import atomic_write_bytes, staged_directory
+
+        data = self.data
+        for clip in clips:
+            pair = self.pairs[clip.index]
+            for folder, cache, utterance in (("references", self._references, pair.reference),
+                                             ("targets", self._targets, pair.target)):
+                path = self.root / folder / f"{clip.index:02d}.wav"
+                if not path.is_file():
+                    atomic_write_bytes(path, wav_bytes(cache[utterance], SAMPLE_RATE))
+        with staged_directory(self.root / _step_name(step)) as staging:
+            lines = []
+            for clip, waveform, duration in zip(clips, waveforms, seconds):
+                pair = self.pairs[clip.index]
+                name = f"{clip.index:02d}.wav"
+                (staging / name).write_bytes(wav_bytes(waveform, SAMPLE_RATE))
+                lines.append({
+                    "index": clip.index, "id": f"{clip.index:02d}", "wav": name,
+                    "reference_audio": f"../references/{name}", "reference_text": data.texts[pair.reference],
+                    "target_text": data.texts[pair.target], "target_audio": f"../targets/{name}",
+                    "speaker": data.utterances[pair.target].speaker, "duration_s": duration,
+                    "frames": int(clip.codes.shape[1]), "stop": clip.stop, "seed": self.settings.seed + clip.index,
+                    "repaired_codes": clip.repaired, "step": step,
+                })
+            (staging / "manifest.jsonl").write_text(
+                "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
+            (staging / "run.json").write_text(json.dumps({
+                "source": "training evaluation", "step": step, "max_seconds": self.settings.max_seconds,
+                "count": len(clips)}, indent=2) + "\n", encoding="utf-8")
+
+
+def _step_name(step: int) -> str:
+    return f"step_{step:06d}"
