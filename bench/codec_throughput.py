@@ -1,4 +1,5 @@
-"""Codec encoding throughput: hours of audio encoded per hour of compute (what `prepare` spends its time on).
+"""Codec throughput: hours of audio encoded per hour of compute (what `prepare` spends its time on), and the decode
+of the same codes (what inference and the training evaluation clips spend on the codec).
 
     python bench/codec_throughput.py --size full --seconds 10 --batch 1 --repeats 5     # released-size codec
     python bench/codec_throughput.py --codec /path/to/higgs-audio-v2-tokenizer          # your real codec
@@ -39,17 +40,8 @@ def main() -> int:
     params = sum(p.numel() for p in codec.parameters())
     audio = torch.randn(args.batch, 1, int(args.seconds * 24000), generator=torch.Generator().manual_seed(0)) * 0.1
     audio = audio.to(device)
-    times = []
-    with torch.no_grad():
-        for step in range(args.repeats + 1):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            codes = codec.encode(audio).audio_codes
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if step:  # the first call warms up
-                times.append(time.perf_counter() - started)
+    times, codes = timed(lambda: codec.encode(audio).audio_codes, args.repeats, device)
+    decode_times, _ = timed(lambda: codec.decode(codes).audio_values, args.repeats, device)
     median = statistics.median(times)
     audio_seconds = args.batch * args.seconds
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -58,7 +50,26 @@ def main() -> int:
     print(f"encode: median {median * 1000:.0f} ms over {len(times)} calls (min {min(times) * 1000:.0f} ms)")
     print(f"throughput: {audio_seconds / median:.1f} s of audio per second = {audio_seconds / median:.1f} h of audio "
           f"per hour of compute")
+    decode = statistics.median(decode_times)
+    print(f"decode: median {decode * 1000:.0f} ms over {len(decode_times)} calls (min {min(decode_times) * 1000:.0f} "
+          f"ms) = {audio_seconds / decode:.1f} s of audio per second")
     return 0
+
+
+def timed(call, repeats: int, device: str):
+    """(seconds of each of `repeats` calls after one warm-up call, the last result)."""
+    times, result = [], None
+    with torch.no_grad():
+        for step in range(repeats + 1):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            result = call()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if step:
+                times.append(time.perf_counter() - started)
+    return times, result
 
 
 if __name__ == "__main__":
