@@ -62,6 +62,7 @@ class TrainData:
     cache: object
     """The cache as a datasets.Dataset (numpy format, codes only)."""
     texts: list[str]
+    source_ids: list[str]
     utterances: list[UtteranceInfo]
     sampler: EpochSampler
     eval_batches: list[list[Sample]]
@@ -112,7 +113,7 @@ def build_data(cfg: RunConfig, processor, plan: Plan, cache_dir: Path) -> TrainD
     eval_batches = eval_micro_batches(sampler_for(eval_targets, 1, 1)) if eval_targets else []
     codes = cache.with_format("numpy", columns=["codes"])
     return TrainData(
-        cache=codes, texts=texts, utterances=utterances,
+        cache=codes, texts=texts, source_ids=meta["source_id"], utterances=utterances,
         sampler=sampler_for(train_targets, plan.world_size, plan.accumulation),
         eval_batches=eval_batches, eval_speakers=sorted(held_out), processor=processor, scene=cfg.data.scene,
     )

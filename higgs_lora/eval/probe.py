@@ -15,7 +15,7 @@ is closer to the reference. At each evaluation the trainer calls `GenerationProb
    held-out loss, plus the same scores of the real held-out target (`*_ground_truth`: what a perfect model would
    get, computed once);
 4. writes the clips as an inference folder, `<output_dir>/eval_samples/step_NNNNNN/` (`manifest.jsonl` +
-   wavs, references and ground-truth targets in `eval_samples/references/` and `targets/`), which
+   wavs; references and ground-truth targets in `eval_samples/references/` and `targets/`), which
    `python -m higgs_lora.evaluate --pred` reads (CER with an ASR model, `--compare` with step 0: base vs tuned),
    and the audio to TensorBoard.
 
@@ -38,9 +38,11 @@ import numpy as np
 import torch
 
 from higgs_lora.data.sampler import Sample
+from higgs_lora.sampling import SamplingParams
 
 SAMPLE_RATE = 24000
 FOLDER = "eval_samples"
+_UNCHECKED = object()
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,8 @@ class ProbeSettings:
     max_seconds: float = 6.0
     dnsmos: bool = True
     seed: int = 0
+    temperature: float = SamplingParams.temperature
+    """The inference default; 0 (greedy) only in tests that compare codes across batch layouts."""
 
 
 def choose_pairs(samples: list[Sample], speakers: list[str], frames: list[int], count: int,
@@ -87,35 +91,43 @@ class GenerationProbe:
         self.root = Path(output_dir) / FOLDER
         self.rank, self.world_size = rank, world_size
         self._ground_truth: dict | None = None
-        self._scoring: bool | None = None
+        self._scoring: object = _UNCHECKED
         self._references: dict[int, np.ndarray] = {}
         self._targets: dict[int, np.ndarray] = {}
+        self._written: set[Path] = set()
 
     # ---------------------------------------------------------------------------------------- generation
 
     def generate(self, model, device: torch.device) -> list[_Clip]:
         """This rank's share of the pairs, decoded in lockstep with the other ranks (collective)."""
         from higgs_lora.data.collate import build_prompt
-        from higgs_lora.distributed import all_reduce_sum
+        from higgs_lora.distributed import all_reduce_sum, raise_if_any_failed
         from higgs_lora.generation import Decoder, columns_to_codes
-        from higgs_lora.sampling import SamplingParams, make_generator
+        from higgs_lora.sampling import make_generator
 
         mine = list(range(self.rank, len(self.pairs), self.world_size))
         rows = mine or [0]  # a rank without a pair of its own still has to take part in every forward pass
         data = self.data
-        prompts, params, generators = [], [], []
-        for i in rows:
-            pair = self.pairs[i]
-            reference = torch.from_numpy(np.asarray(data.cache[pair.reference]["codes"]))
-            prompts.append(build_prompt(data.processor, data.texts[pair.reference], reference,
-                                        data.texts[pair.target], data.scene))
-            params.append(SamplingParams(seed=self.settings.seed + i, max_seconds=self.settings.max_seconds))
-            generators.append(make_generator(self.settings.seed + i, device))
         decoder = Decoder(model, cache="dynamic", inference_mode=False)
         spec = decoder.spec
+        prompts, params, generators, error = [], [], [], None
+        try:
+            for i in rows:
+                pair = self.pairs[i]
+                reference = torch.from_numpy(np.asarray(data.cache[pair.reference]["codes"]))
+                prompts.append(build_prompt(data.processor, data.texts[pair.reference], reference,
+                                            data.texts[pair.target], data.scene))
+                params.append(SamplingParams(temperature=self.settings.temperature, seed=self.settings.seed + i,
+                                             max_seconds=self.settings.max_seconds))
+                generators.append(make_generator(self.settings.seed + i, decoder.device))
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+            error = err
+        # Each rank builds different prompts: one that fails must not leave the others waiting in the first
+        # collective forward pass. (A failure in the middle of decoding cannot be coordinated; it ends the run.)
+        raise_if_any_failed(error, "building the evaluation prompts")
 
         def all_done(done: bool) -> bool:
-            return all_reduce_sum([0.0 if done else 1.0], device)[0] == 0
+            return all_reduce_sum([0.0 if done else 1.0], decoder.device)[0] == 0
 
         columns: list[list[torch.Tensor]] = [[] for _ in rows]
         finished = [False] * len(rows)
@@ -153,8 +165,9 @@ class GenerationProbe:
         generate_seconds = time.perf_counter() - started
         try:
             return self._score_and_write(clips, step, generate_seconds, writer, log)
-        except Exception as err:  # noqa: BLE001 - a scoring problem must never cost a training run
-            log(f"[eval] warning: scoring the generated samples failed at step {step}: {type(err).__name__}: {err}")
+        except Exception as err:  # noqa: BLE001 - writing or decoding trouble (a full disk...) must not cost the run
+            log(f"[eval] warning: the evaluation clips of step {step} could not be decoded or written: "
+                f"{type(err).__name__}: {err}")
             return {}
 
     def _score_and_write(self, clips: list[_Clip], step: int, generate_seconds: float, writer, log) -> dict:
@@ -179,20 +192,19 @@ class GenerationProbe:
         }
         parts = [f"[eval] step {step} | {len(clips)} clips generated in {generate_seconds:.1f} s, "
                  f"{sum(c.stop == 'eos' for c in clips)} ended by the model"]
-        if self._can_score(log):
-            from higgs_lora.eval.scoring import score_generated
-
-            scores = score_generated([(r, SAMPLE_RATE, w, SAMPLE_RATE) for r, w in zip(references, waveforms)],
-                                     dnsmos=self.settings.dnsmos)
-            if self._ground_truth is None:
-                truth = score_generated([(r, SAMPLE_RATE, t, SAMPLE_RATE) for r, t in zip(references, targets)],
-                                        dnsmos=self.settings.dnsmos)
-                self._ground_truth = {f"{k}_ground_truth": v for k, v in truth.items() if not k.startswith("num_")}
-            metrics.update({**scores, **self._ground_truth})
+        use_dnsmos = self._scorable(log)
+        if use_dnsmos is not None:
+            try:
+                scores, truth = self._score(references, waveforms, targets, use_dnsmos)
+            except Exception as err:  # noqa: BLE001 - a scoring problem must never cost a training run
+                log(f"[eval] warning: scoring the clips of step {step} failed: {type(err).__name__}: {err}")
+                scores = {"num_scored": 0.0, "num_failed": float(len(clips))}
+                truth = self._ground_truth or {}
+            metrics.update({**scores, **truth})
             if "similarity" in scores:
-                truth = self._ground_truth.get("similarity_ground_truth")
+                ceiling = truth.get("similarity_ground_truth")
                 parts.append(f"similarity {scores['similarity']:.3f}"
-                             + (f" (ground truth {truth:.3f})" if truth is not None else ""))
+                             + (f" (ground truth {ceiling:.3f})" if ceiling is not None else ""))
             if "dnsmos_ovrl" in scores:
                 parts.append(f"DNSMOS OVRL {scores['dnsmos_ovrl']:.2f}")
             if scores["num_failed"]:
@@ -202,17 +214,35 @@ class GenerationProbe:
         log(" | ".join(parts) + f" | {self.root / _step_name(step)}")
         return metrics
 
-    def _can_score(self, log) -> bool:
-        """Whether the evaluation extras are installed (checked once; without them the clips are only written)."""
-        if self._scoring is None:
+    def _score(self, references, waveforms, targets, use_dnsmos: bool) -> tuple[dict, dict]:
+        """(scores of the clips, scores of the ground truth: computed once, `*_ground_truth` keys)."""
+        from higgs_lora.eval.scoring import score_generated
+
+        scores = score_generated([(r, SAMPLE_RATE, w, SAMPLE_RATE) for r, w in zip(references, waveforms)],
+                                 dnsmos=use_dnsmos)
+        if self._ground_truth is None:
+            truth = score_generated([(r, SAMPLE_RATE, t, SAMPLE_RATE) for r, t in zip(references, targets)],
+                                    dnsmos=use_dnsmos)
+            self._ground_truth = {f"{k}_ground_truth": v for k, v in truth.items() if not k.startswith("num_")}
+        return scores, self._ground_truth
+
+    def _scorable(self, log) -> bool | None:
+        """None when the speaker encoder is not installed (the clips are then only written), else whether DNSMOS
+        is to be used (asked for and installed). Checked once; what is missing is said once."""
+        if self._scoring is _UNCHECKED:
             from importlib.util import find_spec
 
-            needed = ["resemblyzer"] + (["speechmos", "onnxruntime"] if self.settings.dnsmos else [])
-            missing = [name for name in needed if find_spec(name) is None]
-            self._scoring = not missing
-            if missing:
-                log(f"[eval] warning: {', '.join(missing)} not installed (pip install 'higgs-lora[eval]'): the "
-                    f"evaluation clips are written to {self.root} but not scored")
+            missing_speaker = find_spec("resemblyzer") is None
+            missing_dnsmos = [n for n in ("speechmos", "onnxruntime") if find_spec(n) is None]
+            if missing_speaker:
+                log(f"[eval] warning: resemblyzer is not installed (pip install 'higgs-lora[eval]'): the evaluation "
+                    f"clips are written to {self.root} but not scored")
+                self._scoring = None
+            else:
+                if self.settings.dnsmos and missing_dnsmos:
+                    log(f"[eval] warning: {', '.join(missing_dnsmos)} not installed (pip install 'higgs-lora[eval]'): "
+                        "the evaluation clips are scored for similarity only, without DNSMOS")
+                self._scoring = self.settings.dnsmos and not missing_dnsmos
         return self._scoring
 
     def _decoded(self, cache: dict[int, np.ndarray], utterance: int) -> np.ndarray:
@@ -228,7 +258,8 @@ class GenerationProbe:
 
     def _write(self, step: int, clips: list[_Clip], waveforms: list[np.ndarray], seconds: list[float]) -> None:
         """step_NNNNNN/ as `python -m higgs_lora.infer` writes a folder (published whole, atomically), and the
-        references and targets it points to (written once)."""
+        references and targets it points to: named by the cache's source id, so a folder written by an earlier run
+        with other pairs never points at the wrong recording, and (re)written once per process."""
         from higgs_lora.audio import wav_bytes
         from higgs_lora.files import atomic_write_bytes, staged_directory
 
@@ -237,9 +268,10 @@ class GenerationProbe:
             pair = self.pairs[clip.index]
             for folder, cache, utterance in (("references", self._references, pair.reference),
                                              ("targets", self._targets, pair.target)):
-                path = self.root / folder / f"{clip.index:02d}.wav"
-                if not path.is_file():
+                path = self.root / folder / audio_name(data.source_ids[utterance])
+                if path not in self._written:
                     atomic_write_bytes(path, wav_bytes(cache[utterance], SAMPLE_RATE))
+                    self._written.add(path)
         with staged_directory(self.root / _step_name(step)) as staging:
             lines = []
             for clip, waveform, duration in zip(clips, waveforms, seconds):
@@ -248,8 +280,11 @@ class GenerationProbe:
                 (staging / name).write_bytes(wav_bytes(waveform, SAMPLE_RATE))
                 lines.append({
                     "index": clip.index, "id": f"{clip.index:02d}", "wav": name,
-                    "reference_audio": f"../references/{name}", "reference_text": data.texts[pair.reference],
-                    "target_text": data.texts[pair.target], "target_audio": f"../targets/{name}",
+                    "reference_audio": f"../references/{audio_name(data.source_ids[pair.reference])}",
+                    "reference_text": data.texts[pair.reference], "reference_source_id": data.source_ids[pair.reference],
+                    "target_text": data.texts[pair.target],
+                    "target_audio": f"../targets/{audio_name(data.source_ids[pair.target])}",
+                    "target_source_id": data.source_ids[pair.target],
                     "speaker": data.utterances[pair.target].speaker, "duration_s": duration,
                     "frames": int(clip.codes.shape[1]), "stop": clip.stop, "seed": self.settings.seed + clip.index,
                     "repaired_codes": clip.repaired, "step": step,
@@ -258,7 +293,17 @@ class GenerationProbe:
                 "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
             (staging / "run.json").write_text(json.dumps({
                 "source": "training evaluation", "step": step, "max_seconds": self.settings.max_seconds,
-                "count": len(clips)}, indent=2) + "\n", encoding="utf-8")
+                "temperature": self.settings.temperature, "count": len(clips)}, indent=2) + "\n", encoding="utf-8")
+
+
+def audio_name(source_id: str) -> str:
+    """A file name for a cached utterance: its source id made safe (`manifest.jsonl:12` -> `manifest.jsonl_12`),
+    plus a short hash of the id itself, since two ids can become the same once made safe."""
+    import hashlib
+    import re
+
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", source_id)[-80:].strip("._") or "utterance"
+    return f"{safe}-{hashlib.sha1(source_id.encode()).hexdigest()[:8]}.wav"
 
 
 def _step_name(step: int) -> str:

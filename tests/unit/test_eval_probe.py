@@ -38,20 +38,31 @@ def test_choose_pairs_takes_speakers_in_turn_and_short_targets_first(count, max_
     assert [s.target for s in chosen] == expected
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_checkpoint, demo_cache):
-    """The demo run's TrainData (held-out speaker, eval micro-batches) and the tiny model with a fresh LoRA."""
+def build_setup(overrides):
     from higgs_lora.config import load_config
     from higgs_lora.model import apply_lora, load_base_model, load_processor
     from higgs_lora.train import build_data
 
-    cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", demo_cache)
+    cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", overrides)
     processor = load_processor(cfg.model)
     plan = SimpleNamespace(micro_batch_tokens=1024, world_size=1, accumulation=1)
     data = build_data(cfg, processor, plan, cfg.data.cache_dir)
     torch.manual_seed(0)
     model = apply_lora(load_base_model(cfg.model), cfg.lora, cfg.model)
     return cfg, data, model
+
+
+def held_out_pairs(data, count, max_frames=50):
+    samples = [s for mb in data.eval_batches for s in mb]
+    utterances = data.utterances
+    return choose_pairs(samples, [u.speaker for u in utterances], [u.num_frames for u in utterances], count,
+                        max_frames)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_checkpoint, demo_cache):
+    """The demo run's TrainData (held-out speaker, eval micro-batches) and the tiny model with a fresh LoRA."""
+    return build_setup(demo_cache)
 
 
 class EndsEarly(torch.nn.Module):
@@ -102,9 +113,7 @@ def test_lockstep_keeps_a_finished_batch_stepping_until_every_rank_is_done(setup
 
 def run_probe(setup, tmp_path, count=3, **settings):
     cfg, data, model = setup
-    samples = [s for mb in data.eval_batches for s in mb]
-    utterances = data.utterances
-    pairs = choose_pairs(samples, [u.speaker for u in utterances], [u.num_frames for u in utterances], count, 50)
+    pairs = held_out_pairs(data, count)
     probe = GenerationProbe(pairs, data, ProbeSettings(count=count, max_seconds=1.0, seed=7, **settings),
                             tmp_path, rank=0, world_size=1)
     lines = []
@@ -142,6 +151,16 @@ def test_probe_generates_scores_and_writes_an_inference_folder(setup, tmp_path):
     manifest = [json.loads(line) for line in
                 (tmp_path / "eval_samples/step_000005/manifest.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [m["seed"] for m in manifest] == [7, 8, 9] and all(m["step"] == 5 for m in manifest)
+    assert [m["target_source_id"] for m in manifest] == [data.source_ids[p.target] for p in pairs]
+    # The references are the codec's resynthesis of the cached codes, named by source id.
+    from higgs_lora.audio import read_audio
+    from higgs_lora.streaming import decode_codes
+
+    expected = decode_codes(data.processor.audio_tokenizer, torch.from_numpy(data.cache[pairs[0].reference]["codes"]))
+    samples, rate = read_audio(str(folder.predictions[0].reference_audio))
+    assert rate == 24000 and len(samples) == len(expected)
+    assert abs(samples - expected).max() <= 1 / 32767 + 1e-6  # PCM16 rounding
+    assert data.source_ids[pairs[0].reference].replace(":", "_") in folder.predictions[0].reference_audio.name
     assert len(lines) == 2 and "similarity" in lines[0] and "step_000000" in lines[0]
 
 
@@ -156,3 +175,98 @@ def test_probe_without_the_eval_extras_writes_the_clips_and_says_why_they_are_un
     assert (tmp_path / "eval_samples/step_000005/00.wav").is_file()
     warnings = [line for line in lines if "not installed" in line]
     assert len(warnings) == 1 and "resemblyzer" in warnings[0] and "higgs-lora[eval]" in warnings[0]
+
+
+def test_probe_without_dnsmos_installed_still_scores_similarity(setup, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "speechmos" else real(name, *a))
+    _, _, first, second, lines = run_probe(setup, tmp_path, count=1)
+    assert "similarity" in second and "dnsmos_ovrl" not in second and second["num_scored"] == 1
+    warnings = [line for line in lines if "not installed" in line]
+    assert len(warnings) == 1 and "speechmos" in warnings[0] and "without DNSMOS" in warnings[0]
+
+
+# ------------------------------------------------------------------------------------ two processes (gloo)
+
+
+class Collective(torch.nn.Module):
+    """Stands in for a ZeRO-3 model: every forward pass is a collective (an all-reduce), so two processes that do
+    not make the same number of them hang (here: fail at the process group's timeout). Optionally ends early."""
+
+    def __init__(self, model, ends_early: bool):
+        super().__init__()
+        self.inner = EndsEarly(model) if ends_early else model
+        self.config, self.forwards = model.config, 0
+
+    def forward(self, **inputs):
+        import torch.distributed as dist
+
+        dist.all_reduce(torch.ones(1))
+        self.forwards += 1
+        return self.inner(**inputs)
+
+
+def _two_rank_worker(rank, port, overrides, out_dir):
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    try:
+        _, data, model = build_setup(overrides)
+        results = {}
+        for count in (3, 1):  # 3 pairs: 2 + 1, the second rank ends early; 1 pair: the second rank has none
+            wrapped = Collective(model, ends_early=rank == 1)
+            pairs = held_out_pairs(data, count)
+            probe = GenerationProbe(pairs, data, ProbeSettings(count=count, max_seconds=1.0, seed=7, temperature=0),
+                                    out_dir, rank=rank, world_size=2)
+            clips = probe.generate(wrapped, torch.device("cpu"))
+            from higgs_lora.distributed import gather_objects
+
+            gathered = gather_objects(clips)
+            results[count] = {"forwards": wrapped.forwards, "mine": [(c.index, c.codes, c.stop) for c in clips],
+                              "gathered": None if gathered is None else
+                              [(c.index, c.codes, c.stop) for part in gathered for c in part]}
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_decode_in_lockstep_when_one_finishes_early_or_has_no_pair(demo_cache, setup, tmp_path):
+    import multiprocessing
+
+    from tests.e2e.launch import free_port
+
+    context = multiprocessing.get_context("spawn")
+    port = free_port()
+    workers = [context.Process(target=_two_rank_worker, args=(rank, port, demo_cache, str(tmp_path)))
+               for rank in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=300)
+    assert [w.exitcode for w in workers] == [0, 0], "a rank failed or hung (see its output above)"
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    # The same number of collective forward passes on both ranks, though rank 1's stream ends early.
+    assert ranks[0][3]["forwards"] == ranks[1][3]["forwards"]
+    assert ranks[0][1]["forwards"] == ranks[1][1]["forwards"]
+    assert [stop for _, _, stop in ranks[1][3]["mine"]] == ["eos"]
+    assert [stop for _, _, stop in ranks[0][3]["mine"]] == ["max_seconds", "max_seconds"]
+    assert [i for i, _, _ in ranks[0][3]["gathered"]] == [0, 2, 1] and ranks[1][3]["gathered"] is None
+    # With one pair, rank 1 decoded a stand-in and kept nothing.
+    assert [i for i, _, _ in ranks[0][1]["mine"]] == [0] and ranks[1][1]["mine"] == []
+
+    # Rank 0's clips are exactly what one process makes of the same pairs: the split and the extra lockstep
+    # steps change nothing (greedy; batched greedy equals unbatched on this model, see test_inference).
+    _, data, model = setup
+    pairs = held_out_pairs(data, 3)
+    alone = GenerationProbe(pairs, data, ProbeSettings(count=3, max_seconds=1.0, seed=7, temperature=0), tmp_path,
+                            rank=0, world_size=1).generate(model, torch.device("cpu"))
+    for index, codes, _ in ranks[0][3]["mine"]:
+        assert torch.equal(codes, alone[index].codes), index
