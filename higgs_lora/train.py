@@ -220,6 +220,32 @@ class Trainer:
             tqdm.write(message, file=sys.stdout)
             sys.stdout.flush()
 
+    def start_logs(self, resumed: bool) -> None:
+        """Make metrics.jsonl and TensorBoard show this run only (rank 0).
+
+        A run resumed from step S keeps what was logged up to S (the checkpoint was written after S's logs) and
+        drops what a killed attempt logged after it, which the resumed run logs again: TensorBoard hides those
+        events (`purge_step`), metrics.jsonl is rewritten without them (and without a line cut by the kill). A run
+        starting from scratch moves an old metrics.jsonl aside to metrics.jsonl.old and hides old TensorBoard events.
+        """
+        from higgs_lora.files import atomic_write_text
+
+        path = self.output / "metrics.jsonl"
+        if path.is_file():
+            if resumed:
+                kept, dropped = _records_up_to(path.read_text(encoding="utf-8"), self.step)
+                if dropped:
+                    atomic_write_text(path, "".join(kept))
+                    self.log(f"[train] metrics.jsonl: dropped {dropped} records logged after step {self.step} by "
+                             "the interrupted attempt")
+            else:
+                path.replace(path.with_name(path.name + ".old"))
+                self.log(f"[train] starting from scratch: the previous metrics.jsonl is now {path.name}.old")
+        if self.cfg.train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.output / "tensorboard"), purge_step=self.step + 1 if resumed else 0)
+
     def record(self, kind: str, metrics: dict) -> None:
         """Append one record to metrics.jsonl and TensorBoard (rank 0)."""
         if not self.topology.is_main:
@@ -287,13 +313,10 @@ class Trainer:
         from tqdm import tqdm
 
         stop.catch()
+        resumed = self.resume()
         if self.topology.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
-            if self.cfg.train.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(self.output / "tensorboard"))
-        resumed = self.resume()
+            self.start_logs(resumed)
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (self.topology.is_main and sys.stderr.isatty()))
         last: dict = {}
@@ -334,15 +357,15 @@ class Trainer:
             bar.update(1)
             if metrics is not None:
                 last = metrics
-            if eval_enabled and self.step % self.cfg.train.eval_every == 0:
+            # The last step's evaluation comes before its checkpoint, as every other's: a run resumed from the
+            # final checkpoint has nothing left to do but export the adapter.
+            if eval_enabled and (self.step % self.cfg.train.eval_every == 0 or self.step == self.total_steps):
                 self.evaluate()
                 window.reset()  # rates measure training, not evaluation
             if self.step % self.cfg.train.save_every == 0 or self.step == self.total_steps:
                 self.save()
                 last_saved = self.step
                 window.reset()
-        if eval_enabled and self.step % self.cfg.train.eval_every:
-            self.evaluate()
         if last_saved != self.step:
             self.save()
         self.export_final()
@@ -469,6 +492,22 @@ class Trainer:
             self.log(f"[train] adapter: {final}")
         barrier()
         return final
+
+
+def _records_up_to(text: str, step: int) -> tuple[list[str], int]:
+    """(lines of metrics.jsonl logged at or before `step`, how many others: later, or cut off by a kill)."""
+    kept, dropped = [], 0
+    for line in text.splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+        else:
+            dropped += 1
+    return kept, dropped
 
 
 def _float_or_none(value) -> float | None:

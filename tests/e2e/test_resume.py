@@ -64,6 +64,29 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_an_uninterrupted_run(demo
     reference = {m["step"]: m["loss"] for m in metrics(uninterrupted)}
     for m in metrics(out):
         assert m["loss"] == pytest.approx(reference[m["step"]], abs=1e-5)
+    # ... and the logs read as one run: what the killed attempt logged after step 3 is gone, not doubled.
+    assert [m["step"] for m in metrics(out)] == list(range(1, 9))
+    assert [m["step"] for m in metrics(out, "eval")] == [0, 3, 6, 8]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([m["loss"] for m in metrics(out)])
+
+
+def test_resuming_from_the_final_checkpoint_only_exports_the_adapter(demo_cache, uninterrupted, tmp_path):
+    """Killed after the last checkpoint, before the adapter was exported: the resume neither trains nor evaluates
+    again (the last evaluation comes before the last checkpoint) and writes the adapter."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    shutil.rmtree(out / ADAPTER)
+    before = (out / "metrics.jsonl").read_text()
+    resumed = train(out, [*demo_cache, *RUN])
+    assert "resumed from" in resumed.stdout and "at step 8" in resumed.stdout
+    assert (out / "metrics.jsonl").read_text() == before
+    assert_same_adapter(out, uninterrupted, atol=0)
 
 
 def test_sigterm_finishes_the_step_checkpoints_and_exits_zero(demo_cache, uninterrupted, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -148,3 +149,16 @@ def test_a_stop_signal_is_recorded_and_a_second_one_is_left_to_kill():
             "stop.catch(); assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL; print('ok')")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stdout.strip()) == (0, "ok"), result.stderr
+
+
+def test_metrics_records_up_to_the_resumed_step_drop_later_and_cut_lines():
+    from higgs_lora.train import _records_up_to
+
+    text = "".join(json.dumps({"kind": k, "step": n}) + "\n" for k, n in
+                   [("eval", 0), ("train", 1), ("train", 2), ("eval", 2), ("train", 3)])
+    text += '{"kind": "train", "st'  # the line a SIGKILL cut
+    kept, dropped = _records_up_to(text, 2)
+    assert [json.loads(line) for line in kept] == [
+        {"kind": "eval", "step": 0}, {"kind": "train", "step": 1}, {"kind": "train", "step": 2},
+        {"kind": "eval", "step": 2}]
+    assert dropped == 2 and all(line.endswith("\n") for line in kept)
