@@ -49,9 +49,9 @@ from pathlib import Path
 
 import torch
 
+from higgs_lora.config import FRAMES_PER_SECOND, HOP_SAMPLES
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FRAMES_PER_SECOND = 25
-SAMPLES_PER_FRAME = 960  # 24 kHz audio
 FULL_DIMS = {"hidden_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 24, "num_key_value_heads": 8,
              "head_dim": 128, "intermediate_size": 8192, "vocab_size": 128256}
 DEFAULTS = {"tiny": {"micro_batch_tokens": 1024, "baseline_batch_size": 2},
@@ -250,7 +250,7 @@ def run_baseline(model, setup: Setup) -> tuple[list[float], list[dict]]:
             with torch.no_grad():
                 for item in chosen:
                     for codes in (item.reference_codes, item.target_codes):
-                        codec.encode(torch.randn(1, 1, codes.shape[1] * SAMPLES_PER_FRAME, generator=noise) * 0.1)
+                        codec.encode(torch.randn(1, 1, codes.shape[1] * HOP_SAMPLES, generator=noise) * 0.1)
         batch = collate_items(processor, chosen)
         works.append(batch_work(batch, chosen, setup.counter))  # collation order is consumption order
         return {key: batch[key] for key in (*MODEL_INPUTS, "audio_labels")}

@@ -35,8 +35,12 @@ import yaml
 from higgs_lora.files import atomic_write_text
 
 # Facts of the released model that configuration checks rely on (see docs/architecture.md).
-FRAMES_PER_SECOND = 25
-"""Codec frames per second of audio (24 kHz audio, hop of 960 samples)."""
+SAMPLE_RATE = 24000
+"""Sample rate of the codec's audio, in and out."""
+HOP_SAMPLES = 960
+"""Samples per codec frame."""
+FRAMES_PER_SECOND = SAMPLE_RATE // HOP_SAMPLES
+"""Codec frames per second of audio (25)."""
 NUM_CODEBOOKS = 8
 """Residual codebooks per frame."""
 DELAY_POSITIONS = NUM_CODEBOOKS + 1
@@ -106,7 +110,7 @@ class DataConfig:
     """Where `prepare` writes the codec-token cache that training reads. Empty: <output_dir>/cache."""
     language: str = "ar"
     """Language code of the corpus; 'ar' turns on the Arabic text checks and normalisation."""
-    sample_rate: int = 24000
+    sample_rate: int = SAMPLE_RATE
     """Sample rate the codec expects, in Hz. Audio of any other rate is resampled to this."""
     min_seconds: float = 0.5
     """Shortest utterance kept, in seconds."""

@@ -187,6 +187,11 @@ class Decoder:
         return additive_mask(valid, query_length, start, self.dtype)
 
 
+def stop_reason(columns: torch.Tensor, eos_id: int) -> str:
+    """Why a finished stream of (L, K) columns ended: 'eos' (the model closed every codebook) or 'max_seconds'."""
+    return "eos" if bool((columns[-1] == eos_id).all()) else "max_seconds"
+
+
 def columns_to_codes(columns: torch.Tensor, bos_id: int, eos_id: int) -> tuple[torch.Tensor, int]:
     """(K, T) codec codes from (L, K) generated delay-pattern columns, and how many ids had to be repaired.
 

@@ -33,13 +33,13 @@ import numpy as np
 import torch
 
 from higgs_lora.arabic import normalize_arabic, split_sentences
-from higgs_lora.config import AudioConfig, DataConfig, ModelConfig, RunConfig, load_config
+from higgs_lora.config import (FRAMES_PER_SECOND, HOP_SAMPLES, SAMPLE_RATE, AudioConfig, DataConfig, ModelConfig,
+                               RunConfig, load_config)
 from higgs_lora.data.collate import build_prompt
-from higgs_lora.generation import Decoder, columns_to_codes
-from higgs_lora.sampling import FRAMES_PER_SECOND, SamplingParams, make_generator
-from higgs_lora.streaming import HOP_SAMPLES, StreamingDecoder, StreamSettings, decode_codes
+from higgs_lora.generation import Decoder, columns_to_codes, stop_reason
+from higgs_lora.sampling import SamplingParams, make_generator
+from higgs_lora.streaming import StreamingDecoder, StreamSettings, decode_codes
 
-SAMPLE_RATE = 24000
 RUN_CONFIG = "higgs_lora.yaml"
 PAUSE_SECONDS = 0.15
 """Silence put between the pieces of a long text."""
@@ -294,7 +294,7 @@ class VoiceCloner:
         codes, repaired = columns_to_codes(columns, spec.bos_id, spec.eos_id)
         job.frames += codes.shape[1]
         job.repaired += repaired
-        job.stops.append("eos" if bool((columns[-1] == spec.eos_id).all()) else "max_seconds")
+        job.stops.append(stop_reason(columns, spec.eos_id))
         if job.piece > 0:
             yield self._audio(job, index, np.zeros(int(PAUSE_SECONDS * SAMPLE_RATE), dtype=np.float32))
         if stream:

@@ -26,8 +26,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-FRAMES_PER_SECOND = 25
-"""Codec frames per second of audio (24 kHz, hop 960)."""
+from higgs_lora.config import DELAY_POSITIONS, FRAMES_PER_SECOND
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,7 @@ class SamplingParams:
 
     def max_columns(self) -> int:
         """Decode steps allowed: the frames of `max_seconds` plus the delay pattern's K + 1 = 9 extra columns."""
-        return int(round(self.max_seconds * FRAMES_PER_SECOND)) + 9
+        return int(round(self.max_seconds * FRAMES_PER_SECOND)) + DELAY_POSITIONS
 
     def to_dict(self) -> dict:
         return asdict(self)

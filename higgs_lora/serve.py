@@ -28,7 +28,7 @@ import numpy as np
 
 from higgs_lora.audio import wav_bytes
 from higgs_lora.batching import BatchQueue, QueueFull
-from higgs_lora.inference import CloneRequest, InferenceError, VoiceCloner
+from higgs_lora.inference import SAMPLE_RATE, CloneRequest, InferenceError, VoiceCloner
 from higgs_lora.sampling import SamplingParams
 
 TOKEN_ENV = "HIGGS_LORA_TOKEN"
@@ -203,7 +203,7 @@ def create_app(cloner: VoiceCloner, settings: ServeSettings = ServeSettings()):
             if not isinstance(body, dict):
                 raise RequestError(422, "send one JSON object")
             clone_request = build_request(cloner, settings, body, _audio_from_json(body, settings))
-            await websocket.send_json({"type": "start", "sample_rate": 24000, "format": "pcm_s16le", "channels": 1})
+            await websocket.send_json({"type": "start", "sample_rate": SAMPLE_RATE, "format": "pcm_s16le", "channels": 1})
             chunks = 0
             async for item in _run(state["queue"], clone_request):
                 if isinstance(item, np.ndarray):

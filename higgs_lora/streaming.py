@@ -21,8 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-HOP_SAMPLES = 960
-"""Samples per codec frame at 24 kHz (25 frames per second)."""
+from higgs_lora.config import HOP_SAMPLES
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from higgs_lora.arabic import has_arabic_letters, normalize_arabic
 from higgs_lora.audio import AudioError, Conditioned, audio_seconds, condition, read_audio
 from higgs_lora.config import (
     FRAMES_PER_SECOND,
+    HOP_SAMPLES,
     ConfigError,
     RunConfig,
     add_config_arguments,
@@ -50,8 +51,6 @@ from higgs_lora.data.sources import CorpusFormatError, Utterance, read_corpus
 from higgs_lora.files import atomic_write_json, atomic_write_text
 
 CACHE_VERSION = 1
-HOP_SAMPLES = 960
-"""Codec hop at 24 kHz: one frame per 960 samples."""
 EXAMPLES_PER_REASON = 5
 
 

@@ -28,7 +28,9 @@ warning and never stop training; the clips are written all the same.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -37,10 +39,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from higgs_lora.config import SAMPLE_RATE
 from higgs_lora.data.sampler import Sample
 from higgs_lora.sampling import SamplingParams
 
-SAMPLE_RATE = 24000
 FOLDER = "eval_samples"
 _UNCHECKED = object()
 
@@ -69,9 +71,9 @@ def choose_pairs(samples: list[Sample], speakers: list[str], frames: list[int], 
     chosen: list[Sample] = []
     for rank in range(max((len(q) for q in queues), default=0)):
         chosen.extend(q[rank] for q in queues if rank < len(q))
-    # Every speaker's first pair before anyone's second, but short targets before long ones overall.
-    short = [s for s in chosen if frames[s.target] <= max_frames]
-    return (short + [s for s in chosen if frames[s.target] > max_frames])[:count]
+    # Every speaker's first pair before anyone's second, but short targets before long ones overall (stable sort).
+    chosen.sort(key=lambda s: frames[s.target] > max_frames)
+    return chosen[:count]
 
 
 @dataclass
@@ -102,7 +104,7 @@ class GenerationProbe:
         """This rank's share of the pairs, decoded in lockstep with the other ranks (collective)."""
         from higgs_lora.data.collate import build_prompt
         from higgs_lora.distributed import all_reduce_sum, raise_if_any_failed
-        from higgs_lora.generation import Decoder, columns_to_codes
+        from higgs_lora.generation import Decoder, columns_to_codes, stop_reason
         from higgs_lora.sampling import make_generator
 
         mine = list(range(self.rank, len(self.pairs), self.world_size))
@@ -140,8 +142,7 @@ class GenerationProbe:
         for row, i in enumerate(mine):
             stacked = torch.stack(columns[row])
             codes, repaired = columns_to_codes(stacked, spec.bos_id, spec.eos_id)
-            stop = "eos" if bool((stacked[-1] == spec.eos_id).all()) else "max_seconds"
-            clips.append(_Clip(i, codes, stop, repaired))
+            clips.append(_Clip(i, codes, stop_reason(stacked, spec.eos_id), repaired))
         return clips
 
     # ------------------------------------------------------------------------------------------ one step
@@ -299,9 +300,6 @@ class GenerationProbe:
 def audio_name(source_id: str) -> str:
     """A file name for a cached utterance: its source id made safe (`manifest.jsonl:12` -> `manifest.jsonl_12`),
     plus a short hash of the id itself, since two ids can become the same once made safe."""
-    import hashlib
-    import re
-
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", source_id)[-80:].strip("._") or "utterance"
     return f"{safe}-{hashlib.sha1(source_id.encode()).hexdigest()[:8]}.wav"
 
