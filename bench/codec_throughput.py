@@ -30,7 +30,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.codec:
-        from higgs_lora.model import load_codec
+        from higgs_lora.model.loading import load_codec
 
         codec, label = load_codec(args.codec, device=device), args.codec
     else:

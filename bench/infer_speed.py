@@ -74,9 +74,9 @@ def main() -> int:
     if args.codec_seams:
         return codec_seams()
     from higgs_lora.data.collate import build_prompt
-    from higgs_lora.generation import Decoder
-    from higgs_lora.inference import VoiceCloner
-    from higgs_lora.sampling import SamplingParams
+    from higgs_lora.infer.decode import DecodeLoop
+    from higgs_lora.infer.cloner import VoiceCloner
+    from higgs_lora.infer.sampling import SamplingParams
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="infer_speed_"))
     model_dir = build_model(args.size, workdir)
@@ -131,7 +131,7 @@ def main() -> int:
 
 def codec_seams() -> int:
     """Max |streamed - whole| of the released codec architecture (random weights) for several context sizes."""
-    from higgs_lora.streaming import StreamingDecoder, StreamSettings, decode_codes
+    from higgs_lora.infer.streaming_codec import StreamingCodec, StreamSettings, decode_codes
     from higgs_lora.tiny import build_codec
 
     codec = build_codec(0, full_size=True)
@@ -139,7 +139,7 @@ def codec_seams() -> int:
     whole = decode_codes(codec, codes)
     peak = float(np.abs(whole).max())
     for context in (0, 2, 4, 8):
-        decoder = StreamingDecoder(codec, StreamSettings(left_context=context, lookahead=context))
+        decoder = StreamingCodec(codec, StreamSettings(left_context=context, lookahead=context))
         chunks = []
         for t in range(1, codes.shape[1] + 1):
             chunks += decoder.push(codes[:, :t])

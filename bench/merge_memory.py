@@ -41,7 +41,7 @@ FULL = {"hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 2
         "head_dim": 128, "vocab_size": 128256}
 CHILD = """
 import sys
-from higgs_lora.merge import main
+from higgs_lora.deploy.merge import main
 code = main(sys.argv[1:])
 print(open("/proc/self/status").read(), file=sys.stderr)
 sys.exit(code)
@@ -53,7 +53,7 @@ def write_random_base(tiny_model: Path, out: Path, num_layers: int) -> int:
     """A random bf16 base of the released width with `num_layers` layers; returns its parameter count."""
     from transformers import HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
 
-    from higgs_lora.shards import ShardWriter, TensorSpec
+    from higgs_lora.deploy.shards import ShardWriter, TensorSpec
 
     config = json.loads((tiny_model / "config.json").read_text())
     config.update(FULL, num_hidden_layers=num_layers, dtype="bfloat16")
@@ -83,7 +83,7 @@ def write_random_adapter(base: Path, codec: Path, out: Path, quantization: str, 
     from safetensors.torch import save_file
 
     from higgs_lora.config import ModelConfig, RunConfig, save_config
-    from higgs_lora.shards import tensor_shapes
+    from higgs_lora.deploy.shards import tensor_shapes
 
     generator = torch.Generator().manual_seed(1)
     tensors = {}

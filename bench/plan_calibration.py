@@ -1,4 +1,4 @@
-"""Calibrate and check the planner's memory model (higgs_lora.plan.Coefficients).
+"""Calibrate and check the planner's memory model (higgs_lora.plan.choice.Coefficients).
 
     # CPU, no GPU needed: count the bytes autograd keeps per position per decoder layer for several layer shapes
     # and fit act_h * hidden + act_i * intermediate + act_0 (with and without LoRA dropout)
@@ -47,7 +47,7 @@ HEAD_DIM = 128
 
 def setup(tiny_dir: Path):
     from higgs_lora.config import ModelConfig
-    from higgs_lora.model import load_processor
+    from higgs_lora.model.loading import load_processor
     from higgs_lora.tiny import ensure_tiny
 
     tiny = ensure_tiny(tiny_dir)
@@ -71,7 +71,7 @@ def layer_config(model_dir: Path, processor, hidden: int, intermediate: int, lay
 
 def random_lora_model(config, dtype: torch.dtype, device: str, dropout: float, checkpointing: bool, seed: int = 0):
     from higgs_lora.config import LoraConfig, ModelConfig
-    from higgs_lora.model import apply_lora
+    from higgs_lora.model.lora import apply_lora
 
     model = tt.build_on_meta(config, dtype)
     model.to_empty(device=device)
@@ -84,7 +84,7 @@ def random_lora_model(config, dtype: torch.dtype, device: str, dropout: float, c
 
 def saved_bytes(model, batch: dict) -> int:
     """Bytes of the distinct tensors autograd keeps for backward during one training forward (parameters excluded)."""
-    from higgs_lora.loss import label_counts, micro_batch_loss_sums, normalised_loss
+    from higgs_lora.train.loss import label_counts, micro_batch_loss_sums, normalised_loss
 
     owned = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     kept: dict[int, int] = {}
@@ -202,7 +202,7 @@ def _measure(model_dir, processor, items, quantization, dropout, checkpointing, 
     LoRA weights stay bf16 as under DeepSpeed; fp32 master copies and their Adam moments stand in for ZeRO-2's
     optimizer state on one rank (2 + 2 + 4 + 8 bytes per trainable parameter, as the memory model counts).
     """
-    from higgs_lora.loss import label_counts, micro_batch_loss_sums, normalised_loss, to_device
+    from higgs_lora.train.loss import label_counts, micro_batch_loss_sums, normalised_loss, to_device
 
     model = optimizer = None
     torch.cuda.empty_cache()
@@ -248,7 +248,8 @@ def _released_model(model_dir, processor, quantization, dropout, checkpointing, 
     import tempfile
 
     from higgs_lora.config import LoraConfig, ModelConfig
-    from higgs_lora.model import apply_lora, load_base_model
+    from higgs_lora.model.lora import apply_lora
+    from higgs_lora.model.loading import load_base_model
 
     config = layer_config(model_dir, processor, 3072, 8192, 28)
     if quantization == "none":

@@ -24,7 +24,7 @@ offsets of a ~1k vocabulary, valid ids in the full one, and the full config take
 One optimizer step is one micro-batch in both. After `--warmup` steps, each step is timed end to end (data
 included) with synchronised clocks; the table gives the median seconds per step, and rates (totals over the timed
 steps / their summed time) of real and padded positions, target audio seconds, and MFU: model FLOPs of the real
-positions (higgs_lora.metrics; the audio head counted at labelled positions only, for both) over the measured bf16
+positions (higgs_lora.train.flops; the audio head counted at labelled positions only, for both) over the measured bf16
 peak, n/a where none is known. Compare pipelines by target audio seconds per second: their steps hold different
 amounts of work. Peak memory: CUDA allocator peaks per pipeline; on CPU the process max RSS, which cannot be reset,
 so the second pipeline's figure includes the first's.
@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from higgs_lora.config import FRAMES_PER_SECOND, HOP_SAMPLES
+from higgs_lora.constants import FRAMES_PER_SECOND, HOP_SAMPLES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FULL_DIMS = {"hidden_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 24, "num_key_value_heads": 8,
@@ -78,7 +78,7 @@ class Setup:
     tiny_dir: Path
     processor: object
     items: list[Item]
-    counter: object  # higgs_lora.metrics.FlopCounter of the model's config
+    counter: object  # higgs_lora.train.flops.FlopCounter of the model's config
     device: torch.device
     dtype: torch.dtype
 
@@ -164,7 +164,8 @@ def lora_model(setup: Setup):
     The base is the tiny checkpoint, or the full-size model materialised from meta with random weights (linear and
     embedding N(0, 0.02), norms 1, rotary tables and codebook offsets recomputed by transformers' initialiser)."""
     from higgs_lora.config import LoraConfig, ModelConfig
-    from higgs_lora.model import apply_lora, load_base_model
+    from higgs_lora.model.lora import apply_lora
+    from higgs_lora.model.loading import load_base_model
 
     args, device, dtype = setup.args, setup.device, setup.dtype
     if args.size == "tiny":
@@ -207,13 +208,13 @@ def batch_work(batch: dict, items: list[Item], counter) -> dict:
 def run_ours(model, setup: Setup) -> tuple[list[float], list[dict]]:
     """Our loop; returns per-step seconds and work for every step (warm-up included)."""
     from higgs_lora.config import TrainConfig
-    from higgs_lora.data.sampler import Sample, pack_micro_batches
-    from higgs_lora.loss import label_counts, micro_batch_loss_sums, normalised_loss, to_device
+    from higgs_lora.data.sampler import Pair, pack_micro_batches
+    from higgs_lora.train.loss import label_counts, micro_batch_loss_sums, normalised_loss, to_device
 
     args, device, items, processor = setup.args, setup.device, setup.items, setup.processor
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=TrainConfig().lr, weight_decay=0.0, fused=device.type == "cuda")
-    samples = [Sample(i, i, item.num_positions) for i, item in enumerate(items)]
+    samples = [Pair(i, i, item.num_positions) for i, item in enumerate(items)]
     rng = random.Random(f"ours/{args.seed}")
     queue: list = []
     model.train()
@@ -336,8 +337,8 @@ def main() -> int:
     import transformers
 
     from higgs_lora.config import LoraConfig, ModelConfig
-    from higgs_lora.metrics import FlopCounter, peak_flops
-    from higgs_lora.model import load_codec, load_processor
+    from higgs_lora.train.flops import FlopCounter, peak_flops
+    from higgs_lora.model.loading import load_codec, load_processor
     from higgs_lora.tiny import ensure_tiny
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -8,7 +8,7 @@
    `deepspeed --num_gpus N launch/train.py --ds ds_configs/zero2.json --config <resolved config>`
    (2 data-parallel ranks over gloo on CPU, ZeRO-2), with checkpoints, held-out-speaker evaluation and an adapter;
 4. summarises what the run logged and where the adapter is;
-5. clones the held-out speakers' voices with the trained adapter through the batch CLI (`higgs_lora.infer`):
+5. clones the held-out speakers' voices with the trained adapter through the batch CLI (`higgs_lora.infer.batch`):
    `runs/demo/clone/NNN.wav` + `manifest.jsonl`. The tiny random model babbles; the point is the whole path;
 6. evaluates the clones (`python -m higgs_lora.evaluate --pred runs/demo/clone`): speaker similarity, DNSMOS,
    duration and speed, in `runs/demo/clone/report.html` (no ASR model is bundled, so CER/WER are skipped).
@@ -153,7 +153,7 @@ def demo_samples(cfg: RunConfig, out: Path, per_speaker: int = 2) -> Path:
 
 def clone_demo_voices(cfg: RunConfig, out: Path) -> Path | None:
     """Run the batch CLI with the trained adapter on the demo's cloning samples; the output directory."""
-    from higgs_lora import infer
+    from higgs_lora.infer import batch as infer
 
     samples = demo_samples(cfg, out)
     clone_dir = out / "clone"
@@ -171,7 +171,7 @@ def clone_demo_voices(cfg: RunConfig, out: Path) -> Path | None:
 
 def evaluate_clones(clone_dir: Path) -> Path | None:
     """`python -m higgs_lora.evaluate` on the cloned voices; the report's path (None when nothing was scored)."""
-    from higgs_lora import evaluate
+    from higgs_lora.eval import cli as evaluate
 
     command = ["--pred", str(clone_dir), "--quiet"]
     print(f"[demo] evaluate: python -m higgs_lora.evaluate {' '.join(command)}", flush=True)

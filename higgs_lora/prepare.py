@@ -1,4 +1,4 @@
-"""`python -m higgs_lora.prepare --config X.yaml [key=value ...]`: corpus -> codec-token cache (see data/prepare.py)."""
+"""`python -m higgs_lora.prepare` (corpus -> codec-token cache): kept because users' commands name it; the code is in higgs_lora.data.prepare."""
 
 from higgs_lora.data.prepare import main
 

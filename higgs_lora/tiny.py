@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from higgs_lora.files import replace_directory
+from higgs_lora.model.loading import CHAT_TEMPLATE_PATH
 
-CHAT_TEMPLATE_PATH = Path(__file__).with_name("chat_template.jinja")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TRANSCRIPTS = REPO_ROOT / "examples" / "demo_corpus" / "manifest.jsonl"
 

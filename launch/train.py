@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 8 launch/train.py --ds ds_configs/zero3.json --config configs/X.yaml
     python launch/train.py --ds ds_configs/zero2.json --config configs/demo.yaml        # one process
 
-parse -> plan -> build -> train -> save; the work lives in higgs_lora.train. Exit codes: 0 done (or stopped by
+parse -> plan -> build -> train -> save; the work lives in higgs_lora.train.loop. Exit codes: 0 done (or stopped by
 SIGTERM/SIGUSR1 after a checkpoint), 2 bad configuration, 1 training failed.
 """
 
@@ -33,12 +33,12 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    from higgs_lora.checkpoint import ResumeError
+    from higgs_lora.train.checkpoint import ResumeError
     from higgs_lora.data.prepare import CacheError
     from higgs_lora.data.sampler import DataError
-    from higgs_lora.model import CheckpointError
+    from higgs_lora.errors import CheckpointError
     from higgs_lora.plan import PlanError
-    from higgs_lora.train import NonFiniteLossError, run
+    from higgs_lora.train.loop import NonFiniteLossError, run
 
     try:
         run(cfg, args.ds)

@@ -1,4 +1,4 @@
-"""Builds inference output folders (the `higgs_lora.infer --out` layout) from demo-corpus recordings, for the
+"""Builds inference output folders (the `higgs_lora.infer.batch --out` layout) from demo-corpus recordings, for the
 evaluation tests: the "generated" audio is a real recording, resampled to 24 kHz PCM16 as inference writes it, so
 the metrics have known answers (same speaker as its reference, or not) without running any model."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from higgs_lora.audio import load_audio
+from higgs_lora.data.audio import load_audio
 
 GENERATED_RATE = 24000
 

@@ -1,7 +1,7 @@
 """Tiny checkpoints in Boson's original layout, written from the tiny transformers-layout ones, for conversion tests.
 
 The original names are spelled out here from the structure of Boson's code, as lists in module order, not by
-inverting higgs_lora.convert's rules: the model's from the renames in ../shared/HIGGS_FACTS.md, the codec's from the
+inverting higgs_lora.deploy.convert's rules: the model's from the renames in ../shared/HIGGS_FACTS.md, the codec's from the
 original xcodec/DAC modules (`nn.Sequential` indices, weight-norm pairs, wrapped semantic convolutions). The tests
 then compare what the converted checkpoints compute with what the source checkpoints compute, so a wrong rule on
 either side shows up as different logits or codes, not as a tautology.

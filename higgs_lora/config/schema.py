@@ -32,24 +32,14 @@ from typing import Any, Literal
 
 import yaml
 
+from higgs_lora.errors import UserError
+from higgs_lora.constants import DELAY_POSITIONS, FRAMES_PER_SECOND, HOP_SAMPLES, NUM_CODEBOOKS, SAMPLE_RATE
 from higgs_lora.files import atomic_write_text
-
-# Facts of the released model that configuration checks rely on (see docs/architecture.md).
-SAMPLE_RATE = 24000
-"""Sample rate of the codec's audio, in and out."""
-HOP_SAMPLES = 960
-"""Samples per codec frame."""
-FRAMES_PER_SECOND = SAMPLE_RATE // HOP_SAMPLES
-"""Codec frames per second of audio (25)."""
-NUM_CODEBOOKS = 8
-"""Residual codebooks per frame."""
-DELAY_POSITIONS = NUM_CODEBOOKS + 1
-"""Extra model positions per audio segment: stream BOS + EOS, plus the 7-step delay pattern (T frames -> T+9)."""
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """One or more configuration problems; `problems` lists each as 'key: what is wrong; what to do'."""
 
     def __init__(self, problems: list[str]):

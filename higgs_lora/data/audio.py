@@ -14,12 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
+from higgs_lora.errors import UserError
+
 HF_AUDIO_PREFIX = "hf-dataset://"
 CLIP_LEVEL = 0.999
 """A sample at or above this magnitude counts as clipped."""
 
 
-class AudioError(ValueError):
+class AudioError(UserError, ValueError):
     """An audio file that cannot be used; `reason` is a short machine-readable tag."""
 
     def __init__(self, message: str, reason: str = "unreadable"):

@@ -37,16 +37,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from higgs_lora.arabic import has_arabic_letters, normalize_arabic
-from higgs_lora.audio import AudioError, Conditioned, audio_seconds, condition, read_audio
-from higgs_lora.config import (
-    FRAMES_PER_SECOND,
-    HOP_SAMPLES,
-    ConfigError,
-    RunConfig,
-    add_config_arguments,
-    config_from_args,
-)
+from higgs_lora.errors import UserError
+from higgs_lora.text.arabic import has_arabic_letters, normalize_arabic
+from higgs_lora.data.audio import AudioError, Conditioned, audio_seconds, condition, read_audio
+from higgs_lora.constants import FRAMES_PER_SECOND, HOP_SAMPLES
+from higgs_lora.config import ConfigError, RunConfig, add_config_arguments, config_from_args
 from higgs_lora.data.sources import CorpusFormatError, Utterance, read_corpus
 from higgs_lora.files import atomic_write_json, atomic_write_text
 
@@ -54,7 +49,7 @@ CACHE_VERSION = 1
 EXAMPLES_PER_REASON = 5
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """The cache directory cannot be used as asked (settings changed, shards missing, ...)."""
 
 
@@ -337,7 +332,7 @@ def run_prepare(cfg: RunConfig, array_size: int = 1, array_index: int = 0, quiet
     import torch
     from tqdm import tqdm
 
-    from higgs_lora.model import load_codec, resolve_codec_path
+    from higgs_lora.model.loading import load_codec, resolve_codec_path
 
     if not 0 <= array_index < array_size:
         raise CacheError(f"--shard-index {array_index} is outside 0..{array_size - 1}")

@@ -22,10 +22,11 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from higgs_lora.config import DELAY_POSITIONS
+from higgs_lora.errors import UserError
+from higgs_lora.constants import DELAY_POSITIONS
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The corpus cannot be scheduled as configured; the message says which setting to change."""
 
 
@@ -41,7 +42,7 @@ class UtteranceInfo:
 
 
 @dataclass(frozen=True)
-class Sample:
+class Pair:
     """A training sample: indices of the target and reference utterances in the cache, and its length."""
 
     target: int
@@ -54,7 +55,7 @@ class Sample:
 class EpochPlan:
     """One epoch's schedule: `steps[s][m]` is micro-batch m (of world_size x accumulation) of optimizer step s."""
 
-    steps: list[list[list[Sample]]]
+    steps: list[list[list[Pair]]]
     num_samples: int
     """Samples placed in this epoch's steps."""
     num_without_reference: int = 0
@@ -64,7 +65,7 @@ class EpochPlan:
     padding_fraction: float = 0.0
     """Padding positions / budgeted positions (len x longest) over the scheduled micro-batches."""
 
-    def rank_micro_batches(self, step: int, rank: int, accumulation: int) -> list[list[Sample]]:
+    def rank_micro_batches(self, step: int, rank: int, accumulation: int) -> list[list[Pair]]:
         """The micro-batches rank `rank` trains in step `step`."""
         return self.steps[step][rank * accumulation : (rank + 1) * accumulation]
 
@@ -138,7 +139,7 @@ def draw_pairs(
     return pairs, missing
 
 
-def pack_micro_batches(samples: list[Sample], budget: int, rng: random.Random, pool_size: int = 1024) -> list[list[Sample]]:
+def pack_micro_batches(samples: list[Pair], budget: int, rng: random.Random, pool_size: int = 1024) -> list[list[Pair]]:
     """Group `samples` into micro-batches whose len x longest sample is <= `budget`, in shuffled order.
 
     Raises DataError naming the sample when one sample alone is longer than the budget.
@@ -153,10 +154,10 @@ def pack_micro_batches(samples: list[Sample], budget: int, rng: random.Random, p
         )
     order = list(samples)
     rng.shuffle(order)
-    micro_batches: list[list[Sample]] = []
+    micro_batches: list[list[Pair]] = []
     for start in range(0, len(order), pool_size):
         pool = sorted(order[start : start + pool_size], key=lambda s: s.num_positions)
-        current: list[Sample] = []
+        current: list[Pair] = []
         for sample in pool:  # ascending: the newcomer is the longest of its micro-batch
             if current and (len(current) + 1) * sample.num_positions > budget:
                 micro_batches.append(current)
@@ -197,7 +198,7 @@ class EpochSampler:
             self.utterances, self.targets, self.fixed_references, self.reference_frames, self.seed, epoch
         )
         samples = [
-            Sample(t, r, sample_positions(self.utterances[t], self.utterances[r], self.prompt_overhead))
+            Pair(t, r, sample_positions(self.utterances[t], self.utterances[r], self.prompt_overhead))
             for t, r in pairs
         ]
         rng = random.Random(f"batches/{self.seed}/{epoch}")
@@ -236,7 +237,7 @@ def split_speakers(speakers: list[str], eval_speakers: list[str], num_eval_speak
     return set(random.Random(f"eval-speakers/{seed}").sample(distinct, count))
 
 
-def eval_micro_batches(sampler: EpochSampler) -> list[list[Sample]]:
+def eval_micro_batches(sampler: EpochSampler) -> list[list[Pair]]:
     """The fixed evaluation set of `sampler`'s targets: epoch-0 reference draws, packed, nothing dropped."""
     plan_sampler = EpochSampler(
         utterances=sampler.utterances, targets=sampler.targets, prompt_overhead=sampler.prompt_overhead,

@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from higgs_lora.audio import HF_AUDIO_PREFIX
+from higgs_lora.errors import UserError
+from higgs_lora.data.audio import HF_AUDIO_PREFIX
+from higgs_lora.data.chatml import audio_of, message_parts, resolve_path
 
 FORMATS = ("manifest", "chatml", "ljspeech", "commonvoice", "hf")
 TEXT_COLUMNS = ("text", "sentence", "transcription", "transcript", "normalized_text")
@@ -62,7 +64,7 @@ class Corpus:
     problems: list[SourceProblem] = field(default_factory=list)
 
 
-class CorpusFormatError(ValueError):
+class CorpusFormatError(UserError, ValueError):
     """The corpus path cannot be read in the requested (or any detectable) format."""
 
 
@@ -117,11 +119,6 @@ def read_corpus(path: str | Path, fmt: str = "auto", language: str = "ar") -> Co
 # ------------------------------------------------------------------------------------------------ readers
 
 
-def _resolve(base: Path, audio: str) -> str:
-    candidate = Path(audio).expanduser()
-    return str(candidate if candidate.is_absolute() else (base / candidate).resolve())
-
-
 def _jsonl_records(path: Path, corpus: Corpus):
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -148,7 +145,7 @@ def _read_manifest(path: Path, language: str, corpus: Corpus) -> None:
         text = _first(record, TEXT_COLUMNS)
         speaker = _first(record, SPEAKER_COLUMNS) or "unknown"
         corpus.utterances.append(Utterance(
-            audio=_resolve(base, audio), text=str(text or ""), speaker=str(speaker),
+            audio=resolve_path(base, audio), text=str(text or ""), speaker=str(speaker),
             language=str(record.get("language") or language), source_id=source_id,
         ))
 
@@ -158,25 +155,6 @@ def _first(record: dict, keys: tuple[str, ...]) -> Any:
         if record.get(key) not in (None, ""):
             return record[key]
     return None
-
-
-def _contents(message: dict) -> list[dict]:
-    """A message's content as a list of typed parts (strings and single dicts are accepted)."""
-    content = message.get("content")
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    if isinstance(content, dict):
-        return [content]
-    if isinstance(content, list):
-        return [c if isinstance(c, dict) else {"type": "text", "text": str(c)} for c in content]
-    return []
-
-
-def _audio_of(part: dict) -> str | None:
-    if part.get("type") != "audio":
-        return None
-    value = part.get("audio_url") or part.get("audio") or part.get("url") or part.get("raw_audio")
-    return value if isinstance(value, str) and value else None
 
 
 def _read_chatml(path: Path, language: str, corpus: Corpus) -> None:
@@ -204,11 +182,11 @@ def _read_chatml(path: Path, language: str, corpus: Corpus) -> None:
         for message in sample["messages"]:
             if message.get("role") == "system":
                 continue
-            for part in _contents(message):
-                audio = _audio_of(part)
+            for part in message_parts(message):
+                audio = audio_of(part)
                 if audio is not None:
                     if pending_text is not None:
-                        segments.append((pending_text, _resolve(base, audio)))
+                        segments.append((pending_text, resolve_path(base, audio)))
                         pending_text = None
                 elif part.get("type") == "text":
                     pending_text = str(part.get("text", ""))
@@ -306,6 +284,6 @@ def _read_audiofolder(root: Path, metadata: Path, language: str, corpus: Corpus)
             corpus.problems.append(SourceProblem(f"{metadata.name}:{index + 1}", "malformed_record", "no file_name"))
             continue
         corpus.utterances.append(Utterance(
-            audio=_resolve(root, file_name), text=str(_first(record, TEXT_COLUMNS) or ""),
+            audio=resolve_path(root, file_name), text=str(_first(record, TEXT_COLUMNS) or ""),
             speaker=str(_first(record, SPEAKER_COLUMNS) or root.name), language=language, source_id=file_name,
         ))

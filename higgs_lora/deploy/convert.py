@@ -13,11 +13,11 @@ The generation model (tensor names per docs/deploy.md and ../shared/HIGGS_FACTS.
   `norm.*` -> under `model.`; `audio_decoder_proj.{audio,text}_lm_head.weight` -> `{audio,text}_lm_head.weight`;
   rotary buffers and `audio_codebook_weights` dropped; embeddings or heads stored as a frozen + trainable pair
   (Boson's partially frozen modules) concatenated back into one tensor. The config becomes a `HiggsAudioV2Config`
-  with `codebook_size` 1026 (1024 codes + stream BOS + EOS). Tensors are streamed (higgs_lora.shards): host memory
+  with `codebook_size` 1026 (1024 codes + stream BOS + EOS). Tensors are streamed (higgs_lora.deploy.shards): host memory
   holds one tensor at a time, not the model. Options the transformers port does not implement (a Whisper audio
   tower, audio FFNs in only some layers, an embedding projector, ...) are refused by name.
 
-The codec: higgs_lora.convert_codec.
+The codec: higgs_lora.deploy.convert_codec.
 
 The installed transformers (5.24) has no converter we can call: the upstream repository's
 `convert_higgs_audio_v2_to_hf.py` and `convert_higgs_audio_v2_tokenizer_to_hf.py` are not in the wheel (no
@@ -37,9 +37,10 @@ import shutil
 import sys
 from pathlib import Path
 
+from higgs_lora.errors import UserError
 from higgs_lora.files import atomic_write_json, staged_directory
-from higgs_lora.shards import ShardWriter, TensorSpec, iter_tensors, tensor_specs
-from higgs_lora.tiny import CHAT_TEMPLATE_PATH
+from higgs_lora.deploy.shards import ShardWriter, TensorSpec, iter_tensors, tensor_specs
+from higgs_lora.model.loading import CHAT_TEMPLATE_PATH
 
 CONVERT_MARKER = "higgs_lora_convert.json"
 ORIGINAL_MODEL_TYPE = "higgs_audio"
@@ -59,7 +60,7 @@ _SPLIT = re.compile(r"^(?P<module>embed_tokens|audio_decoder_proj\.(?:audio|text
                     r"(?:embedding|linear)_(?P<part>frozen|trainable)\.weight$")
 
 
-class ConvertError(ValueError):
+class ConvertError(UserError, ValueError):
     """The source cannot be converted as it is; the message lists every problem and what to do."""
 
 
@@ -259,7 +260,7 @@ def convert_model(src: Path, staging: Path, codec_reference: str = DEFAULT_CODEC
                 del pending[new]
         elif name in renamed:
             writer.add(renamed[name], tensor)
-        del tensor  # before the next one is read (higgs_lora.shards.iter_tensors)
+        del tensor  # before the next one is read (higgs_lora.deploy.shards.iter_tensors)
     files = writer.close()
 
     config = HiggsAudioV2Config(**config_args)
@@ -319,7 +320,7 @@ def detect_kind(src: Path) -> str:
 
 def convert(src: str | Path, out: str | Path, codec: str | None = None, force: bool = False, log=print) -> Path:
     """Convert `src` (original model or codec) into `out`, atomically; returns `out`."""
-    from higgs_lora.convert_codec import convert_codec
+    from higgs_lora.deploy.convert_codec import convert_codec
 
     src, out = Path(src).expanduser().resolve(), Path(out).expanduser().resolve()
     if not src.is_dir():
@@ -341,7 +342,7 @@ def convert(src: str | Path, out: str | Path, codec: str | None = None, force: b
         for path in src.iterdir():  # the weights' licence travels with them
             if path.is_file() and re.match(r"^(LICEN[CS]E|NOTICE)", path.name, re.IGNORECASE):
                 shutil.copy2(path, staging / path.name)
-        atomic_write_json(staging / CONVERT_MARKER, {"tool": "higgs_lora.convert", "source": str(src), **summary})
+        atomic_write_json(staging / CONVERT_MARKER, {"tool": "higgs_lora.deploy.convert", "source": str(src), **summary})
     log(f"[convert] wrote {out}")
     return out
 

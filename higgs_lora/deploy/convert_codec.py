@@ -20,7 +20,8 @@ import math
 import re
 from pathlib import Path
 
-from higgs_lora.shards import ShardWriter, TensorSpec, dtype_code
+from higgs_lora.errors import UserError
+from higgs_lora.deploy.shards import ShardWriter, TensorSpec, dtype_code
 
 SUPPORTED_TEACHERS = ("hubert_base", "hubert_base_general")
 HUBERT_HEAD_DIM = 64
@@ -30,7 +31,7 @@ _IGNORED = re.compile(r"^semantic_model\.masked_spec_embed$")
 """HuBERT's training-time mask embedding: unused for inference, absent from the port's model."""
 
 
-class CodecConvertError(ValueError):
+class CodecConvertError(UserError, ValueError):
     """The original codec cannot be converted; the message lists every problem."""
 
 

@@ -15,13 +15,15 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from higgs_lora.errors import UserError
+
 if TYPE_CHECKING:
     import torch
 
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError, ValueError):
     """An adapter that cannot be merged as it is; the message lists every problem."""
 
 

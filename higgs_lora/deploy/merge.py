@@ -10,7 +10,7 @@ The adapter folder says everything else: the base model's location and the resol
    checkpoint's); refuse a directory this tool already merged.
 2. Merge, streaming: every base tensor is read from its shard, the adapter's update added in float32
    (W + alpha/r * B @ A), cast to `--dtype`, checked finite and written at its place in the output shards. The model
-   is never instantiated: host memory holds the adapter and one tensor at a time (higgs_lora.shards). A QLoRA adapter
+   is never instantiated: host memory holds the adapter and one tensor at a time (higgs_lora.deploy.shards). A QLoRA adapter
    is merged into the full-precision base, not into the 4-bit weights it was trained against (docs/deploy.md).
 3. Copy what loading needs (config with the new dtype, generation config, tokenizer, chat template, processor config,
    the codec under `audio_tokenizer/`, licence files) and write NOTICE, a model card and `higgs_lora_merge.json`
@@ -34,12 +34,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from higgs_lora.checkpoint import ADAPTER, RUN_CONFIG, latest_checkpoint, licence_notice, read_adapter_config
+from higgs_lora.errors import UserError
+from higgs_lora.train.checkpoint import ADAPTER, latest_checkpoint, licence_notice, read_adapter_config
+from higgs_lora.constants import RUN_CONFIG
 from higgs_lora.config import ConfigError, LoraConfig, ModelConfig, RunConfig
 from higgs_lora.files import atomic_write_json, atomic_write_text, staged_directory
-from higgs_lora.lora_weights import AdapterError, check_targets, lora_deltas, merge_weight
-from higgs_lora.model import CheckpointError, check_codec, check_loadable, inspect_checkpoint, resolve_codec_path
-from higgs_lora.shards import (
+from higgs_lora.deploy.lora_weights import AdapterError, check_targets, lora_deltas, merge_weight
+from higgs_lora.errors import CheckpointError
+from higgs_lora.model.loading import check_codec, check_loadable, inspect_checkpoint, resolve_codec_path
+from higgs_lora.deploy.shards import (
     DEFAULT_SHARD_BYTES,
     ShardWriter,
     TensorSpec,
@@ -62,7 +65,7 @@ SUPPORT_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.j
 _STEP = re.compile(r"^step_(\d+)$")
 
 
-class MergeError(ValueError):
+class MergeError(UserError, ValueError):
     """The inputs cannot be merged as given; the message says what to do."""
 
 
@@ -90,7 +93,7 @@ def refuse_if_merged(path: Path) -> None:
     if marker.is_file():
         record = json.loads(marker.read_text(encoding="utf-8"))
         raise MergeError(
-            f"{path} is already a merged model (higgs_lora.merge folded adapter {record.get('adapter')} into base "
+            f"{path} is already a merged model (higgs_lora.deploy.merge folded adapter {record.get('adapter')} into base "
             f"{record.get('base')}): it holds no adapter to merge. Load it with from_pretrained as it is, or merge "
             "the adapter it came from again."
         )
@@ -178,7 +181,7 @@ def _contains(outer: Path, inner: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def make_plan(adapter: str, out: str | None = None, base: str | None = None, codec: str | None = None,
+def plan_merge(adapter: str, out: str | None = None, base: str | None = None, codec: str | None = None,
               dtype: str = "bf16", device: str = "auto", force: bool = False) -> MergePlan:
     """Resolve and check every input of a merge; raises MergeError/CheckpointError saying what to do."""
     location = locate_adapter(adapter)
@@ -247,9 +250,9 @@ def merge_into_shards(base_dir: Path, deltas: dict, out_dir: Path, dtype_name: s
 
     Floating-point tensors are cast to `dtype_name`; those with a LoRA update get it added first. Raises MergeError
     when the adapter does not fit the base (checked from the shard headers before anything is written) or when any
-    written tensor holds NaN/inf (all such tensors are named). Memory: one tensor at a time (higgs_lora.shards).
+    written tensor holds NaN/inf (all such tensors are named). Memory: one tensor at a time (higgs_lora.deploy.shards).
     """
-    from higgs_lora.model import torch_dtype
+    from higgs_lora.model.loading import torch_dtype
 
     specs = tensor_specs(base_dir)
     problems = check_targets(deltas, {name: shape for name, (_, shape) in specs.items()})
@@ -298,7 +301,7 @@ def all_finite(tensor, chunk: int = 2**24) -> bool:
 
 def write_support_files(plan: MergePlan, staging: Path) -> list[str]:
     """Config, generation config, tokenizer, processor config, codec and licence files; returns what was copied."""
-    from higgs_lora.model import torch_dtype
+    from higgs_lora.model.loading import torch_dtype
 
     config = json.loads((plan.base / "config.json").read_text(encoding="utf-8"))
     config.pop("torch_dtype", None)
@@ -352,7 +355,7 @@ def provenance(plan: MergePlan, result: MergeResult, verification: dict | None) 
 
     base_files = [name for name in ("config.json", "model.safetensors.index.json") if (plan.base / name).is_file()]
     return {
-        "tool": "higgs_lora.merge",
+        "tool": "higgs_lora.deploy.merge",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "adapter": str(plan.adapter.path),
         "adapter_step": plan.adapter.step,
@@ -396,7 +399,7 @@ def run_merge(plan: MergePlan, verify: bool = True, max_shard_bytes: int = DEFAU
     Raises MergeError/AdapterError for unusable inputs and VerificationError when the merged model disagrees with
     the adapter; in every failure case `plan.out` is left as it was.
     """
-    from higgs_lora.merge_check import VerificationError, compare_logits
+    from higgs_lora.deploy.verify import VerificationError, compare_logits
 
     refuse_double_merge(plan)
     deltas = load_adapter_deltas(plan.adapter.path)
@@ -445,14 +448,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach a hub
 
-    from higgs_lora.merge_check import VerificationError
+    from higgs_lora.deploy.verify import VerificationError
 
     try:
         try:
             shard_bytes = parse_size(args.shard_size)
         except ValueError as err:
             raise MergeError(f"--shard-size: {err}") from err
-        plan = make_plan(args.adapter, args.out, args.base, args.codec, args.dtype, args.device, args.force)
+        plan = plan_merge(args.adapter, args.out, args.base, args.codec, args.dtype, args.device, args.force)
         print(f"[merge] adapter: {plan.adapter.how}")
         recorded = Path(plan.cfg.model.path).expanduser().resolve()
         note = f" (given with --base; the adapter was trained on {recorded})" if recorded != plan.base else ""

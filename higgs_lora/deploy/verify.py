@@ -76,7 +76,7 @@ def compare_logits(merged_dir: Path, base_dir: Path, adapter_dir: Path, cfg: Run
     from peft import PeftModel
     from transformers import HiggsAudioV2ForConditionalGeneration
 
-    from higgs_lora.model import load_base_model, load_processor, torch_dtype
+    from higgs_lora.model.loading import load_base_model, load_processor, torch_dtype
 
     processor = load_processor(ModelConfig(path=str(merged_dir), codec_path=str(merged_dir / "audio_tokenizer")))
     batch = fixed_sample(processor)

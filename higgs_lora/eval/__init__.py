@@ -1,6 +1,6 @@
 """Evaluation of cloned speech: speaker similarity, Arabic intelligibility (CER/WER), quality (DNSMOS) and speed.
 
-`python -m higgs_lora.evaluate --pred out/` is the face (higgs_lora/evaluate.py); the work lives here, one concern
+`python -m higgs_lora.evaluate --pred out/` is the face (higgs_lora/eval/cli.py); the work lives here, one concern
 per module, heavy libraries imported only inside the functions that need them (resemblyzer pulls in librosa and
 numba, speechmos pulls in onnxruntime, the ASR pulls in transformers), so `import higgs_lora.eval` stays cheap:
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from higgs_lora.audio import resample
+from higgs_lora.errors import UserError
+from higgs_lora.data.audio import resample
 
 ASR_RATE = 16000
 """Sample rate both Whisper and wav2vec2-style models expect (Hz)."""
@@ -29,7 +30,7 @@ MAX_NEW_TOKENS = 200
 WHISPER_START_TOKENS = 4
 
 
-class AsrError(ValueError):
+class AsrError(UserError, ValueError):
     """The ASR directory cannot be used; the message says why and what to do."""
 
 

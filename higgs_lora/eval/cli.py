@@ -87,7 +87,7 @@ def evaluate(
     if base_folder is not None:
         problems += [f"base {p}" for p in _problems(base_folder, base_rows)]
     metrics = {
-        "tool": "higgs_lora.evaluate",
+        "tool": "higgs_lora.eval.cli",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "pred": str(folder.path),
         "num_samples": len(rows),

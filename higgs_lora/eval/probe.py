@@ -14,7 +14,7 @@ is closer to the reference. At each evaluation the trainer calls `GenerationProb
    `eval/similarity`, `eval/dnsmos_{sig,bak,ovrl}`, `eval/eos_fraction` (clips the model ended itself) next to the
    held-out loss, plus the same scores of the real held-out target (`*_ground_truth`: what a perfect model would
    get, computed once);
-4. writes the clips as an inference folder, `<output_dir>/eval_samples/step_NNNNNN/` (`manifest.jsonl` +
+4. writes the clips as an inference folder, `<output_dir>/eval_samples/step_NNNNNNNN/` (`manifest.jsonl` +
    wavs; references and ground-truth targets in `eval_samples/references/` and `targets/`), which
    `python -m higgs_lora.evaluate --pred` reads (CER with an ASR model, `--compare` with step 0: base vs tuned),
    and the audio to TensorBoard.
@@ -39,9 +39,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from higgs_lora.config import SAMPLE_RATE
-from higgs_lora.data.sampler import Sample
-from higgs_lora.sampling import SamplingParams
+from higgs_lora.constants import SAMPLE_RATE, STEP_NAME
+from higgs_lora.data.sampler import Pair
+from higgs_lora.infer.sampling import SamplingParams
 
 FOLDER = "eval_samples"
 _UNCHECKED = object()
@@ -60,15 +60,15 @@ class ProbeSettings:
     """The inference default; 0 (greedy) only in tests that compare codes across batch layouts."""
 
 
-def choose_pairs(samples: list[Sample], speakers: list[str], frames: list[int], count: int,
-                 max_frames: int) -> list[Sample]:
+def choose_pairs(samples: list[Pair], speakers: list[str], frames: list[int], count: int,
+                 max_frames: int) -> list[Pair]:
     """Up to `count` of the held-out `samples`, the same for the same inputs: speakers in turn (sorted), each
     speaker's targets in cache order, those longer than `max_frames` only when no shorter one is left."""
-    by_speaker: dict[str, list[Sample]] = defaultdict(list)
+    by_speaker: dict[str, list[Pair]] = defaultdict(list)
     for sample in sorted(samples, key=lambda s: (frames[s.target] > max_frames, s.target)):
         by_speaker[speakers[sample.target]].append(sample)
     queues = [by_speaker[s] for s in sorted(by_speaker)]
-    chosen: list[Sample] = []
+    chosen: list[Pair] = []
     for rank in range(max((len(q) for q in queues), default=0)):
         chosen.extend(q[rank] for q in queues if rank < len(q))
     # Every speaker's first pair before anyone's second, but short targets before long ones overall (stable sort).
@@ -87,7 +87,7 @@ class _Clip:
 class GenerationProbe:
     """Generates and scores the chosen held-out pairs; `run` is collective (every rank calls it)."""
 
-    def __init__(self, pairs: list[Sample], data, settings: ProbeSettings, output_dir: Path, rank: int,
+    def __init__(self, pairs: list[Pair], data, settings: ProbeSettings, output_dir: Path, rank: int,
                  world_size: int):
         self.pairs, self.data, self.settings = pairs, data, settings
         self.root = Path(output_dir) / FOLDER
@@ -104,13 +104,13 @@ class GenerationProbe:
         """This rank's share of the pairs, decoded in lockstep with the other ranks (collective)."""
         from higgs_lora.data.collate import build_prompt
         from higgs_lora.distributed import all_reduce_sum, raise_if_any_failed
-        from higgs_lora.generation import Decoder, columns_to_codes, stop_reason
-        from higgs_lora.sampling import make_generator
+        from higgs_lora.infer.decode import DecodeLoop, columns_to_codes, stop_reason
+        from higgs_lora.infer.sampling import make_generator
 
         mine = list(range(self.rank, len(self.pairs), self.world_size))
         rows = mine or [0]  # a rank without a pair of its own still has to take part in every forward pass
         data = self.data
-        decoder = Decoder(model, cache="dynamic", inference_mode=False)
+        decoder = DecodeLoop(model, cache="dynamic", inference_mode=False)
         spec = decoder.spec
         prompts, params, generators, error = [], [], [], None
         try:
@@ -172,7 +172,7 @@ class GenerationProbe:
             return {}
 
     def _score_and_write(self, clips: list[_Clip], step: int, generate_seconds: float, writer, log) -> dict:
-        from higgs_lora.streaming import decode_codes
+        from higgs_lora.infer.streaming_codec import decode_codes
 
         started = time.perf_counter()
         codec = self.data.processor.audio_tokenizer
@@ -212,7 +212,7 @@ class GenerationProbe:
                 parts.append(f"{int(scores['num_failed'])} too short or silent to score")
         metrics["score_seconds"] = time.perf_counter() - started
         parts.append(f"decoded, written and scored in {metrics['score_seconds']:.1f} s")
-        log(" | ".join(parts) + f" | {self.root / _step_name(step)}")
+        log(" | ".join(parts) + f" | {self.root / STEP_NAME.format(step)}")
         return metrics
 
     def _score(self, references, waveforms, targets, use_dnsmos: bool) -> tuple[dict, dict]:
@@ -249,7 +249,7 @@ class GenerationProbe:
     def _decoded(self, cache: dict[int, np.ndarray], utterance: int) -> np.ndarray:
         """The codec's resynthesis of a cached utterance (decoded once per run)."""
         if utterance not in cache:
-            from higgs_lora.streaming import decode_codes
+            from higgs_lora.infer.streaming_codec import decode_codes
 
             codes = torch.from_numpy(np.asarray(self.data.cache[utterance]["codes"]))
             cache[utterance] = decode_codes(self.data.processor.audio_tokenizer, codes)
@@ -258,10 +258,10 @@ class GenerationProbe:
     # --------------------------------------------------------------------------------------------- files
 
     def _write(self, step: int, clips: list[_Clip], waveforms: list[np.ndarray], seconds: list[float]) -> None:
-        """step_NNNNNN/ as `python -m higgs_lora.infer` writes a folder (published whole, atomically), and the
+        """step_NNNNNNNN/ as `python -m higgs_lora.infer` writes a folder (published whole, atomically), and the
         references and targets it points to: named by the cache's source id, so a folder written by an earlier run
         with other pairs never points at the wrong recording, and (re)written once per process."""
-        from higgs_lora.audio import wav_bytes
+        from higgs_lora.data.audio import wav_bytes
         from higgs_lora.files import atomic_write_bytes, staged_directory
 
         data = self.data
@@ -273,7 +273,7 @@ class GenerationProbe:
                 if path not in self._written:
                     atomic_write_bytes(path, wav_bytes(cache[utterance], SAMPLE_RATE))
                     self._written.add(path)
-        with staged_directory(self.root / _step_name(step)) as staging:
+        with staged_directory(self.root / STEP_NAME.format(step)) as staging:
             lines = []
             for clip, waveform, duration in zip(clips, waveforms, seconds):
                 pair = self.pairs[clip.index]
@@ -302,7 +302,3 @@ def audio_name(source_id: str) -> str:
     plus a short hash of the id itself, since two ids can become the same once made safe."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", source_id)[-80:].strip("._") or "utterance"
     return f"{safe}-{hashlib.sha1(source_id.encode()).hexdigest()[:8]}.wav"
-
-
-def _step_name(step: int) -> str:
-    return f"step_{step:06d}"

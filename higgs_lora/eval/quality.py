@@ -11,7 +11,7 @@ The silence ratio, clipping fraction and speaking rate are plain numpy on the ge
 
 * a 20 ms frame is *silent* when its RMS level is below ``silence_dbfs`` (default -40 dBFS, absolute: generated
   speech is loud, and a relative threshold would call an all-noise clip "speech");
-* a sample is *clipped* at magnitude >= :data:`higgs_lora.audio.CLIP_LEVEL` (0.999, the data checks' level);
+* a sample is *clipped* at magnitude >= :data:`higgs_lora.data.audio.CLIP_LEVEL` (0.999, the data checks' level);
 * speaking rate is letters per second of non-silent audio; the *expected* duration of a generated clip is its
   target text's letters divided by the speaker's own rate measured on the reference recording (falling back to
   :data:`DEFAULT_LETTERS_PER_SECOND` when there is none). ``duration_ratio`` = generated speech seconds / expected
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from higgs_lora.audio import CLIP_LEVEL, resample
+from higgs_lora.data.audio import CLIP_LEVEL, resample
 
 DNSMOS_RATE = 16000
 """speechmos's required sample rate (Hz)."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from higgs_lora.audio import AudioError, read_audio
+from higgs_lora.data.audio import AudioError, read_audio
 from higgs_lora.eval import quality
 from higgs_lora.eval.predictions import Prediction, PredictionFolder
 from higgs_lora.eval.speaker import SpeakerEmbedder, cosine

@@ -21,7 +21,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from higgs_lora.audio import resample
+from higgs_lora.data.audio import resample
 
 EMBED_RATE = 16000
 """resemblyzer's sample rate (Hz)."""

@@ -3,7 +3,7 @@
 CER and WER compare what was *said*, not how it was spelt, so both the target text and the ASR transcript go
 through the same scoring normalisation first (:func:`scoring_text`): diacritics stripped, alef/hamza forms, alef
 maksura and ta marbuta folded, punctuation removed, digits unified to ASCII (not spelled out), whitespace collapsed.
-The rules themselves live in :func:`higgs_lora.arabic.normalize_for_scoring`, next to the training normaliser, so the
+The rules themselves live in :func:`higgs_lora.text.arabic.normalize_for_scoring`, next to the training normaliser, so the
 two can never drift apart; this module adds what scoring needs on top: edit counts that add up over a corpus.
 
 Corpus CER/WER are ``sum(edits) / sum(reference length)`` (each sample weighted by its length, as ASR benchmarks
@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from higgs_lora.arabic import normalize_for_scoring
+from higgs_lora.text.arabic import normalize_for_scoring
 
 
 def scoring_text(text: str) -> str:
-    """The form of ``text`` that CER/WER compare (see :func:`higgs_lora.arabic.normalize_for_scoring`)."""
+    """The form of ``text`` that CER/WER compare (see :func:`higgs_lora.text.arabic.normalize_for_scoring`)."""
     return normalize_for_scoring(text)
 
 

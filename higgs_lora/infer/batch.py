@@ -7,7 +7,7 @@ Input (paths inside are relative to the input file):
 - or JSONL, one `{"reference_audio", "reference_text", "target_text"[, "target_audio", "id", "speaker"]}` per line.
 
 Output in `--out`: `NNN.wav` (24 kHz mono PCM16) per sample, `manifest.jsonl` (one line per generated sample: texts,
-paths, duration, seconds taken, real-time factor; the contract `higgs_lora.evaluate` reads), `errors.jsonl` (samples
+paths, duration, seconds taken, real-time factor; the contract `higgs_lora.eval.cli` reads), `errors.jsonl` (samples
 that could not be generated, with the reason) and `run.json` (model, adapter, device, sampling settings, totals).
 A bad sample is reported and skipped; the others are generated.
 """
@@ -21,7 +21,10 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from higgs_lora.sampling import SamplingParams
+from higgs_lora.errors import UserError
+from higgs_lora.data.chatml import audio_of, message_parts, resolve_path
+from higgs_lora.infer.options import add_model_arguments, add_sampling_arguments, load_cloner, sampling_from_args
+from higgs_lora.infer.sampling import SamplingParams
 
 
 @dataclass
@@ -37,26 +40,20 @@ class Sample:
     speaker: str | None = None
 
 
-class SampleError(ValueError):
+class SampleError(UserError, ValueError):
     """A sample record that cannot be used; the message names it."""
-
-
-def _resolve(base: Path, path: str) -> str:
-    return str((base / path).resolve()) if not Path(path).is_absolute() else path
 
 
 def _chatml_sample(index: int, record: dict, base: Path) -> Sample:
     """The seed format: texts and audios in turn order; the last text not followed by audio is the target."""
-    from higgs_lora.data.sources import _audio_of, _contents
-
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
         raise SampleError("no 'messages' list")
     texts_audio: list[tuple[str, str | None]] = []
     for message in record["messages"]:
         if message.get("role") == "system":
             continue
-        for part in _contents(message):
-            audio = _audio_of(part)
+        for part in message_parts(message):
+            audio = audio_of(part)
             if audio is not None:
                 if texts_audio and texts_audio[-1][1] is None:
                     texts_audio[-1] = (texts_audio[-1][0], audio)
@@ -69,8 +66,8 @@ def _chatml_sample(index: int, record: dict, base: Path) -> Sample:
     reference_text, reference_audio = texts_audio[0]
     target_text, target_audio = texts_audio[1]
     misc = record.get("misc") or {}
-    return Sample(index, str(record.get("id") or misc.get("id") or f"{index:03d}"), _resolve(base, reference_audio),
-                  reference_text, target_text, _resolve(base, target_audio) if target_audio else None,
+    return Sample(index, str(record.get("id") or misc.get("id") or f"{index:03d}"), resolve_path(base, reference_audio),
+                  reference_text, target_text, resolve_path(base, target_audio) if target_audio else None,
                   record.get("speaker") or misc.get("speaker"))
 
 
@@ -83,8 +80,8 @@ def _jsonl_sample(index: int, record: dict, base: Path) -> Sample:
     if missing:
         raise SampleError(f"missing {', '.join(missing)}")
     target = record.get("target_audio")
-    return Sample(index, str(record.get("id") or f"{index:03d}"), _resolve(base, record["reference_audio"]),
-                  record["reference_text"], record["target_text"], _resolve(base, target) if target else None,
+    return Sample(index, str(record.get("id") or f"{index:03d}"), resolve_path(base, record["reference_audio"]),
+                  record["reference_text"], record["target_text"], resolve_path(base, target) if target else None,
                   record.get("speaker"))
 
 
@@ -117,7 +114,7 @@ def read_samples(path: str | Path) -> tuple[list[Sample], list[dict]]:
 
 def write_wav(path: Path, samples, sample_rate: int) -> None:
     """A 16-bit PCM WAV, written to a temporary name and renamed (atomic)."""
-    from higgs_lora.audio import wav_bytes
+    from higgs_lora.data.audio import wav_bytes
     from higgs_lora.files import atomic_write_bytes
 
     atomic_write_bytes(path, wav_bytes(samples, sample_rate))
@@ -129,7 +126,7 @@ def run(cloner, samples: list[Sample], problems: list[dict], out: Path, params: 
     from tqdm import tqdm
 
     from higgs_lora.files import atomic_write_json, atomic_write_text
-    from higgs_lora.inference import InferenceError
+    from higgs_lora.infer.cloner import InferenceError
 
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -179,53 +176,6 @@ def run(cloner, samples: list[Sample], problems: list[dict], out: Path, params: 
     return record
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """--temperature, --top-k, --top-p, --seed, --max-seconds with the SamplingParams defaults."""
-    defaults = SamplingParams()
-    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=defaults.top_k)
-    parser.add_argument("--top-p", type=float, default=defaults.top_p)
-    parser.add_argument("--seed", type=int, default=0, help="seed of sample 0 (sample i uses seed + i)")
-    parser.add_argument("--max-seconds", type=float, default=defaults.max_seconds, help="per piece of text")
-
-
-def sampling_from_args(args) -> SamplingParams:
-    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                          max_seconds=args.max_seconds)
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="merged model or base directory (transformers layout), or an adapter "
-                                        "directory written by training (its base is read from its config)")
-    parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
-                        help="LoRA adapter on top of --model (repeatable; NAME defaults to the directory name)")
-    parser.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: cuda when present)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    parser.add_argument("--max-batch", type=int, default=8, help="requests generated together")
-
-
-def parse_adapters(given: list[str]) -> dict[str, str]:
-    """{name: dir} from NAME=DIR or DIR arguments."""
-    adapters = {}
-    for item in given:
-        name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
-        path_obj = Path(path)
-        adapters[name or (path_obj.parent.name if path_obj.name == "adapter" else path_obj.name)] = path
-    return adapters
-
-
-def load_cloner(args):
-    from higgs_lora.inference import VoiceCloner
-
-    adapters = parse_adapters(args.adapter)
-    model = args.model or (next(iter(adapters.values())) if adapters else None)
-    if model is None:
-        raise SystemExit("error: give --model DIR (a merged model or base) and/or --adapter DIR")
-    if args.model is None:
-        adapters = {}
-    return VoiceCloner.load(model, adapters=adapters, device=args.device, dtype=args.dtype, max_batch=args.max_batch)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m higgs_lora.infer", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -237,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--use-adapter", default=None, help="name of the loaded adapter to use (default: the first)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    from higgs_lora.inference import InferenceError
-    from higgs_lora.model import CheckpointError
+    from higgs_lora.infer.cloner import InferenceError
+    from higgs_lora.errors import CheckpointError
 
     params = sampling_from_args(args)
     if params.problems():

@@ -4,7 +4,7 @@
     result = cloner.clone("ref.wav", "نص التسجيل المرجعي", "النص الجديد الذي يقال بصوت المتحدث")
     soundfile.write("out.wav", result.waveform, result.sample_rate)
 
-The batch CLI (`higgs_lora.infer`), the REST API and the WebSocket stream (`higgs_lora.serve`) are thin layers over
+The batch CLI (`higgs_lora.infer.batch`), the REST API and the WebSocket stream (`higgs_lora.serve.app`) are thin layers over
 `VoiceCloner.events`, which runs a batch of requests and yields audio as it is made:
 
 1. the reference recording is conditioned as training conditioned its corpus (mono 24 kHz, silence trimmed,
@@ -14,7 +14,7 @@ The batch CLI (`higgs_lora.infer`), the REST API and the WebSocket stream (`higg
    spoken one after another, each prompted with the same reference, so the voice stays the same;
 3. each piece's prompt is the training sample's layout cut where the target audio begins (`collate.build_prompt`);
 4. `generation.Decoder` produces delay-pattern columns; they are reverted into codec frames and decoded, either all
-   at once when the piece ends, or in chunks as frames arrive (`streaming.StreamingDecoder`).
+   at once when the piece ends, or in chunks as frames arrive (`infer.streaming_codec.StreamingCodec`).
 
 Adapters are loaded once on top of the base; each batch runs with the adapter its requests name (None: the base).
 """
@@ -32,20 +32,21 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from higgs_lora.arabic import normalize_arabic, split_sentences
-from higgs_lora.config import (FRAMES_PER_SECOND, HOP_SAMPLES, SAMPLE_RATE, AudioConfig, DataConfig, ModelConfig,
-                               RunConfig, load_config)
+from higgs_lora.errors import UserError
+from higgs_lora.constants import RUN_CONFIG
+from higgs_lora.text.arabic import normalize_arabic, split_sentences
+from higgs_lora.constants import FRAMES_PER_SECOND, HOP_SAMPLES, SAMPLE_RATE
+from higgs_lora.config import AudioConfig, DataConfig, ModelConfig, RunConfig, load_config
 from higgs_lora.data.collate import build_prompt
-from higgs_lora.generation import Decoder, columns_to_codes, stop_reason
-from higgs_lora.sampling import SamplingParams, make_generator
-from higgs_lora.streaming import StreamingDecoder, StreamSettings, decode_codes
+from higgs_lora.infer.decode import DecodeLoop, columns_to_codes, stop_reason
+from higgs_lora.infer.sampling import SamplingParams, make_generator
+from higgs_lora.infer.streaming_codec import StreamingCodec, StreamSettings, decode_codes
 
-RUN_CONFIG = "higgs_lora.yaml"
 PAUSE_SECONDS = 0.15
 """Silence put between the pieces of a long text."""
 
 
-class InferenceError(ValueError):
+class InferenceError(UserError, ValueError):
     """A request that cannot be served as given; the message says why."""
 
 
@@ -135,7 +136,7 @@ class VoiceCloner:
                  cache: str = "dynamic", compile_step: bool = False, stream: StreamSettings = StreamSettings()):
         self.model, self.processor, self.codec = model, processor, codec
         self.run_config, self.adapters, self.max_batch = run_config, adapters, max_batch
-        self.decoder = Decoder(model, cache=cache, compile_step=compile_step)
+        self.decoder = DecodeLoop(model, cache=cache, compile_step=compile_step)
         self.stream_settings = stream
         self._references: OrderedDict[str, Reference] = OrderedDict()
 
@@ -151,7 +152,7 @@ class VoiceCloner:
         run config. On a GPU the defaults are bf16, a static KV cache and a compiled decode step; on the CPU fp32
         and a dynamic cache.
         """
-        from higgs_lora.model import load_base_model, load_codec, load_processor, resolve_codec_path
+        from higgs_lora.model.loading import load_base_model, load_codec, load_processor, resolve_codec_path
 
         model_dir = Path(model_dir).expanduser()
         adapters = dict(adapters or {})
@@ -187,7 +188,7 @@ class VoiceCloner:
                 reference_rate: int = SAMPLE_RATE) -> CloneRequest:
         """A `CloneRequest` from a path or samples (read here, so a bad file fails before any batch starts)."""
         if not isinstance(reference_audio, np.ndarray):
-            from higgs_lora.audio import AudioError, read_audio
+            from higgs_lora.data.audio import AudioError, read_audio
 
             try:
                 reference_audio, reference_rate = read_audio(str(reference_audio))
@@ -274,7 +275,7 @@ class VoiceCloner:
             generators.append(make_generator(job.seed + job.piece, self.decoder.device)
                               if job.request.params.temperature > 0 else None)
         columns: list[list[torch.Tensor]] = [[] for _ in active]
-        decoders = [StreamingDecoder(self.codec, self.stream_settings) for _ in active]
+        decoders = [StreamingCodec(self.codec, self.stream_settings) for _ in active]
         done = [False] * len(active)
         for column in self.decoder.run(prompts, params, generators):
             for row, i in enumerate(active):
@@ -289,7 +290,7 @@ class VoiceCloner:
                     for samples in decoders[row].push(codes):
                         yield self._audio(jobs[i], i, samples)
 
-    def _end_piece(self, job: _Job, index: int, columns: torch.Tensor, decoder: StreamingDecoder, stream: bool,
+    def _end_piece(self, job: _Job, index: int, columns: torch.Tensor, decoder: StreamingCodec, stream: bool,
                    spec) -> Iterator[Chunk]:
         codes, repaired = columns_to_codes(columns, spec.bos_id, spec.eos_id)
         job.frames += codes.shape[1]
@@ -338,7 +339,7 @@ class VoiceCloner:
 
     def reference(self, samples: np.ndarray, rate: int, text: str) -> Reference:
         """The conditioned, encoded reference (cached by the samples' and text's content; 64 entries)."""
-        from higgs_lora.audio import AudioError, condition
+        from higgs_lora.data.audio import AudioError, condition
 
         key = hashlib.sha1(np.ascontiguousarray(samples, dtype=np.float32).tobytes() + f"{rate}|{text}".encode())
         digest = key.hexdigest()

@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import torch
 
 from higgs_lora.data.collate import Prompt
-from higgs_lora.sampling import DelayConstraints, SamplingParams, choose_codes
+from higgs_lora.infer.sampling import DelayConstraints, SamplingParams, choose_codes
 
 DecodeStep = Callable[..., torch.Tensor]
 
@@ -92,7 +92,7 @@ def additive_mask(valid: torch.Tensor, query_length: int, start: int, dtype: tor
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-class Decoder:
+class DecodeLoop:
     """Runs prefill and decode steps of one model, with a dynamic or a static (optionally compiled) KV cache."""
 
     def __init__(self, model, cache: str = "dynamic", compile_step: bool = False, inference_mode: bool = True):

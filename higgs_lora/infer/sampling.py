@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from higgs_lora.config import DELAY_POSITIONS, FRAMES_PER_SECOND
+from higgs_lora.constants import DELAY_POSITIONS, FRAMES_PER_SECOND
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from higgs_lora.config import HOP_SAMPLES
+from higgs_lora.constants import HOP_SAMPLES
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def decode_codes(codec, codes: torch.Tensor) -> np.ndarray:
     return audio.reshape(-1).float().cpu().numpy()[: codes.shape[1] * HOP_SAMPLES]
 
 
-class StreamingDecoder:
+class StreamingCodec:
     """Turns a growing (K, T) code sequence into consecutive waveform chunks."""
 
     def __init__(self, codec, settings: StreamSettings = StreamSettings()):

@@ -1,4 +1,4 @@
-"""Loading the base model, its processor and codec from local directories, and applying LoRA.
+"""Loading the base model, its processor and codec from local directories.
 
 One code path for real and tiny checkpoints: `from_pretrained(local_dir)` on the transformers layout. Boson's
 original layout (downloads from before the transformers port), of the model or of the codec, is recognised and
@@ -13,17 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from higgs_lora.config import ModelConfig, LoraConfig
+from higgs_lora.config import ModelConfig
+from higgs_lora.errors import CheckpointError
 
 if TYPE_CHECKING:
     import torch
 
+CHAT_TEMPLATE_PATH = Path(__file__).with_name("chat_template.jinja")
+"""The released model's chat template (tokenizer_config.json carries it; tiny models and conversions write it)."""
+
 REQUIRED_CODEBOOK_SIZE = 1026
 """1024 codes + stream BOS (1024) + stream EOS (1025): what the released weights were trained with."""
-
-
-class CheckpointError(ValueError):
-    """A model directory that cannot be used as it is, with what to do about it."""
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ def resolve_codec_path(cfg: ModelConfig) -> Path:
         if named:
             candidates.append(Path(named).expanduser())
             candidates.append(Path(cfg.path) / named)
-    candidates.append(Path(cfg.path) / "audio_tokenizer")  # a merged model carries its codec (higgs_lora.merge)
+    candidates.append(Path(cfg.path) / "audio_tokenizer")  # a merged model carries its codec (higgs_lora.deploy.merge)
     candidates.append(Path(cfg.path).parent / "codec")
     for candidate in candidates:
         if (candidate / "config.json").is_file():
@@ -210,44 +210,3 @@ def load_processor(cfg: ModelConfig, codec=None):
         chat_template=chat_template,
         **{k: settings[k] for k in keys if k in settings},
     )
-
-
-def apply_lora(model, lora: LoraConfig, model_cfg: ModelConfig):
-    """Wrap the frozen base in a PEFT LoRA model; only adapter weights require grad.
-
-    Raises ValueError naming the targets that match no module (a typo would otherwise train nothing there).
-    """
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in lora.target_modules if t not in names]
-    if missing:
-        raise ValueError(
-            f"lora.target_modules {missing} match no module of the model; "
-            f"linear layers are named e.g. q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
-        )
-    if model_cfg.quantization == "nf4":
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=model_cfg.gradient_checkpointing is True,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif model_cfg.gradient_checkpointing is True:  # 'auto' is decided by the planner before the model is built
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        # With every base weight frozen the checkpointed blocks would see no input requiring grad.
-        model.enable_input_require_grads()
-    peft_config = PeftLoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-        bias="none",
-    )
-    return get_peft_model(model, peft_config)
-
-
-def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts (4-bit packed weights count as stored elements)."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total

@@ -27,7 +27,9 @@ import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from higgs_lora.config import DELAY_POSITIONS, FRAMES_PER_SECOND, RunConfig, max_sample_audio_positions
+from higgs_lora.errors import UserError
+from higgs_lora.constants import DELAY_POSITIONS, FRAMES_PER_SECOND
+from higgs_lora.config import RunConfig, max_sample_audio_positions
 
 GIB = 1024 ** 3
 BUDGET_STEP = 64
@@ -47,7 +49,7 @@ RELEASED_MODEL_CONFIG = {
 """The released checkpoint's config.json numbers the planner reads (`--model released` plans without weights)."""
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """The run cannot be planned as configured; the message says what to change."""
 
 
@@ -724,7 +726,7 @@ def resolve_ds_config(ds_config: dict, cfg: RunConfig, plan: Plan, model_config:
     # In micro-batches: DeepSpeed checks train_batch_size = micro x accumulation x ranks at start-up, which catches
     # a launch on a different number of ranks than planned.
     resolved["train_batch_size"] = plan.accumulation * plan.world_size
-    # Our optimizer is torch AdamW with a skip switch (higgs_lora.train.SkippableAdamW); DeepSpeed only knows the
+    # Our optimizer is torch AdamW with a skip switch (higgs_lora.train.loop.SkippableAdamW); DeepSpeed only knows the
     # class by name, so it must be told the subclass is fine.
     resolved["zero_allow_untested_optimizer"] = True
     if resolved.get("gradient_clipping", "auto") == "auto":

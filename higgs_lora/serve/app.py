@@ -26,10 +26,11 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from higgs_lora.audio import wav_bytes
-from higgs_lora.batching import BatchQueue, QueueFull
-from higgs_lora.inference import SAMPLE_RATE, CloneRequest, InferenceError, VoiceCloner
-from higgs_lora.sampling import SamplingParams
+from higgs_lora.data.audio import wav_bytes
+from higgs_lora.serve.batch_queue import BatchQueue, QueueFull
+from higgs_lora.constants import SAMPLE_RATE
+from higgs_lora.infer.cloner import CloneRequest, InferenceError, VoiceCloner
+from higgs_lora.infer.sampling import SamplingParams
 
 TOKEN_ENV = "HIGGS_LORA_TOKEN"
 
@@ -267,7 +268,7 @@ async def _run(batch_queue: BatchQueue, request: CloneRequest):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from higgs_lora.infer import add_model_arguments, load_cloner
+    from higgs_lora.infer.options import add_model_arguments, load_cloner
 
     parser = argparse.ArgumentParser(prog="python -m higgs_lora.serve", description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from higgs_lora.inference import CloneRequest, InferenceError, VoiceCloner
+from higgs_lora.infer.cloner import CloneRequest, InferenceError, VoiceCloner
 
 
 class QueueFull(RuntimeError):

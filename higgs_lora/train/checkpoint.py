@@ -25,18 +25,19 @@ import re
 import shutil
 from pathlib import Path
 
+from higgs_lora.errors import UserError
+from higgs_lora.constants import RUN_CONFIG, STEP_NAME
 from higgs_lora.config import RunConfig, load_config, save_config
 from higgs_lora.files import atomic_write_json, atomic_write_text
 
 CHECKPOINTS = "checkpoints"
 DEEPSPEED_TAG = "deepspeed"
 ADAPTER = "adapter"
-RUN_CONFIG = "higgs_lora.yaml"
 TRAINER_STATE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError, ValueError):
     """The requested checkpoint cannot be resumed from."""
 
 
@@ -45,7 +46,7 @@ def checkpoints_root(output_dir: str | Path) -> Path:
 
 
 def step_name(step: int) -> str:
-    return f"step_{step:08d}"
+    return STEP_NAME.format(step)
 
 
 def is_complete(path: Path) -> bool:

@@ -6,9 +6,9 @@
 - `build_engine`: torch AdamW (fused on GPU) + warm-up/cosine schedule inside `deepspeed.initialize`.
 - `Trainer.train`: one optimizer step = the sampler's micro-batches for this rank; the loss of every micro-batch is
   divided by the labelled target positions of the whole step over all ranks (one small all-reduce before the
-  first backward), see `higgs_lora.loss`. A step whose loss is not finite on any rank is skipped (the optimizer
+  first backward), see `higgs_lora.train.loss`. A step whose loss is not finite on any rank is skipped (the optimizer
   does not move); `train.max_nonfinite_steps` in a row stop the run.
-- Checkpoints every `train.save_every` steps and at the end (`higgs_lora.checkpoint`); `train.resume=auto` picks the
+- Checkpoints every `train.save_every` steps and at the end (`higgs_lora.train.checkpoint`); `train.resume=auto` picks the
   newest complete one up again, sampler position and RNG included. SIGTERM / SIGUSR1 finish the current step,
   checkpoint and exit 0 (a requeued job then resumes by itself).
 - Every `train.eval_every` steps: the loss on held-out speakers, and a few held-out clips generated with the model
@@ -29,22 +29,24 @@ from pathlib import Path
 
 import torch
 
-from higgs_lora import checkpoint, stop
-from higgs_lora.config import FRAMES_PER_SECOND, RunConfig, save_config
+from higgs_lora import stop
+from higgs_lora.train import checkpoint
+from higgs_lora.constants import FRAMES_PER_SECOND
+from higgs_lora.config import RunConfig, save_config
 from higgs_lora.data.collate import build_example, collate, prompt_overhead_tokens
 from higgs_lora.data.sampler import (
     DataError,
     EpochSampler,
     SamplerState,
-    Sample,
+    Pair,
     UtteranceInfo,
     eval_assignment,
     eval_micro_batches,
     split_speakers,
 )
 from higgs_lora.distributed import Topology, all_reduce_sum, device_for
-from higgs_lora.loss import label_counts, micro_batch_loss_sums, normalised_loss, to_device
-from higgs_lora.metrics import FlopCounter, peak_flops
+from higgs_lora.train.loss import label_counts, micro_batch_loss_sums, normalised_loss, to_device
+from higgs_lora.train.flops import FlopCounter, peak_flops
 from higgs_lora.plan import Plan
 
 
@@ -65,12 +67,12 @@ class TrainData:
     source_ids: list[str]
     utterances: list[UtteranceInfo]
     sampler: EpochSampler
-    eval_batches: list[list[Sample]]
+    eval_batches: list[list[Pair]]
     eval_speakers: list[str]
     processor: object
     scene: str
 
-    def collate(self, samples: list[Sample]) -> dict:
+    def collate(self, samples: list[Pair]) -> dict:
         """Model inputs and loss targets of one micro-batch (codes read from the memory-mapped cache)."""
         examples = []
         for sample in samples:
@@ -374,7 +376,7 @@ class Trainer:
             self.writer.close()
         return last
 
-    def _step(self, batches: list[dict], micro_batches: list[list[Sample]], audio_total: int, text_total: int,
+    def _step(self, batches: list[dict], micro_batches: list[list[Pair]], audio_total: int, text_total: int,
               window: "_Window") -> dict | None:
         """Forward/backward over this rank's micro-batches and one optimizer step; logs on logging steps."""
         cfg, engine = self.cfg, self.engine
@@ -589,8 +591,7 @@ def plan_run(cfg: RunConfig, ds_config_path: str, topology: Topology) -> tuple[R
     """
     from higgs_lora.data.prepare import cache_dir_of
     from higgs_lora.distributed import broadcast_object
-    from higgs_lora.plan import (PlanError, cache_sequence_stats, detect_hardware, load_ds_config, make_plan,
-                                 read_model_config, resolve_ds_config)
+    from higgs_lora.plan import PlanError, cache_sequence_stats, detect_hardware, load_ds_config, make_plan, read_model_config, resolve_ds_config
 
     outcome: tuple = (None, None)
     if topology.is_main:
@@ -614,7 +615,8 @@ def run(cfg: RunConfig, ds_config_path: str) -> dict:
     """parse -> plan -> build -> train -> save, for `launch/train.py`. Returns the last logged train metrics."""
     from higgs_lora.data.prepare import cache_dir_of
     from higgs_lora.distributed import init_distributed
-    from higgs_lora.model import apply_lora, load_base_model, load_processor
+    from higgs_lora.model.lora import apply_lora
+    from higgs_lora.model.loading import load_base_model, load_processor
     stop.catch()  # before the (long) model load: see higgs_lora/stop.py
     topology = init_distributed()
     cfg, plan, resolved, model_config = plan_run(cfg, ds_config_path, topology)

@@ -10,7 +10,7 @@ import runpy
 import sys
 from pathlib import Path
 
-import higgs_lora.train as train_module
+import higgs_lora.train.loop as train_module
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 poisoned_calls = {int(x) for x in sys.argv[1].split(",")}

@@ -37,7 +37,7 @@ def test_demo_command_end_to_end(tmp_path):
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
     assert [e["step"] for e in evals] == [0, 5, 10] and all("similarity" in e and "dnsmos_ovrl" in e for e in evals)
     assert sorted(p.name for p in (out / "eval_samples").glob("step_*")) == [
-        "step_000000", "step_000005", "step_000010"]
+        "step_00000000", "step_00000005", "step_00000010"]
     # ... and ends with the evaluation report of the clones.
     evaluation = json.loads((out / "clone" / "metrics.json").read_text())
     assert evaluation["num_scored"] == 2 and evaluation["summary"]["similarity_reference"]["n"] == 2

@@ -16,7 +16,7 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 
-from higgs_lora.evaluate import main
+from higgs_lora.eval.cli import main
 from tests.eval_folders import by_speaker, make_prediction_folder, same_speaker_samples, write_wav
 
 FINE_TUNED_RTF, BASE_RTF = 0.5, 2.0

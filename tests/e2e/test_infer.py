@@ -33,7 +33,7 @@ def test_cli_writes_wavs_and_manifest_and_reports_bad_samples(tiny_checkpoint, t
     source.write_text(json.dumps(samples, ensure_ascii=False), encoding="utf-8")
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "higgs_lora.infer", "--chatml", str(source), "--out", str(out), "--model",
+        [sys.executable, "-m", "higgs_lora.infer.batch", "--chatml", str(source), "--out", str(out), "--model",
          str(tiny_checkpoint.model_dir), "--max-seconds", "1.5", "--seed", "5"],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr

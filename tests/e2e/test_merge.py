@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from higgs_lora.config import ModelConfig
-from higgs_lora.merge import MERGE_MARKER, main as merge_main
-from higgs_lora.model import resolve_codec_path
-from higgs_lora.shards import INDEX_FILE, sha256_file
+from higgs_lora.deploy.merge import MERGE_MARKER, main as merge_main
+from higgs_lora.model.loading import resolve_codec_path
+from higgs_lora.deploy.shards import INDEX_FILE, sha256_file
 
 from tests.conftest import REPO_ROOT
 from tests.e2e.launch import train, train_env
@@ -42,7 +42,7 @@ def qlora_run(demo_cache, tmp_path_factory):
 
 
 def run_merge_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "higgs_lora.merge", *args], cwd=REPO_ROOT, env=train_env(),
+    return subprocess.run([sys.executable, "-m", "higgs_lora.deploy.merge", *args], cwd=REPO_ROOT, env=train_env(),
                           capture_output=True, text=True, timeout=300)
 
 
@@ -169,7 +169,7 @@ def test_qlora_adapter_merges_into_the_full_precision_base(qlora_run, demo_cache
 def test_a_wrong_merge_fails_the_check_and_publishes_nothing(lora_run, tmp_path, monkeypatch, capsys):
     import dataclasses
 
-    import higgs_lora.merge as merge
+    import higgs_lora.deploy.merge as merge
 
     real = merge.merge_weight
     monkeypatch.setattr(merge, "merge_weight",  # a scale bug: half of every update

@@ -37,7 +37,7 @@ def server(tiny_checkpoint):
     port = free_port()
     env = {**os.environ, "HIGGS_LORA_TOKEN": TOKEN, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "higgs_lora.serve", "--model", str(tiny_checkpoint.model_dir), "--port", str(port),
+        [sys.executable, "-m", "higgs_lora.serve.app", "--model", str(tiny_checkpoint.model_dir), "--port", str(port),
          "--max-upload-mb", "1", "--max-reference-seconds", "12", "--max-text-chars", "300", "--max-batch", "8"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from higgs_lora.checkpoint import ADAPTER, DEEPSPEED_TAG, RUN_CONFIG, latest_checkpoint, read_adapter_config
+from higgs_lora.train.checkpoint import ADAPTER, DEEPSPEED_TAG, latest_checkpoint, read_adapter_config
+from higgs_lora.constants import RUN_CONFIG
 from higgs_lora.config import ModelConfig
 
 from tests.e2e.launch import adapter_tensors, metrics, train
@@ -20,7 +21,7 @@ def probe_batch(model_dir, codec_dir, cache_dir):
     """A collated zero-shot batch from the cache (first two utterances of one speaker)."""
     from higgs_lora.data.collate import MODEL_INPUTS, build_example, collate
     from higgs_lora.data.prepare import load_cache
-    from higgs_lora.model import load_processor
+    from higgs_lora.model.loading import load_processor
 
     processor = load_processor(ModelConfig(path=str(model_dir), codec_path=str(codec_dir)))
     rows = list(load_cache(cache_dir).select(range(2)))

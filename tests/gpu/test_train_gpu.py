@@ -14,8 +14,9 @@ def test_bf16_loss_and_backward_on_cuda(tiny_checkpoint):
     import torch
 
     from higgs_lora.data.collate import build_example, collate
-    from higgs_lora.loss import label_counts, micro_batch_loss_sums, normalised_loss, to_device
-    from higgs_lora.model import apply_lora, load_base_model, load_processor
+    from higgs_lora.train.loss import label_counts, micro_batch_loss_sums, normalised_loss, to_device
+    from higgs_lora.model.lora import apply_lora
+    from higgs_lora.model.loading import load_base_model, load_processor
 
     cfg = ModelConfig(path=str(tiny_checkpoint.model_dir), codec_path=str(tiny_checkpoint.codec_dir), dtype="bf16")
     processor = load_processor(cfg)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from higgs_lora.arabic import (
+from higgs_lora.text.arabic import (
     arabic_digits_to_ascii,
     fold_arabic_letters,
     has_arabic_letters,

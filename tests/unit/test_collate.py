@@ -66,7 +66,7 @@ def test_labels_refuse_a_segment_without_eos():
 @pytest.fixture(scope="module")
 def processor(tiny_checkpoint):
     from higgs_lora.config import ModelConfig
-    from higgs_lora.model import load_processor
+    from higgs_lora.model.loading import load_processor
 
     return load_processor(ModelConfig(path=str(tiny_checkpoint.model_dir), codec_path=str(tiny_checkpoint.codec_dir)))
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from higgs_lora.config import ModelConfig
-from higgs_lora.convert import (
+from higgs_lora.deploy.convert import (
     CONVERT_MARKER,
     ConvertError,
     convert,
@@ -18,14 +18,15 @@ from higgs_lora.convert import (
     model_config_from_original,
     transformers_name,
 )
-from higgs_lora.convert_codec import (
+from higgs_lora.deploy.convert_codec import (
     CodecConvertError,
     codec_config_from_original,
     convert_codec,
     fold_weight_norm,
     transformers_codec_name,
 )
-from higgs_lora.model import CheckpointError, inspect_checkpoint, load_base_model, load_codec
+from higgs_lora.errors import CheckpointError
+from higgs_lora.model.loading import inspect_checkpoint, load_base_model, load_codec
 
 from tests.conftest import REPO_ROOT
 from tests.original_layout import original_model_config, write_original_codec, write_original_model
@@ -40,8 +41,8 @@ def sample_logits(model_dir, tiny, **load):
     """Audio logits of a model directory on a fixed zero-shot sample (the merge check's sample)."""
     from transformers import HiggsAudioV2ForConditionalGeneration
 
-    from higgs_lora.merge_check import fixed_sample
-    from higgs_lora.model import load_processor
+    from higgs_lora.deploy.verify import fixed_sample
+    from higgs_lora.model.loading import load_processor
 
     batch = fixed_sample(load_processor(ModelConfig(path=str(tiny.model_dir), codec_path=str(tiny.codec_dir))))
     model = HiggsAudioV2ForConditionalGeneration.from_pretrained(str(model_dir), **load).eval()
@@ -54,7 +55,7 @@ def test_converted_model_gives_the_logits_of_the_transformers_model(original_mod
     with pytest.raises(CheckpointError, match=f"python -m higgs_lora.convert --src {original_model} --out"):
         load_base_model(ModelConfig(path=str(original_model)))
     out = tmp_path / "higgs-audio-v2-hf"
-    result = subprocess.run([sys.executable, "-m", "higgs_lora.convert", "--src", str(original_model), "--out",
+    result = subprocess.run([sys.executable, "-m", "higgs_lora.deploy.convert", "--src", str(original_model), "--out",
                              str(out), "--codec", str(tiny_checkpoint.codec_dir)],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -7,8 +7,7 @@ import json
 import pytest
 
 from higgs_lora.config import load_config
-from higgs_lora.plan import (GIB, RELEASED_MODEL_CONFIG, Hardware, PlanError, load_ds_config, make_plan,
-                             resolve_ds_config)
+from higgs_lora.plan import GIB, RELEASED_MODEL_CONFIG, Hardware, PlanError, load_ds_config, make_plan, resolve_ds_config
 
 from tests.conftest import REPO_ROOT
 

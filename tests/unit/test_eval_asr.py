@@ -17,7 +17,7 @@ import pytest
 
 from higgs_lora.eval.asr import AsrError, asr_kind, load_asr
 from higgs_lora.eval.text import scoring_text
-from higgs_lora.evaluate import main
+from higgs_lora.eval.cli import main
 from tests.eval_folders import make_prediction_folder, same_speaker_samples
 
 WHISPER_SPECIALS = ["<|endoftext|>", "<|startoftranscript|>", "<|ar|>", "<|translate|>", "<|transcribe|>",
@@ -94,7 +94,7 @@ def asr_dirs(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["whisper", "ctc"])
 def test_asr_loads_offline_and_transcribes(asr_dirs, kind, demo_rows):
-    from higgs_lora.audio import load_audio
+    from higgs_lora.data.audio import load_audio
 
     transcriber = load_asr(asr_dirs[kind])
     assert transcriber.kind == kind == asr_kind(asr_dirs[kind])

@@ -9,15 +9,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from higgs_lora.data.sampler import Sample
+from higgs_lora.data.sampler import Pair
 from higgs_lora.eval.probe import GenerationProbe, ProbeSettings, choose_pairs
-from higgs_lora.generation import Decoder
-from higgs_lora.sampling import SamplingParams
+from higgs_lora.infer.decode import DecodeLoop
+from higgs_lora.infer.sampling import SamplingParams
 from higgs_lora.tiny import REPO_ROOT
 
 
 def sample(target, reference=99):
-    return Sample(target=target, reference=reference, num_positions=100)
+    return Pair(target=target, reference=reference, num_positions=100)
 
 
 @pytest.mark.parametrize("count,max_frames,expected", [
@@ -40,8 +40,9 @@ def test_choose_pairs_takes_speakers_in_turn_and_short_targets_first(count, max_
 
 def build_setup(overrides):
     from higgs_lora.config import load_config
-    from higgs_lora.model import apply_lora, load_base_model, load_processor
-    from higgs_lora.train import build_data
+    from higgs_lora.model.lora import apply_lora
+    from higgs_lora.model.loading import load_base_model, load_processor
+    from higgs_lora.train.loop import build_data
 
     cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", overrides)
     processor = load_processor(cfg.model)
@@ -92,7 +93,7 @@ def test_lockstep_keeps_a_finished_batch_stepping_until_every_rank_is_done(setup
     pair = [s for mb in data.eval_batches for s in mb][0]
     prompt = build_prompt(data.processor, data.texts[pair.reference],
                           torch.from_numpy(data.cache[pair.reference]["codes"]), data.texts[pair.target])
-    decoder = Decoder(EndsEarly(model), inference_mode=False)
+    decoder = DecodeLoop(EndsEarly(model), inference_mode=False)
     params = [SamplingParams(temperature=0, max_seconds=4)]
     alone = torch.stack([c.codes for c in decoder.run([prompt], params, [None])])
     assert alone.shape[0] < params[0].max_columns(), "the greedy run should end by EOS before its limit"
@@ -139,29 +140,29 @@ def test_probe_generates_scores_and_writes_an_inference_folder(setup, tmp_path):
     # Same pairs, seeds and weights at both steps: the same clips and scores.
     assert first["similarity"] == second["similarity"]
     for index in range(3):
-        assert ((tmp_path / "eval_samples/step_000000" / f"{index:02d}.wav").read_bytes()
-                == (tmp_path / "eval_samples/step_000005" / f"{index:02d}.wav").read_bytes())
+        assert ((tmp_path / "eval_samples/step_00000000" / f"{index:02d}.wav").read_bytes()
+                == (tmp_path / "eval_samples/step_00000005" / f"{index:02d}.wav").read_bytes())
 
-    folder = read_predictions(tmp_path / "eval_samples" / "step_000005")
+    folder = read_predictions(tmp_path / "eval_samples" / "step_00000005")
     assert not folder.problems and [p.id for p in folder.predictions] == ["00", "01", "02"]
     for p, pair in zip(folder.predictions, pairs):
         assert p.wav.is_file() and p.reference_audio.is_file() and p.target_audio.is_file()
         assert p.target_text == data.texts[pair.target] and p.reference_text == data.texts[pair.reference]
         assert p.speaker == data.utterances[pair.target].speaker
     manifest = [json.loads(line) for line in
-                (tmp_path / "eval_samples/step_000005/manifest.jsonl").read_text(encoding="utf-8").splitlines()]
+                (tmp_path / "eval_samples/step_00000005/manifest.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [m["seed"] for m in manifest] == [7, 8, 9] and all(m["step"] == 5 for m in manifest)
     assert [m["target_source_id"] for m in manifest] == [data.source_ids[p.target] for p in pairs]
     # The references are the codec's resynthesis of the cached codes, named by source id.
-    from higgs_lora.audio import read_audio
-    from higgs_lora.streaming import decode_codes
+    from higgs_lora.data.audio import read_audio
+    from higgs_lora.infer.streaming_codec import decode_codes
 
     expected = decode_codes(data.processor.audio_tokenizer, torch.from_numpy(data.cache[pairs[0].reference]["codes"]))
     samples, rate = read_audio(str(folder.predictions[0].reference_audio))
     assert rate == 24000 and len(samples) == len(expected)
     assert abs(samples - expected).max() <= 1 / 32767 + 1e-6  # PCM16 rounding
     assert data.source_ids[pairs[0].reference].replace(":", "_") in folder.predictions[0].reference_audio.name
-    assert len(lines) == 2 and "similarity" in lines[0] and "step_000000" in lines[0]
+    assert len(lines) == 2 and "similarity" in lines[0] and "step_00000000" in lines[0]
 
 
 def test_probe_without_the_eval_extras_writes_the_clips_and_says_why_they_are_unscored(setup, tmp_path, monkeypatch):
@@ -172,7 +173,7 @@ def test_probe_without_the_eval_extras_writes_the_clips_and_says_why_they_are_un
     _, _, first, second, lines = run_probe(setup, tmp_path, count=1, dnsmos=False)
     assert "similarity" not in first and "num_scored" not in first
     assert first["generated_seconds"] > 0
-    assert (tmp_path / "eval_samples/step_000005/00.wav").is_file()
+    assert (tmp_path / "eval_samples/step_00000005/00.wav").is_file()
     warnings = [line for line in lines if "not installed" in line]
     assert len(warnings) == 1 and "resemblyzer" in warnings[0] and "higgs-lora[eval]" in warnings[0]
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from higgs_lora.audio import load_audio
+from higgs_lora.data.audio import load_audio
 from higgs_lora.eval import quality
 from higgs_lora.eval.scoring import GeneratedPair, score_generated
 

@@ -36,7 +36,7 @@ def test_same_speaker_similarity_beats_cross_speaker(demo_rows, tmp_path):
 
 
 def test_embedding_is_unit_norm_and_identical_audio_scores_one(demo_rows):
-    from higgs_lora.audio import load_audio
+    from higgs_lora.data.audio import load_audio
 
     audio = load_audio(demo_rows[0]["audio"], 24000)
     embedding = default_embedder().embed(audio, 24000)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from higgs_lora.audio import AudioError, load_audio
+from higgs_lora.data.audio import AudioError, load_audio
 from higgs_lora.files import atomic_write_json, atomic_write_text, replace_directory
 
 

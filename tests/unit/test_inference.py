@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from higgs_lora.audio import load_audio
+from higgs_lora.data.audio import load_audio
 from higgs_lora.data.collate import build_prompt
-from higgs_lora.generation import Decoder
-from higgs_lora.inference import CloneRequest, InferenceError, VoiceCloner
-from higgs_lora.sampling import SamplingParams
-from higgs_lora.streaming import StreamingDecoder, StreamSettings, decode_codes
+from higgs_lora.infer.decode import DecodeLoop
+from higgs_lora.infer.cloner import CloneRequest, InferenceError, VoiceCloner
+from higgs_lora.infer.sampling import SamplingParams
+from higgs_lora.infer.streaming_codec import StreamingCodec, StreamSettings, decode_codes
 from higgs_lora.tiny import REPO_ROOT
 
 CORPUS = REPO_ROOT / "examples" / "demo_corpus"
@@ -47,7 +47,7 @@ def run_columns(decoder, prompts, params):
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_greedy_equals_transformers_generate_frame_for_frame(cloner, prompts, cache):
     params = SamplingParams(temperature=0, max_seconds=4)
-    decoder = Decoder(cloner.model, cache=cache)
+    decoder = DecodeLoop(cloner.model, cache=cache)
     batched = run_columns(decoder, prompts, params)  # (L, B, K): both prompts in one left-padded batch
     for row, prompt in enumerate(prompts):
         expected = hf_generate(cloner.model, prompt, params.max_columns())
@@ -60,7 +60,7 @@ def test_greedy_equals_transformers_generate_frame_for_frame(cloner, prompts, ca
 def test_streamed_chunks_join_to_the_whole_decode(cloner):
     codes = torch.randint(0, 1024, (8, 83), generator=torch.Generator().manual_seed(0))
     whole = decode_codes(cloner.codec, codes)
-    decoder = StreamingDecoder(cloner.codec, StreamSettings())
+    decoder = StreamingCodec(cloner.codec, StreamSettings())
     chunks = []
     for t in range(1, 84):  # codes arrive one frame at a time
         chunks += decoder.push(codes[:, :t])
@@ -123,7 +123,7 @@ def two_adapters(tiny_checkpoint, tmp_path_factory):
     from peft import LoraConfig, get_peft_model
 
     from higgs_lora.config import RunConfig, save_config
-    from higgs_lora.model import load_base_model
+    from higgs_lora.model.loading import load_base_model
     from higgs_lora.config import ModelConfig
 
     root = tmp_path_factory.mktemp("adapters")
@@ -164,7 +164,7 @@ def test_adapters_are_switched_per_request_without_reloading(tiny_checkpoint, tw
 def test_the_queue_batches_concurrent_requests_and_refuses_beyond_its_limit(cloner):
     import asyncio
 
-    from higgs_lora.batching import BatchQueue, QueueFull
+    from higgs_lora.serve.batch_queue import BatchQueue, QueueFull
 
     params = SamplingParams(temperature=0, max_seconds=1)
     requests = [cloner.request(REFERENCE, REFERENCE_TEXT, text, params) for text in ("مرحبا", "أهلا", "شكرا")]

@@ -7,12 +7,13 @@ import torch
 
 from higgs_lora.config import LoraConfig, ModelConfig
 from higgs_lora.data.collate import MODEL_INPUTS, build_example, collate
-from higgs_lora.loss import label_counts, micro_batch_loss_sums, normalised_loss
+from higgs_lora.train.loss import label_counts, micro_batch_loss_sums, normalised_loss
 
 
 @pytest.fixture(scope="module")
 def parts(tiny_checkpoint):
-    from higgs_lora.model import apply_lora, load_base_model, load_processor
+    from higgs_lora.model.lora import apply_lora
+    from higgs_lora.model.loading import load_base_model, load_processor
 
     cfg = ModelConfig(path=str(tiny_checkpoint.model_dir), codec_path=str(tiny_checkpoint.codec_dir), dtype="fp32",
                       gradient_checkpointing=False, use_text_head=True)
@@ -88,7 +89,7 @@ def test_split_micro_batches_give_the_gradient_of_the_whole_batch(parts):
 
 
 def test_world_size_undoes_data_parallel_averaging():
-    from higgs_lora.loss import LossSums
+    from higgs_lora.train.loss import LossSums
 
     sums = LossSums(audio=torch.tensor([2.0, 4.0]), audio_counts=torch.tensor([3, 3]), text=torch.tensor(6.0),
                     text_count=torch.tensor(2))

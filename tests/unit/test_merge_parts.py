@@ -8,17 +8,17 @@ import shutil
 import pytest
 import torch
 
-from higgs_lora.lora_weights import AdapterError, LoraDelta, check_targets, lora_deltas, merge_weight
-from higgs_lora.merge import (
+from higgs_lora.deploy.lora_weights import AdapterError, LoraDelta, check_targets, lora_deltas, merge_weight
+from higgs_lora.deploy.merge import (
     MERGE_MARKER,
     MergeError,
     licence_name,
     locate_adapter,
-    make_plan,
+    plan_merge,
     merge_into_shards,
 )
-from higgs_lora.merge_check import logits_report
-from higgs_lora.shards import (
+from higgs_lora.deploy.verify import logits_report
+from higgs_lora.deploy.shards import (
     INDEX_FILE,
     SINGLE_FILE,
     ShardWriter,
@@ -247,26 +247,26 @@ def test_out_must_not_clobber_inputs_or_a_non_empty_directory(tiny_checkpoint, t
     cfg = RunConfig(name="ar", model=ModelConfig(path=str(tiny_checkpoint.model_dir),
                                                  codec_path=str(tiny_checkpoint.codec_dir)))
     save_config(cfg, tmp_path / "adapter" / "higgs_lora.yaml")
-    plan = make_plan(str(tmp_path / "adapter"), device="cpu")
+    plan = plan_merge(str(tmp_path / "adapter"), device="cpu")
     assert plan.out == tmp_path / "Higgs-Audio-2-ar" and plan.base == tiny_checkpoint.model_dir
     assert plan.codec == tiny_checkpoint.codec_dir
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "x").write_text("x")
     with pytest.raises(MergeError, match="not empty.*--force"):
-        make_plan(str(tmp_path / "adapter"), out=str(busy))
-    assert make_plan(str(tmp_path / "adapter"), out=str(busy), force=True, device="cpu").out == busy
+        plan_merge(str(tmp_path / "adapter"), out=str(busy))
+    assert plan_merge(str(tmp_path / "adapter"), out=str(busy), force=True, device="cpu").out == busy
     with pytest.raises(MergeError, match="would overwrite the base model"):
-        make_plan(str(tmp_path / "adapter"), out=str(tiny_checkpoint.model_dir), force=True)
+        plan_merge(str(tmp_path / "adapter"), out=str(tiny_checkpoint.model_dir), force=True)
     with pytest.raises(MergeError, match="would overwrite the adapter"):
-        make_plan(str(tmp_path / "adapter"), out=str(tmp_path), force=True)
+        plan_merge(str(tmp_path / "adapter"), out=str(tmp_path), force=True)
 
 
 def test_an_adapter_from_elsewhere_needs_only_the_base(tmp_path, tiny_checkpoint):
     random_peft_adapter(tiny_checkpoint, tmp_path / "my-voice")  # plain PEFT: no higgs_lora.yaml
     with pytest.raises(MergeError, match="no higgs_lora.yaml.*--base"):
-        make_plan(str(tmp_path / "my-voice"))
-    plan = make_plan(str(tmp_path / "my-voice"), base=str(tiny_checkpoint.model_dir), device="cpu")
+        plan_merge(str(tmp_path / "my-voice"))
+    plan = plan_merge(str(tmp_path / "my-voice"), base=str(tiny_checkpoint.model_dir), device="cpu")
     assert plan.out == tmp_path / "Higgs-Audio-2-my-voice" and plan.codec == tiny_checkpoint.codec_dir
     assert (plan.cfg.lora.r, plan.cfg.lora.alpha) == (4, 12) and plan.cfg.model.quantization == "none"
 

@@ -9,14 +9,9 @@ import pytest
 import torch
 
 from higgs_lora.config import LoraConfig, ModelConfig
-from higgs_lora.model import (
-    CheckpointError,
-    apply_lora,
-    inspect_checkpoint,
-    load_base_model,
-    load_processor,
-    resolve_codec_path,
-)
+from higgs_lora.errors import CheckpointError
+from higgs_lora.model.lora import apply_lora
+from higgs_lora.model.loading import inspect_checkpoint, load_base_model, load_processor, resolve_codec_path
 
 
 def model_cfg(tiny, **kw) -> ModelConfig:

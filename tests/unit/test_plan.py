@@ -8,10 +8,7 @@ import json
 import pytest
 
 from higgs_lora.config import LoraConfig, ModelConfig, load_config
-from higgs_lora.plan import (
-    GIB, RELEASED_MODEL_CONFIG, Hardware, MemoryModel, PlanError, detect_hardware, load_ds_config,
-    lora_parameter_count, make_plan, model_sizes, parse_memory, read_model_config, sequence_stats,
-)
+from higgs_lora.plan import GIB, RELEASED_MODEL_CONFIG, Hardware, MemoryModel, PlanError, detect_hardware, load_ds_config, lora_parameter_count, make_plan, model_sizes, parse_memory, read_model_config, sequence_stats
 
 from tests.conftest import FULL_SIZE_CONFIG, REPO_ROOT
 
@@ -34,7 +31,8 @@ def gpus(per_node: int, gib: float, nodes: int = 1) -> Hardware:
 
 
 def test_lora_count_matches_peft_on_the_tiny_model(tiny_checkpoint):
-    from higgs_lora.model import apply_lora, count_parameters, load_base_model
+    from higgs_lora.model.lora import apply_lora, count_parameters
+    from higgs_lora.model.loading import load_base_model
 
     model_cfg = ModelConfig(path=str(tiny_checkpoint.model_dir), dtype="fp32", gradient_checkpointing=False)
     for lora in (LoraConfig(r=8), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
@@ -51,7 +49,7 @@ def test_lora_count_full_size_r16_all_projections():
 
 @pytest.mark.parametrize("text_head", [False, True])
 def test_model_sizes_match_the_tiny_model(tiny_checkpoint, text_head):
-    from higgs_lora.model import load_base_model
+    from higgs_lora.model.loading import load_base_model
 
     model = load_base_model(ModelConfig(path=str(tiny_checkpoint.model_dir), dtype="fp32", use_text_head=text_head))
     sizes = model_sizes(read_model_config(tiny_checkpoint.model_dir), text_head=text_head)
@@ -277,7 +275,7 @@ def test_plan_json_round_trips():
 
 
 def test_command_prints_the_plan_and_writes_json(tmp_path, capsys):
-    from higgs_lora.plan import main
+    from higgs_lora.plan.choice import main
 
     out = tmp_path / "plan.json"
     code = main(["--config", str(REPO_ROOT / "configs" / "arabic_lora.yaml"), "--model", "released", "--gpus", "8",
@@ -292,7 +290,7 @@ def test_command_prints_the_plan_and_writes_json(tmp_path, capsys):
 
 
 def test_command_errors_are_exit_2_with_the_fix(capsys):
-    from higgs_lora.plan import main
+    from higgs_lora.plan.choice import main
 
     assert main(["--config", str(REPO_ROOT / "configs" / "arabic_lora.yaml"), "model.path=/nonexistent"]) == 2
     assert "--model released" in capsys.readouterr().err

@@ -25,7 +25,7 @@ def calibration(tiny_checkpoint):
     import train_throughput
 
     from higgs_lora.config import ModelConfig
-    from higgs_lora.model import load_processor
+    from higgs_lora.model.loading import load_processor
 
     processor = load_processor(ModelConfig(path=str(tiny_checkpoint.model_dir)))
     batch = train_throughput.collate_items(processor, train_throughput.synthetic_corpus(processor, 2, 0))

@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from higgs_lora.audio import read_audio
+from higgs_lora.data.audio import read_audio
 from higgs_lora.config import build_config
 from higgs_lora.data.prepare import CacheError, condition_for_codec, join, load_cache, read_pairs, run_prepare
 

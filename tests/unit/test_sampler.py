@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from higgs_lora.data.sampler import (
     DataError,
     EpochSampler,
-    Sample,
+    Pair,
     SamplerState,
     UtteranceInfo,
     draw_pairs,
@@ -63,7 +63,7 @@ def test_fixed_pairs_are_honoured_and_lonely_targets_counted():
 @given(lengths=st.lists(st.integers(10, 500), min_size=1, max_size=200), budget=st.integers(500, 3000),
        seed=st.integers(0, 1000))
 def test_micro_batches_respect_the_budget_and_hold_every_sample_once(lengths, budget, seed):
-    samples = [Sample(i, i, n) for i, n in enumerate(lengths)]
+    samples = [Pair(i, i, n) for i, n in enumerate(lengths)]
     micro_batches = pack_micro_batches(samples, budget, random.Random(seed), pool_size=64)
     assert sorted(s.target for mb in micro_batches for s in mb) == list(range(len(lengths)))
     for mb in micro_batches:
@@ -72,7 +72,7 @@ def test_micro_batches_respect_the_budget_and_hold_every_sample_once(lengths, bu
 
 def test_bucketing_keeps_padding_low_on_mixed_lengths():
     rng = random.Random(0)
-    samples = [Sample(i, i, rng.randint(100, 1000)) for i in range(2000)]
+    samples = [Pair(i, i, rng.randint(100, 1000)) for i in range(2000)]
     micro_batches = pack_micro_batches(samples, 4096, random.Random(0))
     used = sum(s.num_positions for mb in micro_batches for s in mb)
     budgeted = sum(len(mb) * max(s.num_positions for s in mb) for mb in micro_batches)
@@ -81,7 +81,7 @@ def test_bucketing_keeps_padding_low_on_mixed_lengths():
 
 def test_a_sample_longer_than_the_budget_is_an_error_naming_the_setting():
     with pytest.raises(DataError, match="train.micro_batch_tokens=100"):
-        pack_micro_batches([Sample(0, 1, 150)], 100, random.Random(0))
+        pack_micro_batches([Pair(0, 1, 150)], 100, random.Random(0))
 
 
 @pytest.mark.parametrize("world_size,accumulation", [(1, 1), (2, 1), (2, 3), (4, 2)])

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from higgs_lora.arabic import split_sentences
-from higgs_lora.generation import columns_to_codes
-from higgs_lora.sampling import DelayConstraints, SamplingParams, choose_codes, filter_logits, make_generator
+from higgs_lora.text.arabic import split_sentences
+from higgs_lora.infer.decode import columns_to_codes
+from higgs_lora.infer.sampling import DelayConstraints, SamplingParams, choose_codes, filter_logits, make_generator
 
 BOS, EOS, K, V = 1024, 1025, 8, 1026
 

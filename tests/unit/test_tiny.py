@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from higgs_lora import tiny
-from higgs_lora.audio import load_audio
+from higgs_lora.data.audio import load_audio
 
 from tests.conftest import DEMO_CORPUS
 

@@ -7,10 +7,10 @@ import math
 
 import pytest
 
-from higgs_lora.checkpoint import ResumeError, latest_checkpoint, list_checkpoints, resolve_resume
+from higgs_lora.train.checkpoint import ResumeError, latest_checkpoint, list_checkpoints, resolve_resume
 from higgs_lora.config import load_config
 from higgs_lora.distributed import cuda_index, first_slurm_host, launcher_environment
-from higgs_lora.metrics import FlopCounter, peak_flops
+from higgs_lora.train.flops import FlopCounter, peak_flops
 
 from tests.conftest import FULL_SIZE_CONFIG, REPO_ROOT
 
@@ -45,7 +45,7 @@ def test_cuda_index_of_a_rank_that_sees_all_or_only_its_own_gpu():
 
 
 def test_warmup_then_cosine_to_zero():
-    from higgs_lora.train import warmup_cosine
+    from higgs_lora.train.loop import warmup_cosine
 
     f = warmup_cosine(4, 20)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
@@ -101,7 +101,7 @@ def test_peak_flops_only_for_measured_or_configured():
 
 
 def test_pruning_never_touches_the_new_checkpoint_or_newer_ones(tmp_path):
-    from higgs_lora.checkpoint import prune
+    from higgs_lora.train.checkpoint import prune
 
     for step in (3, 6, 9, 12):
         make_step(tmp_path, f"step_{step:08d}")
@@ -123,7 +123,8 @@ def test_resume_never_refuses_a_directory_with_checkpoints(tmp_path):
 def test_resume_checks_ranks_and_adapter_settings_before_loading(tmp_path):
     import json
 
-    from higgs_lora.checkpoint import ADAPTER, RUN_CONFIG, check_compatible
+    from higgs_lora.train.checkpoint import ADAPTER, check_compatible
+    from higgs_lora.constants import RUN_CONFIG
     from higgs_lora.config import save_config
 
     cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", [f"output_dir={tmp_path}"])
@@ -152,7 +153,7 @@ def test_a_stop_signal_is_recorded_and_a_second_one_is_left_to_kill():
 
 
 def test_metrics_records_up_to_the_resumed_step_drop_later_and_cut_lines():
-    from higgs_lora.train import _records_up_to
+    from higgs_lora.train.loop import _records_up_to
 
     text = "".join(json.dumps({"kind": k, "step": n}) + "\n" for k, n in
                    [("eval", 0), ("train", 1), ("train", 2), ("eval", 2), ("train", 3)])

@@ -1,0 +1,36 @@
+"""Run configuration: one dataclass per concern, nested in `RunConfig`; YAML + `key=value` overrides.
+
+The package's names are importable from here (`from higgs_lora.config import RunConfig, load_config`). Imports no
+torch: every entry point parses and validates its command line before paying for heavy imports. See
+docs/training.md ("Configuration") and `higgs-lora config --help-keys`.
+"""
+
+from higgs_lora.config.schema import (
+    DEFAULT_LORA_TARGETS,
+    AudioConfig,
+    ConfigError,
+    DataConfig,
+    LoraConfig,
+    ModelConfig,
+    PlanConfig,
+    PrepareConfig,
+    RunConfig,
+    TrainConfig,
+    add_config_arguments,
+    build_config,
+    config_from_args,
+    describe_keys,
+    field_docs,
+    format_help,
+    load_config,
+    load_yaml,
+    max_sample_audio_positions,
+    save_config,
+)
+
+__all__ = [
+    "DEFAULT_LORA_TARGETS", "AudioConfig", "ConfigError", "DataConfig", "LoraConfig", "ModelConfig", "PlanConfig",
+    "PrepareConfig", "RunConfig", "TrainConfig", "add_config_arguments", "build_config", "config_from_args",
+    "describe_keys", "field_docs", "format_help", "load_config", "load_yaml", "max_sample_audio_positions",
+    "save_config",
+]

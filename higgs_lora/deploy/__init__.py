@@ -1,0 +1,1 @@
+"""Deployment: LoRA weights folded into the base (merge), the merge verified, original checkpoints converted."""

@@ -1,0 +1,58 @@
+"""Command-line options shared by the batch CLI (`infer`) and the server (`serve`): model, adapters, sampling.
+
+May import config and the inference core; nothing of the faces that use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from higgs_lora.infer.sampling import SamplingParams
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """--temperature, --top-k, --top-p, --seed, --max-seconds with the SamplingParams defaults."""
+    defaults = SamplingParams()
+    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=defaults.top_k)
+    parser.add_argument("--top-p", type=float, default=defaults.top_p)
+    parser.add_argument("--seed", type=int, default=0, help="seed of sample 0 (sample i uses seed + i)")
+    parser.add_argument("--max-seconds", type=float, default=defaults.max_seconds, help="per piece of text")
+
+
+def sampling_from_args(args) -> SamplingParams:
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                          max_seconds=args.max_seconds)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="merged model or base directory (transformers layout), or an adapter "
+                                        "directory written by training (its base is read from its config)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
+                        help="LoRA adapter on top of --model (repeatable; NAME defaults to the directory name)")
+    parser.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: cuda when present)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    parser.add_argument("--max-batch", type=int, default=8, help="requests generated together")
+
+
+def parse_adapters(given: list[str]) -> dict[str, str]:
+    """{name: dir} from NAME=DIR or DIR arguments."""
+    adapters = {}
+    for item in given:
+        name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
+        path_obj = Path(path)
+        adapters[name or (path_obj.parent.name if path_obj.name == "adapter" else path_obj.name)] = path
+    return adapters
+
+
+def load_cloner(args):
+    from higgs_lora.infer.cloner import VoiceCloner
+
+    adapters = parse_adapters(args.adapter)
+    model = args.model or (next(iter(adapters.values())) if adapters else None)
+    if model is None:
+        raise SystemExit("error: give --model DIR (a merged model or base) and/or --adapter DIR")
+    if args.model is None:
+        adapters = {}
+    return VoiceCloner.load(model, adapters=adapters, device=args.device, dtype=args.dtype, max_batch=args.max_batch)

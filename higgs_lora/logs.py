@@ -1,0 +1,69 @@
+"""Logging: the `[stage] message` lines users see, through the standard `logging` module.
+
+Every module logs to `get_logger("<stage>")` (a child of the `higgs_lora` logger); `setup_logging` (called once by
+each entry point, see startup.py) prints INFO lines to stdout as `[stage] message` and warnings and errors to
+stderr. A library user who never calls it gets Python's defaults: warnings only, nothing on stdout. Imports nothing
+of the package.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+ROOT = "higgs_lora"
+QUIET, NORMAL, VERBOSE = -1, 0, 1
+"""Verbosity levels: warnings and errors only; the usual `[stage]` lines; debug lines too."""
+_LEVELS = {QUIET: logging.WARNING, NORMAL: logging.INFO, VERBOSE: logging.DEBUG}
+
+
+def get_logger(stage: str) -> logging.Logger:
+    """The logger of one stage (`prepare`, `plan`, `train`, ...): its lines print as `[stage] message`."""
+    return logging.getLogger(f"{ROOT}.{stage}")
+
+
+class _StageFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stage = record.name[len(ROOT) + 1:] if record.name.startswith(ROOT + ".") else record.name
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + self.formatException(record.exc_info)
+        if record.levelno >= logging.WARNING and not message.startswith(("warning", "error")):
+            message = f"{record.levelname.lower()}: {message}"
+        return f"[{stage}] {message}"
+
+
+class _StreamOf(logging.StreamHandler):
+    """Writes to `sys.stdout` or `sys.stderr` as they are at each line (so pytest's capture and redirection see it),
+    keeping records of `min_level` <= level < `below`."""
+
+    def __init__(self, name: str, min_level: int, below: int = logging.CRITICAL + 1):
+        super().__init__()
+        self._name = name
+        self.addFilter(lambda record: min_level <= record.levelno < below)
+
+    @property
+    def stream(self):
+        return getattr(sys, self._name)
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it; the live sys stream is always used
+        pass
+
+
+def setup_logging(verbosity: int = NORMAL) -> None:
+    """Route the package's log lines to the terminal: INFO (and DEBUG when verbose) to stdout, warnings to stderr.
+
+    Idempotent: calling it again only changes the level."""
+    root = logging.getLogger(ROOT)
+    root.setLevel(_LEVELS[max(QUIET, min(VERBOSE, verbosity))])
+    if not any(isinstance(h, _StreamOf) for h in root.handlers):
+        for handler in (_StreamOf("stdout", logging.NOTSET, logging.WARNING), _StreamOf("stderr", logging.WARNING)):
+            handler.setFormatter(_StageFormatter())
+            root.addHandler(handler)
+    root.propagate = False
+
+
+def is_quiet() -> bool:
+    """True when INFO lines are not printed (`--quiet`): progress bars follow the same switch."""
+    return not logging.getLogger(ROOT).isEnabledFor(logging.INFO)

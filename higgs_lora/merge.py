@@ -1,0 +1,6 @@
+"""`python -m higgs_lora.merge` (fold a LoRA adapter into its base): kept because users' commands name it; the code is in higgs_lora.deploy.merge."""
+
+from higgs_lora.deploy.merge import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
