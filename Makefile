@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test test-fast install tiny corpus config-help clean
+.PHONY: demo test test-fast lint format install tiny corpus config-help clean
 
 demo: $(STAMP)
 	$(PY) -m higgs_lora.demo --config configs/demo.yaml output_dir=$(DEMO_OUT)
@@ -16,6 +16,16 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not slurm"
+
+# Style and layers: ruff (lint + format check) and the import-linter contracts of pyproject.toml.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 install: $(STAMP)
 

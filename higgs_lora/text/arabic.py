@@ -1,78 +1,9 @@
-"""Arabic text normalisation for training, inference and scoring (pure functions; stdlib + num2words).
+"""Arabic text normalisation for training, inference and scoring: `normalize_arabic` (what the model is trained on
+and asked to speak), `normalize_for_scoring` (what CER/WER compare) and `split_sentences` (long texts).
 
-Two entry points, for two different jobs:
+Pure functions; imports only the standard library and num2words. Every rule, its order and the reason for it:
+docs/arabic.md.
 
-* :func:`normalize_arabic` makes the text the model is trained on and asked to speak. It keeps everything that
-  tells the model *how to pronounce* the text (diacritics, hamza, ta marbuta) unless asked otherwise, and
-  rewrites what a speaker would read aloud differently from how it is written (digits -> words).
-* :func:`normalize_for_scoring` makes the text that CER/WER compare (ASR transcript vs. reference). It removes
-  every distinction that ASR output does not reliably carry (diacritics, hamza forms, punctuation, case), so the
-  score measures what was said and not how it was spelt.
-
-``normalize_arabic`` runs these steps, in this order (each is also a public helper where useful):
-
-0. **Invisible characters removed**: zero-width space / non-joiner / joiner (U+200B-U+200D), LRM/RLM
-   (U+200E, U+200F), Arabic letter mark (U+061C), bidi embeddings and isolates (U+202A-U+202E, U+2066-U+2069),
-   word joiner and invisible operators (U+2060-U+2064), soft hyphen (U+00AD) and the BOM (U+FEFF). *Why first*:
-   they are not pronounced, yet left in place they split words and numbers ("2<ZWSP>5" must be 25) and
-   defeat every later "between digits" / "between words" rule. This is the zero-width part of step 8,
-   done up front.
-1. **Presentation forms -> standard letters**. Characters in U+FB50-U+FDFF and U+FE70-U+FEFF (contextual
-   glyph forms from old PDFs and legacy encodings) are replaced by their NFKC mapping, *only those*: NFKC on the
-   whole string would also rewrite unrelated text (superscripts, fractions, full-width Latin, the ellipsis...).
-   Lam-alef ligatures become two letters (U+FEFB -> "لا"); the honorific ligatures expand to their words
-   (U+FDFA -> "صلى الله عليه وسلم"). NFKC maps an isolated presentation diacritic to a space + the mark
-   (U+FE76 -> " َ"); that space is dropped so the mark stays on its letter. Then the whole string goes
-   through NFC (canonical composition, which changes no meaning): alef/waw/yaa + combining maddah or hamza
-   (U+0653-U+0655) become the precomposed letters آ أ إ ؤ ئ, so the same word always has the same code points.
-2. **Tatweel (U+0640) removed**: it only stretches a glyph for layout and has no sound.
-3. **Diacritics** (:func:`strip_arabic_diacritics`): kept by default, because tashkeel tells the model which
-   vowel to say; removed with ``strip_diacritics=True``. "Diacritics" here are the harakat, tanween, shadda and
-   sukun (U+064B-U+0652), superscript alef (U+0670), the small honorific and vowel signs (U+0610-U+061A), the
-   extended vowel marks (U+0656-U+065F) and the Quranic annotation marks (combining ones in U+06D6-U+06ED).
-   Maddah and hamza above/below (U+0653-U+0655) are **not** diacritics: they are part of the letter (أ is not
-   ا), step 1 has already composed them into letters wherever Unicode has a precomposed form, and stripping them
-   would change the word.
-4. **Letter folding** (:func:`fold_arabic_letters`), off by default: أ إ آ ٱ -> ا, ى -> ي, ة -> ه, ؤ -> و,
-   ئ -> ي (plus the Persian-keyboard look-alikes ی -> ي and ک -> ك, and any leftover combining
-   maddah/hamza). It *loses information* — ة is read "a"/"at", ه is read "h"; أ carries a glottal stop — so it is
-   off for training text and on for scoring, where writers and ASR systems spell these inconsistently.
-5. **Digits -> ASCII** (:func:`arabic_digits_to_ascii`): Eastern Arabic (٠-٩) and Persian/Urdu (۰-۹) digits
-   become 0-9; the Arabic decimal separator ٫ between digits becomes "." and the thousands separator ٬ between
-   digits is removed. One digit alphabet keeps step 6 simple and makes "٢٥" and "25" the same text.
-6. **Numbers -> words** (:func:`spell_out_numbers`, ``numbers_to_words=True``): a speaker reads "25" as
-   "خمسة و عشرون", and a TTS model must not have to learn that mapping from audio. Rules, kept predictable:
-
-   * integers go through ``num2words(n, lang="ar")`` (its output verbatim — e.g. the conjunction written as a
-     separate "و" — except for one fix: num2words 0.5.14 ends a number on a construct-state dual, 200 ->
-     "مئتا", 2000 -> "ألفا"; a final dual gets its "ن" back: "مئتان", "ألفان", as spoken);
-   * ASCII thousands grouping ("1,500", "12,000,000") is one number;
-   * decimals are read the way Arabic speakers read them: integer part + "فاصلة" + the digits after the point
-     as a number ("3.5" -> "ثلاثة فاصلة خمسة", "3.25" -> "ثلاثة فاصلة خمسة و عشرون"). num2words' own float
-     path is not used: for "ar" it produces "ثلاثة  , خمسون" for 3.5 and drops digits after the second;
-   * a digit run with a leading zero ("007", phone numbers, the "05" in "3.05") is read digit by digit
-     ("صفر صفر سبعة"), because int() would silently drop the zeros the speaker says;
-   * a number followed by "%" or "٪" becomes "<number> بالمائة" (spelt like num2words' "مائة", so the same word
-     always has the same spelling in the training text); the percent sign is otherwise left alone;
-   * a sign is not read: "-" is more often a range or a hyphen ("2010-2020") than a minus;
-   * numbers touching letters are separated from them by a space ("3كتب" -> "ثلاثة كتب"); numbers inside
-     Latin text are spelled too, in Arabic (this is an Arabic TTS);
-   * a number num2words cannot spell (OverflowError: 10**51 and above) or that int() refuses (past Python's
-     digit limit, ValueError) is left as digits, unchanged; nothing here raises.
-
-   The words are then put through steps 3 and 4 again when those are on (num2words writes tanween, "مليوناً",
-   and hamza letters, "أربعة"), so the result is the same as if the words had been in the input.
-7. **Punctuation to Arabic forms**: in text that has Arabic letters, "," -> "،", ";" -> "؛" and "?" -> "؟"
-   where the nearest letter before the mark (or, at the very start, after it) is an Arabic letter — i.e. the
-   mark belongs to Arabic words, so "مرحبا, hello, world" becomes "مرحبا، hello, world". A "," directly between
-   two digits (a thousands separator or a list "1,2") is left alone. "." and "!" are shared by both scripts and
-   kept; pure-Latin text is not touched at all.
-8. **Whitespace**: every Unicode space (tabs, newlines, NBSP, thin spaces...) run becomes one space; spaces
-   before ، ؛ ؟ . ! : , ; ? are removed (except before "." or "," that starts a number, ".5"); both ends are
-   stripped. Invisible characters were already removed in step 0.
-
-``normalize_arabic`` is idempotent: applying it to its own output changes nothing.
-"""
 
 from __future__ import annotations
 
@@ -94,7 +25,7 @@ __all__ = [
 
 # ------------------------------------------------------------------------------------------ character classes
 
-# Not pronounced and not visible; see step 0 in the module docstring.
+# Not pronounced and not visible; see step 0 of docs/arabic.md.
 _INVISIBLE = frozenset(
     [chr(c) for c in range(0x200B, 0x2010)]  # ZWSP, ZWNJ, ZWJ, LRM, RLM
     + [chr(c) for c in range(0x202A, 0x202F)]  # LRE, RLE, PDF, LRO, RLO
@@ -117,7 +48,7 @@ def _combining_marks(*ranges: tuple[int, int]) -> frozenset[str]:
 
 
 # Vowel and reading marks; U+0653-U+0655 (maddah, hamza above/below) are deliberately absent: they belong to
-# the letter. See step 3 in the module docstring.
+# the letter. See step 3 of docs/arabic.md.
 _DIACRITICS = _combining_marks(
     (0x0610, 0x061A),  # honorific signs and small fatha/damma/kasra
     (0x064B, 0x0652),  # tanween, fatha, damma, kasra, shadda, sukun
@@ -218,7 +149,7 @@ def spell_out_numbers(text: str) -> str:
 
     Digits are unified first (:func:`arabic_digits_to_ascii`), so "٢٥" and "25" give the same words. Integers
     (also "1,500"-style grouped), decimals ("3.5" -> "ثلاثة فاصلة خمسة"), leading-zero runs (digit by digit) and a
-    trailing percent sign ("50%" -> "خمسون بالمائة") are handled as the module docstring (step 6) describes. A word
+    trailing percent sign ("50%" -> "خمسون بالمائة") are handled as docs/arabic.md (step 6) describes. A word
     that touches a letter is separated from it by one space. A number that cannot be spelled (too large for
     num2words or for int()) is left exactly as written; this function does not raise on any input.
     """
@@ -245,7 +176,7 @@ def normalize_arabic(
 ) -> str:
     """Normalise training/inference text.
 
-    Runs steps 0-8 of the module docstring: invisible characters out, presentation forms to letters and NFC,
+    Runs steps 0-8 of docs/arabic.md: invisible characters out, presentation forms to letters and NFC,
     tatweel out, diacritics kept (or stripped with ``strip_diacritics``), letters folded only with
     ``fold_letters``, digits unified to ASCII, numbers spelled as Arabic words with ``numbers_to_words``,
     ",;?" turned into "،؛؟" where they belong to Arabic words, whitespace collapsed. Idempotent.
