@@ -3,7 +3,7 @@ and asked to speak), `normalize_for_scoring` (what CER/WER compare) and `split_s
 
 Pure functions; imports only the standard library and num2words. Every rule, its order and the reason for it:
 docs/arabic.md.
-
+"""
 
 from __future__ import annotations
 
