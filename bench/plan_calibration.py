@@ -1,4 +1,4 @@
-"""Calibrate and check the planner's memory model (higgs_lora.plan.choice.Coefficients).
+"""Calibrate and check the planner's memory model (higgs_lora.plan.memory.Coefficients).
 
     # CPU, no GPU needed: count the bytes autograd keeps per position per decoder layer for several layer shapes
     # and fit act_h * hidden + act_i * intermediate + act_0 (with and without LoRA dropout)

@@ -12,7 +12,7 @@ import sys
 
 VERBS = {
     "prepare": ("higgs_lora.data.prepare", "corpus -> checked, normalised codec-token cache, with a report"),
-    "plan": ("higgs_lora.plan.choice", "what will fit on this hardware, and why (dry run of the planner)"),
+    "plan": ("higgs_lora.plan.cli", "what will fit on this hardware, and why (dry run of the planner)"),
     "merge": ("higgs_lora.deploy.merge", "fold a trained LoRA adapter into its base: a plain checkpoint"),
     "convert": ("higgs_lora.deploy.convert", "Boson's original model or codec download -> transformers layout"),
     "infer": ("higgs_lora.infer.batch", "batch voice cloning from a ChatML/JSONL file of samples"),
@@ -20,7 +20,7 @@ VERBS = {
     "evaluate": ("higgs_lora.eval.cli", "score an inference output folder: similarity, CER, DNSMOS, speed"),
     "tiny": ("higgs_lora.tiny", "write the tiny random model + codec used by the demo and the tests"),
     "demo": ("higgs_lora.demo", "the whole pipeline on the bundled demo corpus and tiny model (CPU)"),
-    "config": ("higgs_lora.config.schema", "print a resolved run config, or every key with its help"),
+    "config": ("higgs_lora.config.help", "print a resolved run config, or every key with its help"),
 }
 
 

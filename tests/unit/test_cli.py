@@ -30,7 +30,7 @@ def exit_code(main, argv) -> int:
 def test_a_verb_runs_the_same_main_as_the_module_form(capsys):
     assert exit_code(cli.main, ["config", "--help-keys"]) == 0
     by_verb = capsys.readouterr().out
-    from higgs_lora.config.schema import main as config_main
+    from higgs_lora.config.help import main as config_main
 
     assert exit_code(config_main, ["--help-keys"]) == 0
     assert capsys.readouterr().out == by_verb

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from higgs_lora import config as C
-from higgs_lora.config.schema import main as config_main
+from higgs_lora.config.help import main as config_main
 from higgs_lora.config import ConfigError, RunConfig, build_config, load_config, save_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -275,7 +275,7 @@ def test_plan_json_round_trips():
 
 
 def test_command_prints_the_plan_and_writes_json(tmp_path, capsys):
-    from higgs_lora.plan.choice import main
+    from higgs_lora.plan.cli import main
 
     out = tmp_path / "plan.json"
     code = main(["--config", str(REPO_ROOT / "configs" / "arabic_lora.yaml"), "--model", "released", "--gpus", "8",
@@ -290,7 +290,7 @@ def test_command_prints_the_plan_and_writes_json(tmp_path, capsys):
 
 
 def test_command_errors_are_exit_2_with_the_fix(capsys):
-    from higgs_lora.plan.choice import main
+    from higgs_lora.plan.cli import main
 
     assert main(["--config", str(REPO_ROOT / "configs" / "arabic_lora.yaml"), "model.path=/nonexistent"]) == 2
     assert "--model released" in capsys.readouterr().err
