@@ -224,7 +224,7 @@ def sequence_stats(cfg: RunConfig, longest_target_frames: int | None = None,
 
 def cache_sequence_stats(cfg: RunConfig, cache_dir: str | Path) -> SequenceStats:
     """`sequence_stats` with the longest clip and transcript of a prepared cache; the config's if there is none."""
-    from higgs_lora.data.prepare import load_cache
+    from higgs_lora.data.cache import load_cache
 
     try:
         cache = load_cache(cache_dir)
@@ -907,7 +907,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         model_config = read_model_config(args.model or cfg.model.path)
         ds_config = load_ds_config(args.ds)
-        from higgs_lora.data.prepare import cache_dir_of
+        from higgs_lora.data.cache import cache_dir_of
 
         seq = cache_sequence_stats(cfg, cache_dir_of(cfg)) if cfg.data.corpus else sequence_stats(cfg)
         plan = make_plan(cfg, ds_config, detect_hardware(cfg), model_config, seq)
