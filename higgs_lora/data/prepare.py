@@ -1,4 +1,4 @@
-"""`python -m higgs_lora.prepare`: any corpus -> checked, normalised, codec-token cache, with a report.
+"""`higgs-lora prepare`: any corpus -> checked, normalised, codec-token cache, with a report.
 
 The codec runs here, once; training only reads the cache. The run:
 
@@ -14,12 +14,7 @@ The codec runs here, once; training only reads the cache. The run:
    there and writes `report.json`: items in, kept, rejected by reason with examples, hours, per-speaker counts,
    a duration histogram, and speakers that have a single utterance (they cannot be their own reference).
 
-Cache layout (`data.cache_dir`):
-
-    plan.json                 settings fingerprint, shard count, source problems
-    pairs.jsonl               fixed (reference, target) source-id pairs from ChatML
-    shards/shard-00000-of-00010/   Arrow data + rejected.jsonl + summary.json
-    report.json               written by join
+The cache's layout and how training reads it: `higgs_lora.data.cache`; docs/data.md.
 """
 
 from __future__ import annotations
@@ -37,20 +32,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from higgs_lora.errors import UserError
-from higgs_lora.text.arabic import has_arabic_letters, normalize_arabic
-from higgs_lora.data.audio import AudioError, Conditioned, audio_seconds, condition, read_audio
-from higgs_lora.constants import FRAMES_PER_SECOND, HOP_SAMPLES
+from higgs_lora import startup
 from higgs_lora.config import ConfigError, RunConfig, add_config_arguments, config_from_args
+from higgs_lora.constants import FRAMES_PER_SECOND, HOP_SAMPLES
+from higgs_lora.data.audio import AudioError, Conditioned, audio_seconds, condition, read_audio
+from higgs_lora.data.cache import CacheError, cache_dir_of, cache_features, cache_settings, shard_dirs, shard_name
 from higgs_lora.data.sources import CorpusFormatError, Utterance, read_corpus
 from higgs_lora.files import atomic_write_json, atomic_write_text
+from higgs_lora.logs import is_quiet
+from higgs_lora.text.arabic import has_arabic_letters, normalize_arabic
 
-CACHE_VERSION = 1
 EXAMPLES_PER_REASON = 5
-
-
-class CacheError(UserError, RuntimeError):
-    """The cache directory cannot be used as asked (settings changed, shards missing, ...)."""
 
 
 @dataclass
@@ -74,32 +66,6 @@ class Outcome:
 
 
 # ------------------------------------------------------------------------------------------------- planning
-
-
-def cache_dir_of(cfg: RunConfig) -> Path:
-    return Path(cfg.data.cache_dir or Path(cfg.output_dir) / "cache")
-
-
-def cache_settings(cfg: RunConfig, codec_path: str) -> dict:
-    """Everything that changes the cache's content; a cache made with other settings is not reused."""
-    data = cfg.data
-    return {
-        "cache_version": CACHE_VERSION,
-        "corpus": str(Path(data.corpus).expanduser().resolve()),
-        "format": data.format,
-        "language": data.language,
-        "sample_rate": data.sample_rate,
-        "min_seconds": data.min_seconds,
-        "max_seconds": data.max_seconds,
-        "strip_diacritics": data.strip_diacritics,
-        "fold_letters": data.fold_letters,
-        "numbers_to_words": data.numbers_to_words,
-        "require_arabic_letters": data.require_arabic_letters,
-        "max_letters_per_second": data.max_letters_per_second,
-        "audio": asdict(cfg.audio),
-        "codec": str(Path(codec_path).expanduser().resolve()),
-        "shard_size": cfg.prepare.shard_size,
-    }
 
 
 def find_duplicates(utterances: list[Utterance]) -> dict[int, str]:
@@ -129,10 +95,6 @@ def find_duplicates(utterances: list[Utterance]) -> dict[int, str]:
             else:
                 first_by_hash[digest] = utterances[index].source_id
     return duplicates
-
-
-def shard_name(shard: int, num_shards: int) -> str:
-    return f"shard-{shard:05d}-of-{num_shards:05d}"
 
 
 def plan_cache(cfg: RunConfig, codec_path: str) -> tuple[list[list[Item]], dict]:
@@ -255,24 +217,6 @@ def encode_outcomes(outcomes: list[Outcome], codec, batch_size: int, device) -> 
                 outcome.samples = None  # free the audio as soon as it is encoded
 
 
-def cache_features():
-    from datasets import Features, List, Value
-
-    return Features({
-        "source_id": Value("string"),
-        "audio": Value("string"),
-        "speaker": Value("string"),
-        "language": Value("string"),
-        "text": Value("string"),
-        "text_normalized": Value("string"),
-        "duration": Value("float32"),
-        "num_frames": Value("int32"),
-        "source_sample_rate": Value("int32"),
-        "loudness_lufs": Value("float32"),
-        "codes": List(List(Value("int16"))),
-    })
-
-
 def write_shard(cache_dir: Path, name: str, outcomes: list[Outcome]) -> Path:
     """Write a shard to a staging directory, then rename it into place (whole or not at all)."""
     from datasets import Dataset
@@ -328,7 +272,9 @@ def my_shards(num_shards: int, array_size: int, array_index: int) -> list[int]:
 
 
 def run_prepare(cfg: RunConfig, array_size: int = 1, array_index: int = 0, quiet: bool = False) -> dict:
-    """Build (or finish) this task's shards of the cache; returns counts of shards done and skipped."""
+    """Build (or finish) this task's shards of the cache; returns counts of shards done and skipped.
+
+    The progress bar is off when `quiet` or when logging is quiet (`--quiet`)."""
     import torch
     from tqdm import tqdm
 
@@ -337,7 +283,7 @@ def run_prepare(cfg: RunConfig, array_size: int = 1, array_index: int = 0, quiet
     if not 0 <= array_index < array_size:
         raise CacheError(f"--shard-index {array_index} is outside 0..{array_size - 1}")
     codec_path = str(resolve_codec_path(cfg.model))
-    shards, plan = plan_cache(cfg, codec_path)
+    shards, _ = plan_cache(cfg, codec_path)
     cache_dir = cache_dir_of(cfg)
     shards_dir = cache_dir / "shards"
     names = [shard_name(k, len(shards)) for k in range(len(shards))]
@@ -355,32 +301,18 @@ def run_prepare(cfg: RunConfig, array_size: int = 1, array_index: int = 0, quiet
     if codec.config.sample_rate != cfg.data.sample_rate:
         raise CacheError(f"the codec expects {codec.config.sample_rate} Hz but data.sample_rate={cfg.data.sample_rate}")
     total = sum(len(shards[k]) for k in todo)
-    with tqdm(total=total, unit="utt", desc=f"prepare ({len(todo)} shards)", disable=quiet, file=sys.stderr) as bar:
+    with tqdm(total=total, unit="utt", desc=f"prepare ({len(todo)} shards)", disable=quiet or is_quiet(),
+              file=sys.stderr) as bar:
         for k in todo:
             outcomes = process_shard(shards[k], cfg, codec, device, progress=bar)
             write_shard(cache_dir, names[k], outcomes)
     return {"done": len(todo), "skipped": skipped}
 
 
-def _shard_dirs(cache_dir: Path) -> tuple[list[Path], dict]:
-    plan_file = cache_dir / "plan.json"
-    if not plan_file.is_file():
-        raise CacheError(f"{cache_dir} has no plan.json: run `python -m higgs_lora.prepare --config ...` first")
-    plan = json.loads(plan_file.read_text(encoding="utf-8"))
-    dirs = [cache_dir / "shards" / shard_name(k, plan["num_shards"]) for k in range(plan["num_shards"])]
-    missing = [d.name for d in dirs if not d.is_dir()]
-    if missing:
-        raise CacheError(
-            f"{cache_dir} is incomplete: {len(missing)} of {len(dirs)} shards missing ({', '.join(missing[:5])}"
-            f"{', ...' if len(missing) > 5 else ''}); re-run prepare with the same config to finish it"
-        )
-    return dirs, plan
-
-
 def join(cfg: RunConfig) -> dict:
     """Check every shard is present and write `report.json`; returns the report."""
     cache_dir = cache_dir_of(cfg)
-    dirs, plan = _shard_dirs(cache_dir)
+    dirs, plan = shard_dirs(cache_dir)
     rejected: dict[str, list[dict]] = defaultdict(list)
     for problem in plan["source_problems"]:
         rejected[problem["reason"]].append({"source_id": problem["source_id"], "detail": problem["detail"]})
@@ -447,53 +379,30 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m higgs_lora.prepare", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="higgs-lora prepare", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)
     parser.add_argument("--num-shards", type=int, default=1,
                         help="number of array-job tasks sharing the work (not the number of cache shards)")
     parser.add_argument("--shard-index", type=int, default=0, help="this task's index, 0 .. --num-shards - 1")
     parser.add_argument("--join", action="store_true", help="only check the shards and write the report")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    startup.add_common_arguments(parser)
     args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        cfg = config_from_args(args)
-        if not cfg.data.corpus:
-            raise ConfigError(["data.corpus is not set: point it at your corpus (see docs/data.md)"])
-        started = time.perf_counter()
-        if not args.join:
-            counts = run_prepare(cfg, args.num_shards, args.shard_index, quiet=args.quiet)
-            print(f"[prepare] shards written: {counts['done']}, already done: {counts['skipped']} "
-                  f"({time.perf_counter() - started:.1f} s)")
-        if args.join or args.num_shards == 1:
-            print(format_report(join(cfg)))
-            print(f"[prepare] report: {cache_dir_of(cfg) / 'report.json'}")
-    except (ConfigError, CacheError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return startup.run_command(args, lambda: _prepare(args))
 
 
-def _shard_kept(shard: Path) -> int:
-    """Rows a shard holds (0: all rejected, and the shard has no Arrow table)."""
-    return json.loads((shard / "summary.json").read_text(encoding="utf-8"))["kept"]
-
-
-def load_cache(cache_dir: str | Path):
-    """The whole cache as one memory-mapped `datasets.Dataset`, rows in corpus order (raises if incomplete)."""
-    from datasets import Dataset, concatenate_datasets, load_from_disk
-
-    dirs, _ = _shard_dirs(Path(cache_dir))
-    parts = [load_from_disk(str(shard)) for shard in dirs if _shard_kept(shard)]
-    if not parts:
-        return Dataset.from_dict({key: [] for key in cache_features()}, features=cache_features())
-    return concatenate_datasets(parts)
-
-
-def read_pairs(cache_dir: str | Path) -> list[tuple[str, str]]:
-    """Fixed (reference, target) source-id pairs recorded from the corpus (ChatML)."""
-    lines = (Path(cache_dir) / "pairs.jsonl").read_text(encoding="utf-8").splitlines()
-    return [(record["reference"], record["target"]) for record in map(json.loads, lines)]
+def _prepare(args: argparse.Namespace) -> None:
+    cfg = config_from_args(args)
+    if not cfg.data.corpus:
+        raise ConfigError(["data.corpus is not set: point it at your corpus (see docs/data.md)"])
+    started = time.perf_counter()
+    # What was done and the report are the command's result: printed even with --quiet (which hides the bar).
+    if not args.join:
+        counts = run_prepare(cfg, args.num_shards, args.shard_index)
+        print(f"[prepare] shards written: {counts['done']}, already done: {counts['skipped']} "
+              f"({time.perf_counter() - started:.1f} s)")
+    if args.join or args.num_shards == 1:
+        print(format_report(join(cfg)))
+        print(f"[prepare] report: {cache_dir_of(cfg) / 'report.json'}")
 
 
 if __name__ == "__main__":

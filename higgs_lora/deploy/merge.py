@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from higgs_lora.errors import UserError
-from higgs_lora.train.checkpoint import ADAPTER, latest_checkpoint, licence_notice, read_adapter_config
+from higgs_lora.run_folder import ADAPTER, latest_checkpoint, licence_notice, read_adapter_config
 from higgs_lora.constants import RUN_CONFIG
 from higgs_lora.config import ConfigError, LoraConfig, ModelConfig, RunConfig
 from higgs_lora.files import atomic_write_json, atomic_write_text, staged_directory

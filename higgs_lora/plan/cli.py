@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     model_config = read_model_config(args.model or cfg.model.path)
     ds_config = load_ds_config(args.ds)
-    from higgs_lora.data.prepare import cache_dir_of
+    from higgs_lora.data.cache import cache_dir_of
 
     seq = cache_sequence_stats(cfg, cache_dir_of(cfg)) if cfg.data.corpus else sequence_stats(cfg)
     plan = make_plan(cfg, ds_config, detect_hardware(cfg), model_config, seq)

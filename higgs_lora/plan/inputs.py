@@ -148,7 +148,7 @@ def sequence_stats(cfg: RunConfig, longest_target_frames: int | None = None,
 
 def cache_sequence_stats(cfg: RunConfig, cache_dir: str | Path) -> SequenceStats:
     """`sequence_stats` with the longest clip and transcript of a prepared cache; the config's if there is none."""
-    from higgs_lora.data.prepare import load_cache
+    from higgs_lora.data.cache import load_cache
 
     try:
         cache = load_cache(cache_dir)

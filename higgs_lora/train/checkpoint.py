@@ -1,19 +1,8 @@
-"""Checkpoints: DeepSpeed state for exact resume, and a PEFT adapter for deployment, written atomically.
+"""Checkpoints: saving and loading DeepSpeed state for exact resume, and the PEFT adapter for deployment.
 
-Layout under `<output_dir>/checkpoints/`:
-
-    step_00000200/
-      deepspeed/            engine state: LoRA weights, optimizer, scheduler (frozen base weights excluded)
-      rng/rank_00000.pt     each rank's RNG states (python, numpy, torch, CUDA)
-      adapter/              adapter_config.json + adapter_model.safetensors (plain PEFT), higgs_lora.yaml (the
-                            resolved run config, base model as an absolute path), README.md, NOTICE
-      trainer_state.json    step, sampler position, counters; written last
-    latest                  the name of the newest complete checkpoint
-
-A checkpoint is written under a temporary name (`.step_00000200.partial`), renamed when every rank has finished,
-and only then does `latest` move (atomically). A crash mid-write leaves the partial directory, which the next save
-removes and resume never picks. Under ZeRO-3 the LoRA weights are sharded: the adapter export gathers them first
-(or it would write empty tensors) and refuses to write an empty adapter.
+Written atomically: under `.step_N.partial`, renamed once every rank is done, then `latest` moves; under ZeRO-3 the
+adapter export gathers the sharded LoRA weights first. The folder's names are `higgs_lora.run_folder`. Imports no
+torch at module level. See docs/training.md (Checkpoints and resume).
 """
 
 from __future__ import annotations
@@ -21,57 +10,31 @@ from __future__ import annotations
 import copy
 import json
 import random
-import re
 import shutil
 from pathlib import Path
 
+from higgs_lora.config import RunConfig, save_config
+from higgs_lora.constants import RUN_CONFIG
 from higgs_lora.errors import UserError
-from higgs_lora.constants import RUN_CONFIG, STEP_NAME
-from higgs_lora.config import RunConfig, load_config, save_config
 from higgs_lora.files import atomic_write_json, atomic_write_text
-
-CHECKPOINTS = "checkpoints"
-DEEPSPEED_TAG = "deepspeed"
-ADAPTER = "adapter"
-TRAINER_STATE = "trainer_state.json"
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
+from higgs_lora.run_folder import (
+    ADAPTER,
+    DEEPSPEED_TAG,
+    LATEST,
+    TRAINER_STATE,
+    checkpoints_root,
+    is_complete,
+    latest_checkpoint,
+    licence_notice,
+    list_checkpoints,
+    read_adapter_config,
+    step_name,
+    step_of,
+)
 
 
 class ResumeError(UserError, ValueError):
     """The requested checkpoint cannot be resumed from."""
-
-
-def checkpoints_root(output_dir: str | Path) -> Path:
-    return Path(output_dir) / CHECKPOINTS
-
-
-def step_name(step: int) -> str:
-    return STEP_NAME.format(step)
-
-
-def is_complete(path: Path) -> bool:
-    return (path / TRAINER_STATE).is_file() and (path / DEEPSPEED_TAG).is_dir()
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    root = checkpoints_root(output_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and is_complete(p)]
-    return sorted(found, key=lambda p: p.name)
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The checkpoint `latest` names if it is complete, else the newest complete one, else None."""
-    root = checkpoints_root(output_dir)
-    pointer = root / "latest"
-    if pointer.is_file():
-        named = root / pointer.read_text(encoding="utf-8").strip()
-        if is_complete(named):
-            return named
-    complete = list_checkpoints(output_dir)
-    return complete[-1] if complete else None
 
 
 def resolve_resume(cfg: RunConfig) -> Path | None:
@@ -138,18 +101,6 @@ def gathered_adapter_state(model) -> dict:
         return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in named}
 
 
-def licence_notice(what: str) -> str:
-    """The NOTICE the base weights' licence asks a distributed fine-tune to ship; `what` is 'adapter' or 'model'."""
-    return (
-        f"This {what} was fine-tuned from Higgs Audio 2 (Boson AI), which is built on Meta Llama 3.\n\n"
-        "Higgs Audio 2 is licensed under the Boson Higgs Audio 2 Community License; Meta Llama 3 is licensed under "
-        "the\nMeta Llama 3 Community License, Copyright (c) Meta Platforms, Inc. All Rights Reserved.\n\n"
-        "A distributed fine-tune must carry \"Higgs Audio 2\" at the start of its name, ship this NOTICE, and "
-        "follow the\nLlama 3 Acceptable Use Policy. Check the licences that came with your base weights for the "
-        "binding text.\n"
-    )
-
-
 LICENCE_NOTICE = licence_notice("adapter")
 
 
@@ -199,16 +150,7 @@ def export_adapter(model, out: Path, cfg: RunConfig, step: int, is_main: bool) -
     atomic_write_text(out / "NOTICE", LICENCE_NOTICE)
 
 
-def read_adapter_config(adapter_dir: str | Path) -> RunConfig:
-    """The run config saved with an adapter (base model path included)."""
-    return load_config(Path(adapter_dir) / RUN_CONFIG)
-
-
 # ------------------------------------------------------------------------------------------- save / load
-
-
-def step_of(path: Path) -> int:
-    return int(_STEP_DIR.match(path.name).group(1))
 
 
 def prune(output_dir: str | Path, newest_step: int, keep_last: int) -> list[Path]:
@@ -266,7 +208,7 @@ def save_checkpoint(engine, cfg: RunConfig, step: int, trainer_state: dict, rank
             if final.exists():  # a re-run of the same step (e.g. after a crash right after the rename)
                 shutil.rmtree(final)
             partial.rename(final)
-            atomic_write_text(root / "latest", final.name + "\n")
+            atomic_write_text(root / LATEST, final.name + "\n")
             prune(cfg.output_dir, step, keep_last)
         except OSError as err:
             error = err

@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from higgs_lora.train.checkpoint import ADAPTER
+from higgs_lora.run_folder import ADAPTER
 from higgs_lora.config import ModelConfig, load_config
 
 from tests.conftest import DEMO_CORPUS, REPO_ROOT
@@ -25,7 +25,8 @@ def test_one_pair_is_memorised_and_generation_stops(tiny_checkpoint, tmp_path):
     from transformers import HiggsAudioV2ForConditionalGeneration
 
     from higgs_lora.data.collate import build_prompt, revert_delay_pattern
-    from higgs_lora.data.prepare import cache_dir_of, join, load_cache, run_prepare
+    from higgs_lora.data.cache import cache_dir_of, load_cache
+    from higgs_lora.data.prepare import join, run_prepare
     from higgs_lora.model.loading import load_processor
 
     records = [json.loads(line) for line in (DEMO_CORPUS / "manifest.jsonl").read_text().splitlines()]

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from higgs_lora.train.checkpoint import ADAPTER
+from higgs_lora.run_folder import ADAPTER
 
 from tests.e2e.launch import adapter_tensors, metrics, start, train
 

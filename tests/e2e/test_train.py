@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from higgs_lora.train.checkpoint import ADAPTER, DEEPSPEED_TAG, latest_checkpoint, read_adapter_config
+from higgs_lora.run_folder import ADAPTER, DEEPSPEED_TAG, latest_checkpoint, read_adapter_config
 from higgs_lora.constants import RUN_CONFIG
 from higgs_lora.config import ModelConfig
 
@@ -20,7 +20,7 @@ FAST = ["train.lr=5e-3", "train.warmup_steps=1", "train.log_every=1", "train.eva
 def probe_batch(model_dir, codec_dir, cache_dir):
     """A collated zero-shot batch from the cache (first two utterances of one speaker)."""
     from higgs_lora.data.collate import MODEL_INPUTS, build_example, collate
-    from higgs_lora.data.prepare import load_cache
+    from higgs_lora.data.cache import load_cache
     from higgs_lora.model.loading import load_processor
 
     processor = load_processor(ModelConfig(path=str(model_dir), codec_path=str(codec_dir)))

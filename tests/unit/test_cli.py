@@ -67,7 +67,7 @@ def test_run_command_turns_a_user_error_into_exit_2_and_keeps_other_errors(capsy
 
 def test_every_stage_error_is_a_user_error():
     from higgs_lora.config import ConfigError
-    from higgs_lora.data.prepare import CacheError
+    from higgs_lora.data.cache import CacheError
     from higgs_lora.data.sampler import DataError
     from higgs_lora.plan import PlanError
     from higgs_lora.train.checkpoint import ResumeError

@@ -42,7 +42,7 @@ def build_setup(overrides):
     from higgs_lora.config import load_config
     from higgs_lora.model.lora import apply_lora
     from higgs_lora.model.loading import load_base_model, load_processor
-    from higgs_lora.train.loop import build_data
+    from higgs_lora.train.data import build_data
 
     cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", overrides)
     processor = load_processor(cfg.model)

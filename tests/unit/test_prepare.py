@@ -18,7 +18,8 @@ import torch
 
 from higgs_lora.data.audio import read_audio
 from higgs_lora.config import build_config
-from higgs_lora.data.prepare import CacheError, condition_for_codec, join, load_cache, read_pairs, run_prepare
+from higgs_lora.data.cache import CacheError, load_cache, read_pairs
+from higgs_lora.data.prepare import condition_for_codec, join, run_prepare
 
 from tests.conftest import DEMO_CORPUS, REPO_ROOT
 

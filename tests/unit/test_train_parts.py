@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from higgs_lora.train.checkpoint import ResumeError, latest_checkpoint, list_checkpoints, resolve_resume
+from higgs_lora.run_folder import latest_checkpoint, list_checkpoints
+from higgs_lora.train.checkpoint import ResumeError, resolve_resume
 from higgs_lora.config import load_config
 from higgs_lora.distributed import cuda_index, first_slurm_host, launcher_environment
 from higgs_lora.train.flops import FlopCounter, peak_flops
@@ -45,7 +46,7 @@ def test_cuda_index_of_a_rank_that_sees_all_or_only_its_own_gpu():
 
 
 def test_warmup_then_cosine_to_zero():
-    from higgs_lora.train.loop import warmup_cosine
+    from higgs_lora.train.optim import warmup_cosine
 
     f = warmup_cosine(4, 20)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
@@ -123,7 +124,8 @@ def test_resume_never_refuses_a_directory_with_checkpoints(tmp_path):
 def test_resume_checks_ranks_and_adapter_settings_before_loading(tmp_path):
     import json
 
-    from higgs_lora.train.checkpoint import ADAPTER, check_compatible
+    from higgs_lora.run_folder import ADAPTER
+    from higgs_lora.train.checkpoint import check_compatible
     from higgs_lora.constants import RUN_CONFIG
     from higgs_lora.config import save_config
 
@@ -153,13 +155,48 @@ def test_a_stop_signal_is_recorded_and_a_second_one_is_left_to_kill():
 
 
 def test_metrics_records_up_to_the_resumed_step_drop_later_and_cut_lines():
-    from higgs_lora.train.loop import _records_up_to
+    from higgs_lora.train.metrics_log import records_up_to
 
     text = "".join(json.dumps({"kind": k, "step": n}) + "\n" for k, n in
                    [("eval", 0), ("train", 1), ("train", 2), ("eval", 2), ("train", 3)])
     text += '{"kind": "train", "st'  # the line a SIGKILL cut
-    kept, dropped = _records_up_to(text, 2)
+    kept, dropped = records_up_to(text, 2)
     assert [json.loads(line) for line in kept] == [
         {"kind": "eval", "step": 0}, {"kind": "train", "step": 1}, {"kind": "train", "step": 2},
         {"kind": "eval", "step": 2}]
     assert dropped == 2 and all(line.endswith("\n") for line in kept)
+
+
+def test_step_totals_round_trip_through_one_tensor_and_give_the_logged_losses():
+    import torch
+
+    from higgs_lora.train.loop import StepTotals
+    from higgs_lora.train.loss import LossSums
+
+    totals = StepTotals.zeros(3)
+    totals.add_loss(LossSums(audio=torch.tensor([6.0, 9.0, 12.0]), audio_counts=torch.tensor([3, 3, 3]),
+                             text=torch.tensor(5.0), text_count=torch.tensor(2)))
+    totals.add_loss(LossSums(audio=torch.tensor([2.0, 3.0, 4.0]), audio_counts=torch.tensor([1, 1, 1]),
+                             text=torch.tensor(1.0), text_count=torch.tensor(1)))
+    totals.add_work(positions=40.0, target_frames=7.0, flops=1e9)
+    totals.mark_finiteness()
+    tensor = totals.to_tensor()
+    assert tensor.dtype == torch.float64 and tensor.shape == (2 * 3 + 6,)
+    back = StepTotals.from_tensor(tensor.tolist(), 3)  # what the all-reduce hands back: a list of floats
+    assert back.audio_sums.tolist() == [8.0, 12.0, 16.0] and back.audio_counts.tolist() == [4.0, 4.0, 4.0]
+    assert (back.text_sum, back.text_count, back.nonfinite_ranks) == (6.0, 3.0, 0.0)
+    assert (back.positions, back.target_frames, back.flops) == (40.0, 7.0, 1e9)
+    assert torch.equal(back.to_tensor(), tensor)
+    # Losses per labelled position: audio sums over the positions one codebook labels, text over text positions;
+    # the work (positions, frames, FLOPs) and the non-finite count play no part.
+    assert back.loss() == pytest.approx((8 + 12 + 16) / 4)
+    assert back.per_codebook_loss() == pytest.approx([2.0, 3.0, 4.0])
+    assert back.text_loss() == pytest.approx(6.0 / 3.0)
+    # Two ranks: the all-reduce sums the tensors; one rank's NaN is counted once.
+    other = StepTotals.zeros(3)
+    other.add_loss(LossSums(audio=torch.tensor([float("nan"), 0.0, 0.0]), audio_counts=torch.tensor([2, 2, 2]),
+                            text=torch.tensor(0.0), text_count=torch.tensor(0)))
+    other.mark_finiteness()
+    both = StepTotals.from_tensor(tensor + other.to_tensor(), 3)
+    assert both.nonfinite_ranks == 1.0 and both.audio_counts.tolist() == [6.0, 6.0, 6.0]
+    assert StepTotals.zeros(2).loss() == 0.0 and StepTotals.zeros(2).text_loss() == 0.0  # nothing labelled
