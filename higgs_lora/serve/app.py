@@ -270,7 +270,7 @@ async def _run(batch_queue: BatchQueue, request: CloneRequest):
             return
 
 
-def _run(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace) -> int:
     from higgs_lora.infer.options import load_cloner
 
     token = os.environ.get(TOKEN_ENV) or None
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-pending", type=int, default=defaults.max_pending)
     startup.add_common_arguments(parser)
     args = parser.parse_args(argv)
-    return startup.run_command(args, lambda: _run(args))
+    return startup.run_command(args, lambda: _serve(args))
 
 
 if __name__ == "__main__":
