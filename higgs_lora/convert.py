@@ -1,4 +1,8 @@
-"""`python -m higgs_lora.convert` (Boson's original checkpoints into the transformers layout): kept because users' commands name it; the code is in higgs_lora.deploy.convert."""
+"""`python -m higgs_lora.convert` (Boson's original checkpoints into the transformers layout), kept because users'
+commands name it.
+
+The code is in higgs_lora.deploy.convert; see docs/deploy.md.
+"""
 
 from higgs_lora.deploy.convert import main
 

@@ -18,12 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from higgs_lora.config import ConfigError, RunConfig, add_config_arguments, config_from_args, save_config
+from higgs_lora import startup
+from higgs_lora.config import RunConfig, add_config_arguments, config_from_args, save_config
+from higgs_lora.logs import ROOT, get_logger
+
+log = get_logger("demo")
 
 DEFAULT_TINY_DIR = "build/tiny"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -82,22 +87,23 @@ def run(cfg: RunConfig, tiny_dir: str | None, ds_config: str, num_ranks: int) ->
         from higgs_lora.tiny import ensure_tiny
 
         paths = ensure_tiny(tiny_dir)
-        print(f"[demo] tiny model ready: {paths.model_dir}")
+        log.info(f"tiny model ready: {paths.model_dir}")
     config_path = save_config(cfg, out / "demo_config.yaml")
-    print(f"[demo] resolved config written to {config_path}")
+    log.info(f"resolved config written to {config_path}")
 
     from higgs_lora.data.prepare import format_report
 
-    print("[demo] prepare: demo corpus -> checked, normalised codec-token cache")
-    print("\n".join(f"[demo]   {line}" for line in format_report(ensure_cache(cfg, quiet=False)).splitlines()))
+    log.info("prepare: demo corpus -> checked, normalised codec-token cache")
+    for line in format_report(ensure_cache(cfg, quiet=False)).splitlines():
+        log.info(f"  {line}")
 
     command = launcher_command(config_path, ds_config, num_ranks)
-    print(f"[demo] train: {' '.join(command)}", flush=True)
+    log.info(f"train: {' '.join(command)}")
     # One thread per rank: ranks share the CPU's cores, and oversubscribed threads slow every rank down.
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     result = subprocess.run(command, cwd=REPO_ROOT, env=env)
     if result.returncode != 0:
-        print(f"[demo] FAILED: training exited with {result.returncode}", file=sys.stderr)
+        log.error(f"FAILED: training exited with {result.returncode}")
         return 1
     summary = summarise(out)
     from higgs_lora.files import atomic_write_json
@@ -106,11 +112,11 @@ def run(cfg: RunConfig, tiny_dir: str | None, ds_config: str, num_ranks: int) ->
     evaluation = ""
     if summary["last_eval_loss"] is not None:
         evaluation = (f"; held-out speaker loss {summary['first_eval_loss']:.3f} -> {summary['last_eval_loss']:.3f}")
-    print(f"[demo] training loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f} over "
-          f"{summary['steps']} steps{evaluation}")
-    print(f"[demo] adapter: {summary['adapter']} ({summary['adapter_bytes'] / 1024:.0f} KiB; plain PEFT format)")
+    log.info(f"training loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f} over "
+             f"{summary['steps']} steps{evaluation}")
+    log.info(f"adapter: {summary['adapter']} ({summary['adapter_bytes'] / 1024:.0f} KiB; plain PEFT format)")
     if not summary["last_loss"] < summary["first_loss"]:
-        print("[demo] FAILED: the training loss did not fall", file=sys.stderr)
+        log.error("FAILED: the training loss did not fall")
         return 1
     clone_dir = clone_demo_voices(cfg, out)
     if clone_dir is None:
@@ -118,8 +124,8 @@ def run(cfg: RunConfig, tiny_dir: str | None, ds_config: str, num_ranks: int) ->
     report_html = evaluate_clones(clone_dir)
     if report_html is None:
         return 1
-    print(f"[demo] done. Outputs in {out.resolve()}: checkpoints/, adapter/, metrics.jsonl, tensorboard/, "
-          f"eval_samples/, {report.name}, {clone_dir.name}/ (report: {report_html})")
+    log.info(f"done. Outputs in {out.resolve()}: checkpoints/, adapter/, metrics.jsonl, tensorboard/, "
+             f"eval_samples/, {report.name}, {clone_dir.name}/ (report: {report_html})")
     return 0
 
 
@@ -159,13 +165,13 @@ def clone_demo_voices(cfg: RunConfig, out: Path) -> Path | None:
     clone_dir = out / "clone"
     command = ["--chatml", str(samples), "--out", str(clone_dir), "--model", cfg.model.path,
                "--adapter", f"demo={out / 'adapter'}", "--max-seconds", "4", "--quiet"]
-    print(f"[demo] clone: python -m higgs_lora.infer {' '.join(command)}", flush=True)
-    if infer.main(command) != 0:
-        print("[demo] FAILED: cloning wrote no audio", file=sys.stderr)
+    log.info(f"clone: python -m higgs_lora.infer {' '.join(command)}")
+    if _nested(infer.main, command) != 0:
+        log.error("FAILED: cloning wrote no audio")
         return None
     first = json.loads((clone_dir / "manifest.jsonl").read_text(encoding="utf-8").splitlines()[0])
-    print(f"[demo] cloned voice: {clone_dir / first['wav']} ({first['duration_s']:.2f} s, speaker "
-          f"{first['speaker']}, real-time factor {first['rtf']:.2f})")
+    log.info(f"cloned voice: {clone_dir / first['wav']} ({first['duration_s']:.2f} s, speaker "
+             f"{first['speaker']}, real-time factor {first['rtf']:.2f})")
     return clone_dir
 
 
@@ -174,15 +180,30 @@ def evaluate_clones(clone_dir: Path) -> Path | None:
     from higgs_lora.eval import cli as evaluate
 
     command = ["--pred", str(clone_dir), "--quiet"]
-    print(f"[demo] evaluate: python -m higgs_lora.evaluate {' '.join(command)}", flush=True)
-    if evaluate.main(command) != 0:
-        print("[demo] FAILED: the evaluation scored no sample", file=sys.stderr)
+    log.info(f"evaluate: python -m higgs_lora.evaluate {' '.join(command)}")
+    if _nested(evaluate.main, command) != 0:
+        log.error("FAILED: the evaluation scored no sample")
         return None
     return clone_dir / "report.html"
 
 
+def _nested(main, argv: list[str]) -> int:
+    """Another command's `main(argv)`, in this process; its `--quiet` (it sets up logging again) must not silence
+    the demo's own lines after it, so the demo's level is put back."""
+    root = logging.getLogger(ROOT)
+    level = root.level
+    try:
+        return main(argv)
+    finally:
+        root.setLevel(level)
+
+
+def _run(args: argparse.Namespace) -> int:
+    return run(config_from_args(args), args.tiny_dir or None, args.ds, args.ranks)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m higgs_lora.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="higgs-lora demo", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)
     parser.add_argument(
         "--tiny-dir", default=DEFAULT_TINY_DIR,
@@ -190,14 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--ds", default=str(REPO_ROOT / "ds_configs" / "zero2.json"), help="DeepSpeed JSON")
     parser.add_argument("--ranks", type=int, default=2, help="data-parallel ranks (processes) to train with")
+    startup.add_common_arguments(parser)
     args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never reaches a model hub
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return run(cfg, args.tiny_dir or None, args.ds, args.ranks)
+    return startup.run_command(args, lambda: _run(args))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""`python -m higgs_lora.evaluate` (score an inference output folder): kept because users' commands name it; the code is in higgs_lora.eval.cli."""
+"""`python -m higgs_lora.evaluate` (score an inference output folder), kept because users' commands name it.
+
+The code is in higgs_lora.eval.cli; see docs/evaluation.md.
+"""
 
 from higgs_lora.eval.cli import main
 

@@ -1,4 +1,7 @@
-"""`python -m higgs_lora.merge` (fold a LoRA adapter into its base): kept because users' commands name it; the code is in higgs_lora.deploy.merge."""
+"""`python -m higgs_lora.merge` (fold a LoRA adapter into its base), kept because users' commands name it.
+
+The code is in higgs_lora.deploy.merge; see docs/deploy.md.
+"""
 
 from higgs_lora.deploy.merge import main
 

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from higgs_lora import startup
 from higgs_lora.files import replace_directory
 from higgs_lora.model.loading import CHAT_TEMPLATE_PATH
 
@@ -91,7 +91,8 @@ class TinyPaths:
 def special_token_names() -> list[str]:
     """The 256 special token names, in id order (offset 0 = `<|begin_of_text|>`)."""
     # Llama 3 numbers the unnamed slots from offset 11 on as <|reserved_special_token_{offset - 8}|>.
-    return [HIGGS_SPECIAL_TOKENS.get(offset, f"<|reserved_special_token_{offset - 8}|>") for offset in range(NUM_SPECIAL_TOKENS)]
+    return [HIGGS_SPECIAL_TOKENS.get(offset, f"<|reserved_special_token_{offset - 8}|>")
+            for offset in range(NUM_SPECIAL_TOKENS)]
 
 
 def read_transcripts(manifest: Path | None) -> list[str]:
@@ -321,8 +322,14 @@ def ensure_tiny(out: str | Path, seed: int = 0) -> TinyPaths:
     return write_tiny(out, seed=seed)
 
 
+def _run(args: argparse.Namespace) -> int:
+    paths = write_tiny(args.out, seed=args.seed, transcripts=Path(args.transcripts) if args.transcripts else None)
+    print(f"tiny model: {paths.model_dir}\ntiny codec: {paths.codec_dir}")  # the command's output: where it is
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m higgs_lora.tiny", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="higgs-lora tiny", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="build/tiny", help="output directory (gets model/ and codec/)")
     parser.add_argument("--seed", type=int, default=0, help="seed for all random weights")
     parser.add_argument(
@@ -330,11 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         default=str(DEFAULT_TRANSCRIPTS) if DEFAULT_TRANSCRIPTS.is_file() else None,
         help="JSONL manifest whose `text` fields train the BPE tokenizer (default: the demo corpus)",
     )
+    startup.add_common_arguments(parser)
     args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    paths = write_tiny(args.out, seed=args.seed, transcripts=Path(args.transcripts) if args.transcripts else None)
-    print(f"tiny model: {paths.model_dir}\ntiny codec: {paths.codec_dir}")
-    return 0
+    return startup.run_command(args, lambda: _run(args))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Tiny checkpoints in Boson's original layout, written from the tiny transformers-layout ones, for conversion tests.
 
 The original names are spelled out here from the structure of Boson's code, as lists in module order, not by
-inverting higgs_lora.deploy.convert's rules: the model's from the renames in ../shared/HIGGS_FACTS.md, the codec's from the
-original xcodec/DAC modules (`nn.Sequential` indices, weight-norm pairs, wrapped semantic convolutions). The tests
-then compare what the converted checkpoints compute with what the source checkpoints compute, so a wrong rule on
-either side shows up as different logits or codes, not as a tautology.
+inverting higgs_lora.deploy.convert's rules: the model's from the table of original and transformers tensor names in
+docs/deploy.md ("Tensor names"), the codec's from the original xcodec/DAC modules (`nn.Sequential` indices,
+weight-norm pairs, wrapped semantic convolutions). The tests then compare what the converted checkpoints compute with
+what the source checkpoints compute, so a wrong rule on either side shows up as different logits or codes, not as a
+tautology.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ LAYER_TENSORS = (  # one decoder layer of Boson's dual-FFN model, as its state d
     "input_layernorm.weight", "post_attention_layernorm.weight",
     "audio_input_layernorm.weight", "audio_post_attention_layernorm.weight",
 )
-TOP_LEVEL = {  # original name -> transformers name (HIGGS_FACTS: "Checkpoints in the wild")
+TOP_LEVEL = {  # original name -> transformers name (docs/deploy.md, "Tensor names")
     "audio_codebook_embeddings.weight": "model.embed_audio_tokens.embed_audio_tokens.weight",
     "embed_tokens.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",

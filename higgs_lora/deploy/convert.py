@@ -8,13 +8,13 @@ Downloads from before the transformers port come in Boson's own layout: `model_t
 for Boson's code, and a codec stored as `model.pth` with weight-norm pairs. What `--src` holds (the generation model
 or the audio tokenizer) is detected; a directory already in the transformers layout is refused as nothing to do.
 
-The generation model (tensor names per docs/deploy.md and ../shared/HIGGS_FACTS.md):
+The generation model (tensor names: docs/deploy.md, "Tensor names"):
   `audio_codebook_embeddings.*` -> `model.embed_audio_tokens.embed_audio_tokens.*`; `embed_tokens.*`, `layers.*`,
   `norm.*` -> under `model.`; `audio_decoder_proj.{audio,text}_lm_head.weight` -> `{audio,text}_lm_head.weight`;
   rotary buffers and `audio_codebook_weights` dropped; embeddings or heads stored as a frozen + trainable pair
   (Boson's partially frozen modules) concatenated back into one tensor. The config becomes a `HiggsAudioV2Config`
-  with `codebook_size` 1026 (1024 codes + stream BOS + EOS). Tensors are streamed (higgs_lora.deploy.shards): host memory
-  holds one tensor at a time, not the model. Options the transformers port does not implement (a Whisper audio
+  with `codebook_size` 1026 (1024 codes + stream BOS + EOS). Tensors are streamed (higgs_lora.deploy.shards): host
+  memory holds one tensor at a time, not the model. Options the transformers port does not implement (a Whisper audio
   tower, audio FFNs in only some layers, an embedding projector, ...) are refused by name.
 
 The codec: higgs_lora.deploy.convert_codec.
@@ -31,16 +31,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
+from higgs_lora import startup
+from higgs_lora.deploy.shards import ShardWriter, TensorSpec, iter_tensors, tensor_specs
 from higgs_lora.errors import UserError
 from higgs_lora.files import atomic_write_json, staged_directory
-from higgs_lora.deploy.shards import ShardWriter, TensorSpec, iter_tensors, tensor_specs
+from higgs_lora.logs import get_logger
 from higgs_lora.model.loading import CHAT_TEMPLATE_PATH
+
+log = get_logger("convert")
 
 CONVERT_MARKER = "higgs_lora_convert.json"
 ORIGINAL_MODEL_TYPE = "higgs_audio"
@@ -219,7 +221,7 @@ def expected_model_shapes(config_args: dict) -> dict[str, tuple[int, ...]]:
 # ------------------------------------------------------------------------------------------------ convert
 
 
-def convert_model(src: Path, staging: Path, codec_reference: str = DEFAULT_CODEC_REFERENCE, log=print) -> dict:
+def convert_model(src: Path, staging: Path, codec_reference: str = DEFAULT_CODEC_REFERENCE) -> dict:
     """Write the transformers layout of the original generation model `src` into `staging`; returns a summary."""
     import torch
     from transformers import AutoTokenizer, GenerationConfig, HiggsAudioV2Config
@@ -278,8 +280,8 @@ def convert_model(src: Path, staging: Path, codec_reference: str = DEFAULT_CODEC
     shutil.copy2(CHAT_TEMPLATE_PATH, staging / "chat_template.jinja")
     atomic_write_json(staging / "processor_config.json",
                       processor_config(codec_reference, config.audio_stream_bos_id, config.audio_stream_eos_id))
-    log(f"[convert] {len(renamed) + len(joined)} tensors in {len(files)} file(s); joined {sorted(joined) or 'none'}; "
-        f"dropped {len(dropped)} buffers")
+    log.info(f"{len(renamed) + len(joined)} tensors in {len(files)} file(s); joined {sorted(joined) or 'none'}; "
+             f"dropped {len(dropped)} buffers")
     return {"kind": "model", "tensors": len(renamed) + len(joined), "joined": sorted(joined), "dropped": dropped}
 
 
@@ -318,7 +320,7 @@ def detect_kind(src: Path) -> str:
                        "its original audio tokenizer (config.json with ratios/n_q and model.pth)")
 
 
-def convert(src: str | Path, out: str | Path, codec: str | None = None, force: bool = False, log=print) -> Path:
+def convert(src: str | Path, out: str | Path, codec: str | None = None, force: bool = False) -> Path:
     """Convert `src` (original model or codec) into `out`, atomically; returns `out`."""
     from higgs_lora.deploy.convert_codec import convert_codec
 
@@ -332,23 +334,29 @@ def convert(src: str | Path, out: str | Path, codec: str | None = None, force: b
         raise ConvertError(f"--out {out} exists and is not empty; choose another directory or pass --force")
     if codec is not None and kind == "codec":
         raise ConvertError("--codec names the codec a converted generation model refers to; --src is a codec")
-    log(f"[convert] {src}: Boson's original {'generation model' if kind == 'model' else 'audio tokenizer'}")
+    log.info(f"{src}: Boson's original {'generation model' if kind == 'model' else 'audio tokenizer'}")
     with staged_directory(out) as staging:
         if kind == "model":
             reference = str(Path(codec).expanduser().resolve()) if codec else DEFAULT_CODEC_REFERENCE
-            summary = convert_model(src, staging, reference, log)
+            summary = convert_model(src, staging, reference)
         else:
-            summary = convert_codec(src, staging, log=log)
+            summary = convert_codec(src, staging)
         for path in src.iterdir():  # the weights' licence travels with them
             if path.is_file() and re.match(r"^(LICEN[CS]E|NOTICE)", path.name, re.IGNORECASE):
                 shutil.copy2(path, staging / path.name)
-        atomic_write_json(staging / CONVERT_MARKER, {"tool": "higgs_lora.deploy.convert", "source": str(src), **summary})
-    log(f"[convert] wrote {out}")
+        atomic_write_json(staging / CONVERT_MARKER,
+                          {"tool": "higgs_lora.deploy.convert", "source": str(src), **summary})
+    log.info(f"wrote {out}")
     return out
 
 
+def _run(args: argparse.Namespace) -> int:
+    convert(args.src, args.out, args.codec, args.force)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m higgs_lora.convert", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="higgs-lora convert", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:3]))
     parser.add_argument("--src", required=True, help="original-layout directory (generation model or codec)")
@@ -356,14 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--codec", help="for a generation model: the (converted) codec directory its processor "
                                         "config should name (default: the released Hub id; set model.codec_path)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    startup.add_common_arguments(parser)
     args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        convert(args.src, args.out, args.codec, args.force)
-    except ConvertError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return startup.run_command(args, lambda: _run(args))
 
 
 if __name__ == "__main__":

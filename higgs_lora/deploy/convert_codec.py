@@ -20,8 +20,11 @@ import math
 import re
 from pathlib import Path
 
-from higgs_lora.errors import UserError
 from higgs_lora.deploy.shards import ShardWriter, TensorSpec, dtype_code
+from higgs_lora.errors import UserError
+from higgs_lora.logs import get_logger
+
+log = get_logger("convert")
 
 SUPPORTED_TEACHERS = ("hubert_base", "hubert_base_general")
 HUBERT_HEAD_DIM = 64
@@ -223,7 +226,7 @@ def convert_state_dict(original: dict, num_blocks: int, expected: dict[str, tupl
     return converted
 
 
-def convert_codec(src: Path, staging: Path, semantic_attention_heads: int | None = None, log=print) -> dict:
+def convert_codec(src: Path, staging: Path, semantic_attention_heads: int | None = None) -> dict:
     """Write the port's layout of the original codec in `src` into `staging`; returns a summary."""
     import torch
     from transformers import DacFeatureExtractor, HiggsAudioV2TokenizerConfig
@@ -249,7 +252,7 @@ def convert_codec(src: Path, staging: Path, semantic_attention_heads: int | None
                                             sampling_rate=config_args["sample_rate"])
     feature_extractor.save_pretrained(str(staging))
     folded = sum(1 for name in state if name.endswith(".weight_g"))
-    log(f"[convert] codec: {len(converted)} tensors, {folded} weight-norm pairs, "
-        f"{config_args['semantic_model_config']['num_hidden_layers']}-layer HuBERT, "
-        f"{len(set(n.split('.')[2] for n in converted if n.startswith('quantizer.quantizers.')))} quantizers")
+    log.info(f"codec: {len(converted)} tensors, {folded} weight-norm pairs, "
+             f"{config_args['semantic_model_config']['num_hidden_layers']}-layer HuBERT, "
+             f"{len(set(n.split('.')[2] for n in converted if n.startswith('quantizer.quantizers.')))} quantizers")
     return {"kind": "codec", "tensors": len(converted), "weight_norm_pairs": folded}

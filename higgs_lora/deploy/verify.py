@@ -17,6 +17,9 @@ import gc
 from pathlib import Path
 
 from higgs_lora.config import ModelConfig, RunConfig
+from higgs_lora.logs import get_logger
+
+log = get_logger("verify")
 
 REFERENCE_TEXT = "مرحبا، هذه جملة قصيرة للاختبار."
 TARGET_TEXT = "The merged model must speak like the adapter."
@@ -67,8 +70,8 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def compare_logits(merged_dir: Path, base_dir: Path, adapter_dir: Path, cfg: RunConfig, dtype: str, device: str,
-                   log=print) -> dict:
+def compare_logits(merged_dir: Path, base_dir: Path, adapter_dir: Path, cfg: RunConfig, dtype: str,
+                   device: str) -> dict:
     """Logits of base, adapter-on-base, merged (and adapter-on-NF4-base for QLoRA) on `fixed_sample`; see module doc.
 
     Returns a JSON-able report with `passed` and, when not passed, `reason`.
@@ -110,17 +113,18 @@ def compare_logits(merged_dir: Path, base_dir: Path, adapter_dir: Path, cfg: Run
 
     report = logits_report(base_logits, adapter_logits, merged_logits, quantised_logits)
     report.update(dtype=dtype, device=device, positions=int(batch["input_ids"].shape[1]))
-    log(f"[verify] {report['positions']} positions, {dtype} on {device}: max |logit| {report['max_abs_logit']:.4g}; "
-        f"the adapter changes logits by up to {report['adapter_effect']:.4g} "
-        f"(mean {report['adapter_effect_mean']:.3g})")
-    log(f"[verify] max |merged - adapter on base| = {report['merged_vs_adapter']:.4g} "
-        f"(mean {report['merged_vs_adapter_mean']:.3g})")
+    log.info(f"{report['positions']} positions, {dtype} on {device}: max |logit| {report['max_abs_logit']:.4g}; "
+             f"the adapter changes logits by up to {report['adapter_effect']:.4g} "
+             f"(mean {report['adapter_effect_mean']:.3g})")
+    log.info(f"max |merged - adapter on base| = {report['merged_vs_adapter']:.4g} "
+             f"(mean {report['merged_vs_adapter_mean']:.3g})")
     if quantised_logits is not None:
-        log(f"[verify] QLoRA: max |merged - adapter on the NF4 base it was trained on ({cfg.model.dtype} compute)| = "
-            f"{report['merged_vs_nf4_adapter']:.4g} (mean {report['merged_vs_nf4_adapter_mean']:.3g}); "
-            f"the adapter on the NF4 base and on the {dtype} base differ by up to {report['nf4_vs_full_base']:.4g}, "
-            "the base's quantisation error, which the merged model no longer has")
-    log(f"[verify] {'passed' if report['passed'] else 'FAILED: ' + report['reason']}")
+        log.info(f"QLoRA: max |merged - adapter on the NF4 base it was trained on ({cfg.model.dtype} compute)| = "
+                 f"{report['merged_vs_nf4_adapter']:.4g} (mean {report['merged_vs_nf4_adapter_mean']:.3g}); "
+                 f"the adapter on the NF4 base and on the {dtype} base differ by up to "
+                 f"{report['nf4_vs_full_base']:.4g}, the base's quantisation error, which the merged model no longer "
+                 "has")
+    log.info(f"{'passed' if report['passed'] else 'FAILED: ' + report['reason']}")
     return report
 
 

@@ -10,16 +10,19 @@ Offline: every model is inside an installed wheel or a directory you give. See d
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from higgs_lora.eval.asr import AsrError, load_asr
+from higgs_lora import startup
+from higgs_lora.eval.asr import load_asr
 from higgs_lora.eval.predictions import read_predictions
 from higgs_lora.eval.report import write_report
 from higgs_lora.eval.scoring import Scorers, compare, default_embedder, per_speaker, score_folder, summarise
+from higgs_lora.logs import get_logger
+
+log = get_logger("evaluate")
 
 ASR_SKIPPED = ("CER/WER skipped: no --asr given. Pass --asr DIR, a local Whisper or CTC (wav2vec2) checkpoint "
                "directory, to score intelligibility (docs/evaluation.md, 'ASR').")
@@ -46,7 +49,7 @@ def _printer(quiet: bool, label: str):
             f"similarity {similarity:.3f}" if similarity is not None else "similarity -"
         ) + (f" | OVRL {ovrl:.2f}" if ovrl is not None else "") + (
             f" | CER {row['cer']:.3f}" if row.get("cer") is not None else "")
-        print(f"[evaluate] {label} {done}/{total} {row['id']}: {status}", flush=True)
+        log.info(f"{label} {done}/{total} {row['id']}: {status}")
 
     return progress
 
@@ -69,8 +72,9 @@ def evaluate(
     ``asr``: a local Whisper/CTC checkpoint directory for CER/WER (skipped, with a message, when None).
     ``compare_with``: a second prediction folder for the same sample ids (e.g. the base model's); its samples are
     scored with the same models and the report shows both side by side with deltas (this - base).
-    ``out``: where metrics.json, samples.csv and report.html go (default: ``pred``). Raises FileNotFoundError when
-    a folder has no manifest.jsonl and AsrError when ``asr`` is not a usable checkpoint; a bad sample never raises.
+    ``out``: where metrics.json, samples.csv and report.html go (default: ``pred``). Raises PredictionsError when
+    a folder has no manifest.jsonl and AsrError when ``asr`` is not a usable checkpoint (both UserErrors); a bad
+    sample never raises.
     """
     started = time.perf_counter()
     folder = read_predictions(pred)
@@ -78,7 +82,7 @@ def evaluate(
     out = Path(out).resolve() if out is not None else folder.path
     transcriber = load_asr(asr, device) if asr is not None else None
     if transcriber is None and not quiet:
-        print(f"[evaluate] {ASR_SKIPPED}", flush=True)
+        log.info(ASR_SKIPPED)
     scorers = Scorers(default_embedder(device), transcriber, use_dnsmos=dnsmos)
 
     rows = score_folder(folder, scorers, _printer(quiet, folder.path.name))
@@ -114,6 +118,7 @@ def evaluate(
 
 
 def _print_summary(metrics: dict) -> None:
+    """The command's output (printed even with --quiet): one line per metric, the problems, where the report is."""
     for metric, stats in metrics["summary"].items():
         line = f"[evaluate] {metric:22s} {stats['value']:.4f}  (n={stats['n']})"
         if metrics["compare"] and metric in metrics["compare"]["delta"]:
@@ -125,8 +130,16 @@ def _print_summary(metrics: dict) -> None:
           f"{metrics['evaluation_seconds']:.1f} s; report: {metrics['files']['report']}")
 
 
+def _run(args: argparse.Namespace) -> int:
+    """Exit codes: 0 when at least one sample was scored, 1 when none was, 2 (a UserError) for unusable input."""
+    metrics = evaluate(args.pred, asr=args.asr, compare_with=args.compare, out=args.out, device=args.device,
+                       dnsmos=not args.no_dnsmos, quiet=args.quiet)
+    _print_summary(metrics)
+    return 0 if metrics["num_scored"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m higgs_lora.evaluate", description=__doc__.split("\n\n")[1],
+    parser = argparse.ArgumentParser(prog="higgs-lora evaluate", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pred", required=True, help="inference output folder (manifest.jsonl, wavs, run.json)")
     parser.add_argument("--asr", help="local Whisper or CTC checkpoint directory for CER/WER (skipped without it)")
@@ -135,17 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="torch device for the speaker encoder and the ASR")
     parser.add_argument("--no-dnsmos", action="store_true",
                         help="skip DNSMOS (about half of the time per sample on a CPU)")
-    parser.add_argument("--quiet", action="store_true", help="no per-sample lines")
+    startup.add_common_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        metrics = evaluate(args.pred, asr=args.asr, compare_with=args.compare, out=args.out, device=args.device,
-                           dnsmos=not args.no_dnsmos, quiet=args.quiet)
-    except (FileNotFoundError, AsrError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    _print_summary(metrics)
-    return 0 if metrics["num_scored"] else 1
+    return startup.run_command(args, lambda: _run(args))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

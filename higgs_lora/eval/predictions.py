@@ -17,7 +17,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from higgs_lora.errors import UserError
+
 REQUIRED_KEYS = ("id", "wav", "target_text")
+
+
+class PredictionsError(UserError, FileNotFoundError):
+    """A folder that is not an inference output folder (no manifest.jsonl); the message says what to give."""
 
 
 @dataclass(frozen=True)
@@ -105,13 +111,13 @@ def _read_jsonl(path: Path, problems: list[str]) -> list[dict]:
 def read_predictions(folder: str | Path) -> PredictionFolder:
     """Read manifest.jsonl (required), errors.jsonl and run.json (optional) of an inference output folder.
 
-    Raises FileNotFoundError when there is no manifest.jsonl (nothing to evaluate); everything else that is wrong
-    is collected in ``problems``. A sample id that appears twice keeps its first line.
+    Raises PredictionsError (a FileNotFoundError) when there is no manifest.jsonl (nothing to evaluate); everything
+    else that is wrong is collected in ``problems``. A sample id that appears twice keeps its first line.
     """
     folder = Path(folder).resolve()
     manifest = folder / "manifest.jsonl"
     if not manifest.is_file():
-        raise FileNotFoundError(
+        raise PredictionsError(
             f"{manifest} not found: --pred must be a folder written by `python -m higgs_lora.infer --out DIR`"
         )
     problems: list[str] = []

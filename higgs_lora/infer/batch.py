@@ -21,10 +21,14 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from higgs_lora.errors import UserError
+from higgs_lora import startup
 from higgs_lora.data.chatml import audio_of, message_parts, resolve_path
+from higgs_lora.errors import UserError
 from higgs_lora.infer.options import add_model_arguments, add_sampling_arguments, load_cloner, sampling_from_args
 from higgs_lora.infer.sampling import SamplingParams
+from higgs_lora.logs import get_logger
+
+log = get_logger("infer")
 
 
 @dataclass
@@ -41,7 +45,7 @@ class Sample:
 
 
 class SampleError(UserError, ValueError):
-    """A sample record that cannot be used; the message names it."""
+    """A samples file or one of its records that cannot be used; the message names it."""
 
 
 def _chatml_sample(index: int, record: dict, base: Path) -> Sample:
@@ -176,8 +180,36 @@ def run(cloner, samples: list[Sample], problems: list[dict], out: Path, params: 
     return record
 
 
+def _run(args: argparse.Namespace) -> int:
+    """Exit codes: 0 when at least one sample was generated, 1 when none was, 2 (a UserError) for unusable input."""
+    from higgs_lora.infer.cloner import InferenceError
+
+    params = sampling_from_args(args)
+    if params.problems():
+        raise InferenceError("; ".join(params.problems()))
+    input_path = Path(args.chatml or args.jsonl)
+    if not input_path.is_file():
+        raise SampleError(f"{input_path}: no such file")
+    try:
+        samples, problems = read_samples(input_path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SampleError(f"{input_path} is not valid JSON: {err}") from err
+    try:
+        cloner = load_cloner(args)
+    except OSError as err:  # transformers' "not a model directory" and unreadable files: the input's problem too
+        raise InferenceError(str(err)) from err
+    adapter = args.use_adapter or (cloner.adapters[0] if cloner.adapters else None)
+    record = run(cloner, samples, problems, Path(args.out), params, adapter, progress=not args.quiet)
+    log.info(f"{record['samples']} samples -> {args.out} ({record['audio_seconds']:.1f} s of audio in "
+             f"{record['seconds']:.1f} s); {record['failed']} failed"
+             + (" (see errors.jsonl)" if record["failed"] else ""))
+    for problem in problems:
+        log.warning(f"sample {problem['id']}: {problem['error']}")
+    return 0 if record["samples"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m higgs_lora.infer", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="higgs-lora infer", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--chatml", help="seed-format ChatML JSON (or JSONL) of samples")
     source.add_argument("--jsonl", help="JSONL of {reference_audio, reference_text, target_text} records")
@@ -185,36 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     add_model_arguments(parser)
     add_sampling_arguments(parser)
     parser.add_argument("--use-adapter", default=None, help="name of the loaded adapter to use (default: the first)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    startup.add_common_arguments(parser)
     args = parser.parse_args(argv)
-    from higgs_lora.infer.cloner import InferenceError
-    from higgs_lora.errors import CheckpointError
-
-    params = sampling_from_args(args)
-    if params.problems():
-        print(f"error: {'; '.join(params.problems())}", file=sys.stderr)
-        return 2
-    input_path = Path(args.chatml or args.jsonl)
-    if not input_path.is_file():
-        print(f"error: {input_path}: no such file", file=sys.stderr)
-        return 2
-    try:
-        samples, problems = read_samples(input_path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        print(f"error: {input_path} is not valid JSON: {err}", file=sys.stderr)
-        return 2
-    try:
-        cloner = load_cloner(args)
-    except (CheckpointError, InferenceError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    adapter = args.use_adapter or (cloner.adapters[0] if cloner.adapters else None)
-    record = run(cloner, samples, problems, Path(args.out), params, adapter, progress=not args.quiet)
-    print(f"[infer] {record['samples']} samples -> {args.out} ({record['audio_seconds']:.1f} s of audio in "
-          f"{record['seconds']:.1f} s); {record['failed']} failed" + (" (see errors.jsonl)" if record["failed"] else ""))
-    for problem in problems:
-        print(f"[infer]   sample {problem['id']}: {problem['error']}", file=sys.stderr)
-    return 0 if record["samples"] else 1
+    return startup.run_command(args, lambda: _run(args))
 
 
 if __name__ == "__main__":

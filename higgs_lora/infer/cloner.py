@@ -1,14 +1,15 @@
 """The one inference core: zero-shot Arabic voice cloning with a merged model or a base plus LoRA adapters.
 
-    cloner = VoiceCloner.load("merged/")                        # or VoiceCloner.load(base, adapters={"ar": "run/adapter"})
+    cloner = VoiceCloner.load("merged/")              # or VoiceCloner.load(base, adapters={"ar": "run/adapter"})
     result = cloner.clone("ref.wav", "نص التسجيل المرجعي", "النص الجديد الذي يقال بصوت المتحدث")
     soundfile.write("out.wav", result.waveform, result.sample_rate)
 
-The batch CLI (`higgs_lora.infer.batch`), the REST API and the WebSocket stream (`higgs_lora.serve.app`) are thin layers over
-`VoiceCloner.events`, which runs a batch of requests and yields audio as it is made:
+The batch CLI (`higgs_lora.infer.batch`), the REST API and the WebSocket stream (`higgs_lora.serve.app`) are thin
+layers over `VoiceCloner.events`, which runs a batch of requests (`infer.requests`) and yields audio as it is made:
 
 1. the reference recording is conditioned as training conditioned its corpus (mono 24 kHz, silence trimmed,
-   loudness normalised) and encoded by the codec once (cached by content, so a voice used again costs nothing);
+   loudness normalised) and encoded by the codec once (cached by content, so a voice used again costs nothing;
+   `infer.reference`);
 2. texts are normalised as the training run normalised its transcripts (the run config saved with the adapter or
    merged model says how); a long target text is cut at sentence ends (`arabic.split_sentences`) and its pieces are
    spoken one after another, each prompted with the same reference, so the voice stays the same;
@@ -17,14 +18,13 @@ The batch CLI (`higgs_lora.infer.batch`), the REST API and the WebSocket stream 
    at once when the piece ends, or in chunks as frames arrive (`infer.streaming_codec.StreamingCodec`).
 
 Adapters are loaded once on top of the base; each batch runs with the adapter its requests name (None: the base).
+See docs/inference.md.
 """
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -32,74 +32,18 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from higgs_lora.errors import UserError
-from higgs_lora.constants import RUN_CONFIG
-from higgs_lora.text.arabic import normalize_arabic, split_sentences
-from higgs_lora.constants import FRAMES_PER_SECOND, HOP_SAMPLES, SAMPLE_RATE
-from higgs_lora.config import AudioConfig, DataConfig, ModelConfig, RunConfig, load_config
+from higgs_lora.config import ModelConfig, RunConfig, load_config
+from higgs_lora.constants import FRAMES_PER_SECOND, RUN_CONFIG, SAMPLE_RATE
 from higgs_lora.data.collate import build_prompt
 from higgs_lora.infer.decode import DecodeLoop, columns_to_codes, stop_reason
+from higgs_lora.infer.reference import Reference, ReferenceCache, normalize_text
+from higgs_lora.infer.requests import Chunk, CloneRequest, CloneResult, InferenceError
 from higgs_lora.infer.sampling import SamplingParams, make_generator
 from higgs_lora.infer.streaming_codec import StreamingCodec, StreamSettings, decode_codes
+from higgs_lora.text.arabic import split_sentences
 
 PAUSE_SECONDS = 0.15
 """Silence put between the pieces of a long text."""
-
-
-class InferenceError(UserError, ValueError):
-    """A request that cannot be served as given; the message says why."""
-
-
-@dataclass
-class CloneRequest:
-    """One cloning request: whose voice (reference recording and its transcript), and what to say."""
-
-    reference_audio: np.ndarray
-    """Mono float32 samples of the reference recording at `reference_rate` Hz."""
-    reference_rate: int
-    reference_text: str
-    target_text: str
-    params: SamplingParams = field(default_factory=SamplingParams)
-    adapter: str | None = None
-    """Name of a loaded adapter, or None for the model as loaded (the base, or a merged model)."""
-
-
-@dataclass
-class CloneResult:
-    """The generated speech of one request, and how it was made."""
-
-    waveform: np.ndarray
-    """Mono float32 at 24 kHz."""
-    sample_rate: int
-    seconds_taken: float
-    """Wall time from the start of the batch to the last sample of this request."""
-    first_audio_seconds: float | None
-    """Wall time to this request's first audio chunk (streaming only)."""
-    frames: int
-    stops: list[str]
-    """Per piece of text: 'eos' (the model ended it) or 'max_seconds' (cut at the length limit)."""
-    pieces: list[str]
-    seed: int
-    repaired_codes: int = 0
-    """Stray BOS/EOS ids inside the audio that had to be replaced (see generation.columns_to_codes)."""
-
-    @property
-    def duration(self) -> float:
-        return len(self.waveform) / self.sample_rate
-
-    @property
-    def real_time_factor(self) -> float:
-        """Seconds taken per second of audio (below 1: faster than real time)."""
-        return self.seconds_taken / self.duration if self.duration else float("inf")
-
-
-@dataclass
-class Chunk:
-    """Audio of request `index`, in order; `final` chunks close the request and carry its result."""
-
-    index: int
-    samples: np.ndarray
-    result: CloneResult | None = None
 
 
 @dataclass
@@ -119,16 +63,6 @@ class _Job:
     first_audio: float | None = None
 
 
-@dataclass(frozen=True)
-class Reference:
-    """A conditioned, encoded reference recording and its normalised transcript."""
-
-    codes: torch.Tensor
-    """(K, T) codec codes."""
-    text: str
-    seconds: float
-
-
 class VoiceCloner:
     """A loaded model (with its adapters), processor and codec, ready to clone voices."""
 
@@ -138,7 +72,7 @@ class VoiceCloner:
         self.run_config, self.adapters, self.max_batch = run_config, adapters, max_batch
         self.decoder = DecodeLoop(model, cache=cache, compile_step=compile_step)
         self.stream_settings = stream
-        self._references: OrderedDict[str, Reference] = OrderedDict()
+        self.references = ReferenceCache(codec, run_config)
 
     # ---------------------------------------------------------------------------------------------- loading
 
@@ -331,43 +265,11 @@ class VoiceCloner:
 
     def normalize(self, text: str) -> str:
         """`text` normalised as the training run normalised its transcripts."""
-        data = self.run_config.data
-        if data.language != "ar":
-            return " ".join(text.split())
-        return normalize_arabic(text, strip_diacritics=data.strip_diacritics, fold_letters=data.fold_letters,
-                                numbers_to_words=data.numbers_to_words)
+        return normalize_text(text, self.run_config.data)
 
     def reference(self, samples: np.ndarray, rate: int, text: str) -> Reference:
-        """The conditioned, encoded reference (cached by the samples' and text's content; 64 entries)."""
-        from higgs_lora.data.audio import AudioError, condition
-
-        key = hashlib.sha1(np.ascontiguousarray(samples, dtype=np.float32).tobytes() + f"{rate}|{text}".encode())
-        digest = key.hexdigest()
-        if digest in self._references:
-            self._references.move_to_end(digest)
-            return self._references[digest]
-        audio: AudioConfig = self.run_config.audio
-        data: DataConfig = self.run_config.data
-        try:
-            conditioned = condition(
-                np.asarray(samples, dtype=np.float32), rate, sample_rate=SAMPLE_RATE, hop_samples=HOP_SAMPLES,
-                target_lufs=audio.target_lufs, trim=audio.trim_silence, trim_db=audio.trim_db,
-                trim_pad_seconds=audio.trim_pad_seconds, silence_dbfs=audio.silence_dbfs,
-                max_clipped_fraction=1.0, min_seconds=0.5, max_seconds=max(data.reference_max_seconds, 30.0),
-            )
-        except AudioError as err:
-            raise InferenceError(f"reference audio: {err}") from None
-        text = self.normalize(text)
-        if not text:
-            raise InferenceError("reference text is empty after normalisation")
-        device = next(self.codec.parameters()).device
-        with torch.inference_mode():
-            codes = self.codec.encode(torch.from_numpy(conditioned.samples)[None, None].to(device)).audio_codes[0]
-        reference = Reference(codes=codes.cpu(), text=text, seconds=conditioned.seconds)
-        self._references[digest] = reference
-        if len(self._references) > 64:
-            self._references.popitem(last=False)
-        return reference
+        """The conditioned, encoded reference (cached by the samples' and text's content; infer.reference)."""
+        return self.references.get(samples, rate, text)
 
     def _adapter(self, name: str | None):
         """A context in which the model runs with adapter `name` (None: without any adapter)."""

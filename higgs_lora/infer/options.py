@@ -47,12 +47,13 @@ def parse_adapters(given: list[str]) -> dict[str, str]:
 
 
 def load_cloner(args):
-    from higgs_lora.infer.cloner import VoiceCloner
+    """The `VoiceCloner` the model options name; InferenceError (a UserError) when they name none."""
+    from higgs_lora.infer.cloner import InferenceError, VoiceCloner
 
     adapters = parse_adapters(args.adapter)
     model = args.model or (next(iter(adapters.values())) if adapters else None)
     if model is None:
-        raise SystemExit("error: give --model DIR (a merged model or base) and/or --adapter DIR")
+        raise InferenceError("give --model DIR (a merged model or base) and/or --adapter DIR")
     if args.model is None:
         adapters = {}
     return VoiceCloner.load(model, adapters=adapters, device=args.device, dtype=args.dtype, max_batch=args.max_batch)

@@ -21,16 +21,19 @@ import binascii
 import hmac
 import io
 import os
-import sys
 from dataclasses import dataclass, fields
 
 import numpy as np
 
-from higgs_lora.data.audio import wav_bytes
-from higgs_lora.serve.batch_queue import BatchQueue, QueueFull
+from higgs_lora import startup
 from higgs_lora.constants import SAMPLE_RATE
+from higgs_lora.data.audio import wav_bytes
 from higgs_lora.infer.cloner import CloneRequest, InferenceError, VoiceCloner
 from higgs_lora.infer.sampling import SamplingParams
+from higgs_lora.logs import get_logger, is_quiet
+from higgs_lora.serve.batch_queue import BatchQueue, QueueFull
+
+log = get_logger("serve")
 
 TOKEN_ENV = "HIGGS_LORA_TOKEN"
 
@@ -267,10 +270,28 @@ async def _run(batch_queue: BatchQueue, request: CloneRequest):
             return
 
 
-def main(argv: list[str] | None = None) -> int:
-    from higgs_lora.infer.options import add_model_arguments, load_cloner
+def _serve(args: argparse.Namespace) -> int:
+    from higgs_lora.infer.options import load_cloner
 
-    parser = argparse.ArgumentParser(prog="python -m higgs_lora.serve", description=__doc__.split("\n\n")[0])
+    token = os.environ.get(TOKEN_ENV) or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
+        log.warning(f"listening on {args.host} without a token; set {TOKEN_ENV} to require one")
+    settings = ServeSettings(max_upload_bytes=int(args.max_upload_mb * 2**20),
+                             max_reference_seconds=args.max_reference_seconds, max_text_chars=args.max_text_chars,
+                             max_pending=args.max_pending, token=token)
+    import uvicorn
+
+    cloner = load_cloner(args)
+    log.info(f"{cloner.describe()} on http://{args.host}:{args.port} (docs at /docs)")
+    uvicorn.run(create_app(cloner, settings), host=args.host, port=args.port,
+                log_level="warning" if is_quiet() else "info")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from higgs_lora.infer.options import add_model_arguments
+
+    parser = argparse.ArgumentParser(prog="higgs-lora serve", description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes it: set a token)")
     parser.add_argument("--port", type=int, default=8000)
@@ -279,20 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-reference-seconds", type=float, default=defaults.max_reference_seconds)
     parser.add_argument("--max-text-chars", type=int, default=defaults.max_text_chars)
     parser.add_argument("--max-pending", type=int, default=defaults.max_pending)
+    startup.add_common_arguments(parser)
     args = parser.parse_args(argv)
-    token = os.environ.get(TOKEN_ENV) or None
-    if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
-        print(f"[serve] warning: listening on {args.host} without a token; set {TOKEN_ENV} to require one",
-              file=sys.stderr)
-    settings = ServeSettings(max_upload_bytes=int(args.max_upload_mb * 2**20),
-                             max_reference_seconds=args.max_reference_seconds, max_text_chars=args.max_text_chars,
-                             max_pending=args.max_pending, token=token)
-    import uvicorn
-
-    cloner = load_cloner(args)
-    print(f"[serve] {cloner.describe()} on http://{args.host}:{args.port} (docs at /docs)", flush=True)
-    uvicorn.run(create_app(cloner, settings), host=args.host, port=args.port, log_level="info")
-    return 0
+    return startup.run_command(args, lambda: _serve(args))
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def test_converted_model_gives_the_logits_of_the_transformers_model(original_mod
 
 def test_partially_frozen_embeddings_are_joined(tiny_checkpoint, tmp_path):
     original = write_original_model(tiny_checkpoint.model_dir, tmp_path / "split", split_embedding_at=1000)
-    out = convert(original, tmp_path / "out", log=lambda *_: None)
+    out = convert(original, tmp_path / "out")
     from safetensors.torch import load_file
 
     joined = {k: v for f in out.glob("model*.safetensors") for k, v in load_file(str(f)).items()}
@@ -108,7 +108,7 @@ def test_converted_codec_encodes_and_decodes_like_the_source(tiny_checkpoint, tm
     out = tmp_path / "codec-hf"
     out.mkdir()
     # The tiny HuBERT has 2 heads of 8; the original checkpoint does not record heads (see convert_codec).
-    convert_codec(original, out, semantic_attention_heads=2, log=lambda *_: None)
+    convert_codec(original, out, semantic_attention_heads=2)
     from transformers import HiggsAudioV2TokenizerModel
 
     converted, info = HiggsAudioV2TokenizerModel.from_pretrained(str(out), output_loading_info=True)

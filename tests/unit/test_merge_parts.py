@@ -9,14 +9,8 @@ import pytest
 import torch
 
 from higgs_lora.deploy.lora_weights import AdapterError, LoraDelta, check_targets, lora_deltas, merge_weight
-from higgs_lora.deploy.merge import (
-    MERGE_MARKER,
-    MergeError,
-    licence_name,
-    locate_adapter,
-    plan_merge,
-    merge_into_shards,
-)
+from higgs_lora.deploy.merge import merge_into_shards
+from higgs_lora.deploy.merge_plan import MERGE_MARKER, MergeError, licence_name, locate_adapter, plan_merge
 from higgs_lora.deploy.verify import logits_report
 from higgs_lora.deploy.shards import (
     INDEX_FILE,
