@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 
 from higgs_lora import startup
 from higgs_lora.config import RunConfig, add_config_arguments, config_from_args, save_config
-from higgs_lora.logs import ROOT, get_logger
+from higgs_lora.logs import get_logger
 
 log = get_logger("demo")
 
@@ -166,7 +165,7 @@ def clone_demo_voices(cfg: RunConfig, out: Path) -> Path | None:
     command = ["--chatml", str(samples), "--out", str(clone_dir), "--model", cfg.model.path,
                "--adapter", f"demo={out / 'adapter'}", "--max-seconds", "4", "--quiet"]
     log.info(f"clone: python -m higgs_lora.infer {' '.join(command)}")
-    if _nested(infer.main, command) != 0:
+    if infer.main(command) != 0:
         log.error("FAILED: cloning wrote no audio")
         return None
     first = json.loads((clone_dir / "manifest.jsonl").read_text(encoding="utf-8").splitlines()[0])
@@ -181,21 +180,10 @@ def evaluate_clones(clone_dir: Path) -> Path | None:
 
     command = ["--pred", str(clone_dir), "--quiet"]
     log.info(f"evaluate: python -m higgs_lora.evaluate {' '.join(command)}")
-    if _nested(evaluate.main, command) != 0:
+    if evaluate.main(command) != 0:
         log.error("FAILED: the evaluation scored no sample")
         return None
     return clone_dir / "report.html"
-
-
-def _nested(main, argv: list[str]) -> int:
-    """Another command's `main(argv)`, in this process; its `--quiet` (it sets up logging again) must not silence
-    the demo's own lines after it, so the demo's level is put back."""
-    root = logging.getLogger(ROOT)
-    level = root.level
-    try:
-        return main(argv)
-    finally:
-        root.setLevel(level)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -64,6 +64,12 @@ def setup_logging(verbosity: int = NORMAL) -> None:
     root.propagate = False
 
 
+def current_level() -> int | None:
+    """The package's logging level if `setup_logging` has run in this process, else None."""
+    root = logging.getLogger(ROOT)
+    return root.level if any(isinstance(h, _StreamOf) for h in root.handlers) else None
+
+
 def is_quiet() -> bool:
     """True when INFO lines are not printed (`--quiet`): progress bars follow the same switch."""
     return not logging.getLogger(ROOT).isEnabledFor(logging.INFO)

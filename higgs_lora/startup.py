@@ -14,12 +14,13 @@ Imports nothing heavy.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Callable
 
 from higgs_lora.errors import UserError
-from higgs_lora.logs import NORMAL, setup_logging
+from higgs_lora.logs import NORMAL, ROOT, current_level, setup_logging
 
 OFFLINE_SWITCHES = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 """Weights, codecs and corpora are local paths: no entry point ever reaches a model hub (a user may still set
@@ -54,10 +55,17 @@ def report_user_error(err: UserError) -> int:
 
 
 def run_command(args: argparse.Namespace | None, work: Callable[[], int | None]) -> int:
-    """`start(args)`, then `work()`; its return value (None = 0) is the exit code, a `UserError` exits 2."""
+    """`start(args)`, then `work()`; its return value (None = 0) is the exit code, a `UserError` exits 2.
+
+    A command run from inside another one (the demo runs `infer` and `evaluate` in its own process) leaves the
+    caller's verbosity as it found it: an inner `--quiet` does not silence the outer command's later lines."""
+    outer_level = current_level()
     start(args)
     try:
         code = work()
     except UserError as err:
         return report_user_error(err)
+    finally:
+        if outer_level is not None:
+            logging.getLogger(ROOT).setLevel(outer_level)
     return 0 if code is None else int(code)

@@ -110,3 +110,12 @@ def test_quiet_and_verbose_set_the_level(capsys):
     assert logging.getLogger("higgs_lora").level == logging.INFO
     with pytest.raises(SystemExit):
         parser.parse_args(["--quiet", "--verbose"])
+
+
+def test_a_nested_quiet_command_leaves_the_callers_verbosity(capsys):
+    setup_logging()
+    parser = argparse.ArgumentParser()
+    startup.add_common_arguments(parser)
+    assert startup.run_command(parser.parse_args(["--quiet"]), lambda: get_logger("infer").info("hidden")) == 0
+    get_logger("demo").info("still speaking")
+    assert capsys.readouterr().out == "[demo] still speaking\n"
