@@ -87,7 +87,7 @@ def resolve_ds_config(ds_config: dict, cfg: RunConfig, plan: Plan, model_config:
     # In micro-batches: DeepSpeed checks train_batch_size = micro x accumulation x ranks at start-up, which catches
     # a launch on a different number of ranks than planned.
     resolved["train_batch_size"] = plan.accumulation * plan.world_size
-    # Our optimizer is torch AdamW with a skip switch (higgs_lora.train.loop.SkippableAdamW); DeepSpeed only knows the
+    # Our optimizer is torch AdamW with a skip switch (higgs_lora.train.optim.SkippableAdamW); DeepSpeed only knows the
     # class by name, so it must be told the subclass is fine.
     resolved["zero_allow_untested_optimizer"] = True
     if resolved.get("gradient_clipping", "auto") == "auto":
