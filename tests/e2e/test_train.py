@@ -14,6 +14,8 @@ from higgs_lora.config import ModelConfig
 
 from tests.e2e.launch import adapter_tensors, metrics, train
 
+pytestmark = pytest.mark.slow  # every test trains through a real launcher
+
 FAST = ["train.lr=5e-3", "train.warmup_steps=1", "train.log_every=1", "train.eval_every=4", "train.eval_samples=0"]
 
 
@@ -42,7 +44,7 @@ def assert_probe_logged(out, evals, count, dnsmos):
         assert m["num_scored"] + m["num_failed"] == count and m["num_scored"] >= 1, m
         assert -1 <= m["similarity"] <= 1 and -1 <= m["similarity_ground_truth"] <= 1
         assert ("dnsmos_ovrl" in m) == dnsmos and 0 <= m["eos_fraction"] <= 1
-        folder = read_predictions(out / "eval_samples" / f"step_{m['step']:06d}")
+        folder = read_predictions(out / "eval_samples" / f"step_{m['step']:08d}")
         assert not folder.problems and len(folder.predictions) == count
         assert all(p.wav.stat().st_size > 44 and p.reference_audio.is_file() for p in folder.predictions)
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"audio": 0, "scalars": 0}).Reload()
