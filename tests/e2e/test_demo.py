@@ -7,12 +7,15 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from higgs_lora.config import load_config
 
 from tests.conftest import REPO_ROOT
 from tests.e2e.launch import adapter_tensors
 
 
+@pytest.mark.slow
 def test_demo_command_end_to_end(tmp_path):
     out, tiny = tmp_path / "run", tmp_path / "tiny"
     result = subprocess.run(

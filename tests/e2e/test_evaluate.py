@@ -73,6 +73,7 @@ def _csv(folder: Path) -> dict[str, dict]:
         return {row["id"]: row for row in csv.DictReader(handle)}
 
 
+@pytest.mark.slow  # the `folders` fixture runs three evaluations
 def test_metrics_json(folders):
     metrics = _metrics(folders["fine_tuned"])
     assert metrics["num_samples"] == 8 and metrics["num_scored"] == 6
@@ -92,6 +93,7 @@ def test_metrics_json(folders):
     assert metrics["versions"]["resemblyzer"] == "0.1.4"
 
 
+@pytest.mark.slow
 def test_speed_is_aggregated_from_the_manifest(folders):
     metrics = _metrics(folders["fine_tuned"])
     rows = [json.loads(line) for line in (folders["fine_tuned"] / "manifest.jsonl").read_text().splitlines()
@@ -106,6 +108,7 @@ def test_speed_is_aggregated_from_the_manifest(folders):
         {"value": 0.25, "mean": 0.25, "median": 0.25, "p10": 0.25, "p90": 0.25, "min": 0.25, "max": 0.25, "n": 2})
 
 
+@pytest.mark.slow
 def test_bad_samples_are_reported_not_fatal(folders):
     metrics = _metrics(folders["fine_tuned"])
     problems = "\n".join(metrics["problems"])
@@ -130,6 +133,7 @@ def test_missing_manifest_is_a_clear_error(tmp_path, capsys):
     assert "manifest.jsonl not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_compare_deltas_are_differences_of_the_two_folders(folders):
     compared = _metrics(folders["compared"])["compare"]
     assert compared["num_common"] == 5

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from higgs_lora.run_folder import ADAPTER
@@ -16,6 +17,8 @@ from higgs_lora.config import ModelConfig, load_config
 
 from tests.conftest import DEMO_CORPUS, REPO_ROOT
 from tests.e2e.launch import metrics, train
+
+pytestmark = pytest.mark.slow  # trains through launch/train.py
 
 TARGET, REFERENCE = "spk_f1/spk_f1_01.flac", "spk_f1/spk_f1_03.flac"  # 3.23 s and 2.37 s of one speaker
 

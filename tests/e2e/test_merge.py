@@ -23,6 +23,8 @@ from tests.conftest import REPO_ROOT
 from tests.e2e.launch import train, train_env
 from tests.e2e.test_train import overrides_value, probe_batch
 
+pytestmark = pytest.mark.slow  # every test uses an adapter from a real training run
+
 STEPS = ["train.lr=5e-3", "train.warmup_steps=1", "train.log_every=1", "train.eval_every=0", "train.max_steps=3",
          "train.save_every=3"]
 

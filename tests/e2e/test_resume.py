@@ -14,6 +14,8 @@ from higgs_lora.run_folder import ADAPTER
 
 from tests.e2e.launch import adapter_tensors, metrics, start, train
 
+pytestmark = pytest.mark.slow  # every test trains through a real launcher
+
 # Dropout on, so the result depends on the RNG state being restored too, not only weights and optimizer.
 RUN = ["train.lr=5e-3", "train.warmup_steps=2", "train.log_every=1", "train.eval_every=3", "train.max_steps=8",
        "train.save_every=3", "lora.dropout=0.1", "train.eval_samples=0"]

@@ -14,6 +14,8 @@ from higgs_lora.config import ModelConfig
 
 from tests.e2e.launch import adapter_tensors, metrics, train
 
+pytestmark = pytest.mark.slow  # every test trains through a real launcher
+
 FAST = ["train.lr=5e-3", "train.warmup_steps=1", "train.log_every=1", "train.eval_every=4", "train.eval_samples=0"]
 
 

@@ -50,6 +50,7 @@ def sample_logits(model_dir, tiny, **load):
         return model(**batch).logits
 
 
+@pytest.mark.slow
 def test_converted_model_gives_the_logits_of_the_transformers_model(original_model, tiny_checkpoint, tmp_path):
     assert inspect_checkpoint(original_model).layout == "original"
     with pytest.raises(CheckpointError, match=f"python -m higgs_lora.convert --src {original_model} --out"):

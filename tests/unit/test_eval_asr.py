@@ -108,7 +108,7 @@ def test_asr_loads_offline_and_transcribes(asr_dirs, kind, demo_rows):
         assert set(text) <= {chr(c) for c in range(0x0621, 0x064B)} | {" "}
 
 
-@pytest.mark.parametrize("kind", ["whisper", "ctc"])
+@pytest.mark.parametrize("kind", [pytest.param("whisper", marks=pytest.mark.slow), "ctc"])
 def test_evaluate_with_asr_scores_cer_consistently_with_jiwer(asr_dirs, kind, demo_rows, tmp_path):
     pred = make_prediction_folder(tmp_path / "pred", same_speaker_samples(demo_rows, 1)[:2])
     assert main(["--pred", str(pred), "--asr", str(asr_dirs[kind]), "--no-dnsmos", "--quiet"]) == 0

@@ -84,6 +84,7 @@ class EndsEarly(torch.nn.Module):
         return out
 
 
+@pytest.mark.slow
 def test_lockstep_keeps_a_finished_batch_stepping_until_every_rank_is_done(setup):
     """`all_done` stands for the all-reduce of ZeRO-3: the batch here ends by EOS, but the "other ranks" are not
     done for five more steps; it must keep stepping (EOS columns, one forward pass each) and change nothing else."""
@@ -123,6 +124,7 @@ def run_probe(setup, tmp_path, count=3, **settings):
     return probe, pairs, first, second, lines
 
 
+@pytest.mark.slow
 def test_probe_generates_scores_and_writes_an_inference_folder(setup, tmp_path):
     from higgs_lora.eval.predictions import read_predictions
 
@@ -165,6 +167,7 @@ def test_probe_generates_scores_and_writes_an_inference_folder(setup, tmp_path):
     assert len(lines) == 2 and "similarity" in lines[0] and "step_00000000" in lines[0]
 
 
+@pytest.mark.slow
 def test_probe_without_the_eval_extras_writes_the_clips_and_says_why_they_are_unscored(setup, tmp_path, monkeypatch):
     import importlib.util
 
@@ -178,6 +181,7 @@ def test_probe_without_the_eval_extras_writes_the_clips_and_says_why_they_are_un
     assert len(warnings) == 1 and "resemblyzer" in warnings[0] and "higgs-lora[eval]" in warnings[0]
 
 
+@pytest.mark.slow
 def test_probe_without_dnsmos_installed_still_scores_similarity(setup, tmp_path, monkeypatch):
     import importlib.util
 
@@ -238,6 +242,7 @@ def _two_rank_worker(rank, port, overrides, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_decode_in_lockstep_when_one_finishes_early_or_has_no_pair(demo_cache, setup, tmp_path):
     import multiprocessing
 

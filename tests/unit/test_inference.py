@@ -44,6 +44,7 @@ def run_columns(decoder, prompts, params):
     return torch.stack([c.codes for c in decoder.run(prompts, [params] * len(prompts), [None] * len(prompts))])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_greedy_equals_transformers_generate_frame_for_frame(cloner, prompts, cache):
     params = SamplingParams(temperature=0, max_seconds=4)
@@ -73,6 +74,7 @@ def test_streamed_chunks_join_to_the_whole_decode(cloner):
     assert np.abs(naive - whole).max() > 10 * np.abs(joined - whole).max()  # without context the seams differ
 
 
+@pytest.mark.slow
 def test_streaming_and_whole_clone_give_the_same_audio_for_a_seed(cloner):
     params = SamplingParams(temperature=0.7, seed=11, max_seconds=3)
     request = cloner.request(REFERENCE, REFERENCE_TEXT, "الطقس اليوم معتدل. مع رياح خفيفة", params)
@@ -99,6 +101,7 @@ def test_long_text_is_spoken_piece_by_piece_in_one_voice(cloner):
     assert len(result.waveform) == result.frames * 960 + pause
 
 
+@pytest.mark.slow
 def test_batched_requests_match_single_requests(cloner):
     params = SamplingParams(temperature=0, max_seconds=2)
     requests = [cloner.request(REFERENCE, REFERENCE_TEXT, text, params) for text in ("مرحبا", "كيف الحال اليوم")]
@@ -144,6 +147,7 @@ def two_adapters(tiny_checkpoint, tmp_path_factory):
     return paths
 
 
+@pytest.mark.slow
 def test_adapters_are_switched_per_request_without_reloading(tiny_checkpoint, two_adapters, cloner):
     both = VoiceCloner.load(tiny_checkpoint.model_dir, adapters=two_adapters, device="cpu", dtype="fp32")
     assert both.adapters == ["voice_a", "voice_b"]
@@ -163,17 +167,31 @@ def test_adapters_are_switched_per_request_without_reloading(tiny_checkpoint, tw
 
 def test_the_queue_batches_concurrent_requests_and_refuses_beyond_its_limit(cloner):
     import asyncio
+    import threading
 
     from higgs_lora.serve.batch_queue import BatchQueue, QueueFull
 
     params = SamplingParams(temperature=0, max_seconds=1)
     requests = [cloner.request(REFERENCE, REFERENCE_TEXT, text, params) for text in ("مرحبا", "أهلا", "شكرا")]
 
+    class HeldQueue(BatchQueue):
+        """The worker waits for `release` before it collects a batch: the requests below all arrive while it is
+        busy, whatever the timing, and no collection window is needed to batch them (wait_seconds=0)."""
+
+        release = threading.Event()
+
+        def _collect(self):
+            self.release.wait()
+            return super()._collect()
+
     async def run():
-        queue = BatchQueue(cloner, max_pending=3, wait_seconds=0.5)
-        tickets = [queue.submit(r) for r in requests]
-        with pytest.raises(QueueFull, match="limit 3"):
-            queue.submit(requests[0])
+        queue = HeldQueue(cloner, max_pending=3, wait_seconds=0)
+        try:
+            tickets = [queue.submit(r) for r in requests]
+            with pytest.raises(QueueFull, match="limit 3"):
+                queue.submit(requests[0])
+        finally:
+            queue.release.set()
         results = []
         for ticket in tickets:
             while not hasattr(item := await ticket.chunks.get(), "waveform"):

@@ -32,6 +32,7 @@ def calibration(tiny_checkpoint):
     return plan_calibration, tiny_checkpoint.model_dir, processor, batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_activation_coefficients_predict_a_measured_layer(calibration, dropout):
     module, model_dir, processor, batch = calibration
@@ -45,6 +46,7 @@ def test_activation_coefficients_predict_a_measured_layer(calibration, dropout):
     assert abs(predicted / measured - 1) < 0.03, (measured, predicted)
 
 
+@pytest.mark.slow
 def test_checkpointing_keeps_only_the_layer_input(calibration):
     module, model_dir, processor, batch = calibration
     kept = []

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -296,29 +295,50 @@ def test_array_tasks_then_join_equal_a_single_run(tiny_checkpoint, tmp_path):
     assert run_prepare(split, quiet=True) == {"done": 0, "skipped": 3}
 
 
+# `python -m higgs_lora.prepare` that SIGKILLs itself at a set point, so no timing is involved: after it published
+# three shards, when the fourth is written in full to its staging directory and about to be renamed into place.
+KILLED_AFTER_THREE_SHARDS = """
+import os, signal, sys
+
+from higgs_lora.data.prepare import main
+
+publish, published = os.replace, []
+
+
+def replace(src, dst):  # prepare publishes a finished shard by renaming its staging directory into place
+    if os.path.basename(dst).startswith("shard-"):
+        if len(published) == 3:  # the 4th shard is complete in staging: die before it is published
+            os.kill(os.getpid(), signal.SIGKILL)
+        published.append(dst)
+    publish(src, dst)
+
+
+os.replace = replace
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
 def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(tiny_checkpoint, tmp_path):
     overrides = demo_cfg_overrides(tiny_checkpoint, tmp_path / "killed") + ["prepare.shard_size=1"]
     command = [sys.executable, "-m", "higgs_lora.prepare", "--quiet", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_THREE_SHARDS, "--quiet", *overrides], cwd=REPO_ROOT,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, (
+        f"prepare was not killed at the fourth shard (exit {killed.returncode}; does it still publish shards with "
+        f"os.replace?):\n{killed.stderr[-2000:]}")
     shards = tmp_path / "killed" / "shards"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        if shards.is_dir() and len([p for p in shards.iterdir() if p.name.startswith("shard-")]) >= 3:
-            break
-        time.sleep(0.01)
-    assert process.poll() is None, "prepare finished before it could be killed"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    written = [p for p in shards.iterdir() if p.name.startswith("shard-")]
-    assert 3 <= len(written) < 40
-    with pytest.raises(CacheError, match="incomplete"):
+    written = sorted(p.name for p in shards.iterdir() if p.name.startswith("shard-"))
+    assert written == [f"shard-{k:05d}-of-00040" for k in range(3)]
+    staging = [p.name for p in shards.iterdir() if p.name.startswith(".")]
+    assert len(staging) == 1 and staging[0].startswith(".shard-00003-of-00040.staging-")
+    with pytest.raises(CacheError, match="incomplete: 37 of 40 shards missing"):
         join(build_config({}, overrides))
 
     rerun = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert f"already done: {len(written)}" in rerun.stdout
+    assert "already done: 3" in rerun.stdout
     assert not [p for p in shards.iterdir() if p.name.startswith(".")]  # no staging leftovers
 
     clean = build_config({}, demo_cfg_overrides(tiny_checkpoint, tmp_path / "clean") + ["prepare.shard_size=1"])
