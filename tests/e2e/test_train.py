@@ -68,7 +68,7 @@ def test_two_ranks_train_and_write_a_working_adapter(demo_cache, tmp_path, ds, q
     out = tmp_path / "run"
     # Three held-out clips at every evaluation (steps 0, 4, 8), split over the two ranks (2 + 1), through DeepSpeed:
     # under ZeRO-3 every forward pass gathers parameters. (Here both ranks run to the length limit; a rank finishing
-    # early or holding no pair is tested in tests/unit/test_eval_probe.py.) DNSMOS in one case only (its cost).
+    # early or holding no pair is tested in tests/unit/eval/test_probe.py.) DNSMOS in one case only (its cost).
     dnsmos = ds == "zero2.json" and quantization == "none"
     probe = ["train.eval_samples=3", "train.eval_sample_seconds=1", f"train.eval_dnsmos={str(dnsmos).lower()}"]
     train(out, [*demo_cache, *FAST, *probe, "train.max_steps=8", "train.save_every=4",

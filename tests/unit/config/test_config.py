@@ -12,7 +12,7 @@ from higgs_lora import config as C
 from higgs_lora.config.help import main as config_main
 from higgs_lora.config import ConfigError, RunConfig, build_config, load_config, save_config
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 def problems_of(tree=None, overrides=()):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile
 
-CORPUS_DIR = Path(__file__).resolve().parents[2] / "examples" / "demo_corpus"
+CORPUS_DIR = Path(__file__).resolve().parents[3] / "examples" / "demo_corpus"
 MANIFEST_PATH = CORPUS_DIR / "manifest.jsonl"
 
 MANIFEST_KEYS = {"audio", "text", "speaker", "language", "duration"}
