@@ -28,7 +28,10 @@ def usage() -> str:
     width = max(map(len, VERBS))
     lines = ["usage: higgs-lora <verb> [arguments]   (higgs-lora <verb> --help for a verb's arguments)", "", "verbs:"]
     lines += [f"  {verb:<{width}}  {about}" for verb, (_, about) in VERBS.items()]
-    lines += ["", "training: deepspeed launch/train.py --ds ds_configs/zero2.json --config configs/X.yaml [key=value ...]"]
+    lines += [
+        "",
+        "training: deepspeed launch/train.py --ds ds_configs/zero2.json --config configs/X.yaml [key=value ...]",
+    ]
     return "\n".join(lines)
 
 

@@ -44,8 +44,16 @@ def ensure_cache(cfg: RunConfig, quiet: bool = True) -> dict:
 def launcher_command(config_path: Path, ds_config: str, num_ranks: int) -> list[str]:
     """The `deepspeed` launcher command line that trains the demo (the launcher from this Python's environment)."""
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    return [str(deepspeed), "--num_gpus", str(num_ranks), str(REPO_ROOT / "launch" / "train.py"),
-            "--ds", ds_config, "--config", str(config_path)]
+    return [
+        str(deepspeed),
+        "--num_gpus",
+        str(num_ranks),
+        str(REPO_ROOT / "launch" / "train.py"),
+        "--ds",
+        ds_config,
+        "--config",
+        str(config_path),
+    ]
 
 
 def summarise(out: Path) -> dict:
@@ -67,6 +75,7 @@ def summarise(out: Path) -> dict:
 
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     """`cfg` with its paths made absolute (from the current directory), so the launcher can run from anywhere."""
+
     def absolute(path: str) -> str:
         return str(Path(path).expanduser().resolve()) if path else path
 
@@ -110,9 +119,11 @@ def run(cfg: RunConfig, tiny_dir: str | None, ds_config: str, num_ranks: int) ->
     report = atomic_write_json(out / "demo_report.json", summary)
     evaluation = ""
     if summary["last_eval_loss"] is not None:
-        evaluation = (f"; held-out speaker loss {summary['first_eval_loss']:.3f} -> {summary['last_eval_loss']:.3f}")
-    log.info(f"training loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f} over "
-             f"{summary['steps']} steps{evaluation}")
+        evaluation = f"; held-out speaker loss {summary['first_eval_loss']:.3f} -> {summary['last_eval_loss']:.3f}"
+    log.info(
+        f"training loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f} over "
+        f"{summary['steps']} steps{evaluation}"
+    )
     log.info(f"adapter: {summary['adapter']} ({summary['adapter_bytes'] / 1024:.0f} KiB; plain PEFT format)")
     if not summary["last_loss"] < summary["first_loss"]:
         log.error("FAILED: the training loss did not fall")
@@ -123,8 +134,10 @@ def run(cfg: RunConfig, tiny_dir: str | None, ds_config: str, num_ranks: int) ->
     report_html = evaluate_clones(clone_dir)
     if report_html is None:
         return 1
-    log.info(f"done. Outputs in {out.resolve()}: checkpoints/, adapter/, metrics.jsonl, tensorboard/, "
-             f"eval_samples/, {report.name}, {clone_dir.name}/ (report: {report_html})")
+    log.info(
+        f"done. Outputs in {out.resolve()}: checkpoints/, adapter/, metrics.jsonl, tensorboard/, "
+        f"eval_samples/, {report.name}, {clone_dir.name}/ (report: {report_html})"
+    )
     return 0
 
 
@@ -136,21 +149,32 @@ def demo_samples(cfg: RunConfig, out: Path, per_speaker: int = 2) -> Path:
 
     corpus = read_corpus(cfg.data.corpus, cfg.data.format, cfg.data.language)
     # The speakers training held out (same rule, same seed), so the demo clones voices the adapter never heard.
-    speakers = sorted(split_speakers([u.speaker for u in corpus.utterances], cfg.data.eval_speakers,
-                                     cfg.data.num_eval_speakers, cfg.seed))
+    speakers = sorted(
+        split_speakers(
+            [u.speaker for u in corpus.utterances], cfg.data.eval_speakers, cfg.data.num_eval_speakers, cfg.seed
+        )
+    )
     speakers = speakers or sorted({u.speaker for u in corpus.utterances})[:1]
     samples = []
     for speaker in speakers:
         utterances = [u for u in corpus.utterances if u.speaker == speaker]
         reference = utterances[0]
-        for target in utterances[1: 1 + per_speaker]:
-            user = [{"type": "text", "text": reference.text}, {"type": "audio", "audio_url": reference.audio},
-                    {"type": "text", "text": target.text}]
-            samples.append({"speaker": speaker, "messages": [
-                {"role": "system", "content": "Generate audio following instruction."},
-                {"role": "user", "content": user},
-                {"role": "assistant", "content": [{"type": "audio", "audio_url": target.audio}]},
-            ]})
+        for target in utterances[1 : 1 + per_speaker]:
+            user = [
+                {"type": "text", "text": reference.text},
+                {"type": "audio", "audio_url": reference.audio},
+                {"type": "text", "text": target.text},
+            ]
+            samples.append(
+                {
+                    "speaker": speaker,
+                    "messages": [
+                        {"role": "system", "content": "Generate audio following instruction."},
+                        {"role": "user", "content": user},
+                        {"role": "assistant", "content": [{"type": "audio", "audio_url": target.audio}]},
+                    ],
+                }
+            )
     from higgs_lora.files import atomic_write_text
 
     return atomic_write_text(out / "clone_samples.json", json.dumps(samples, ensure_ascii=False, indent=1))
@@ -162,15 +186,28 @@ def clone_demo_voices(cfg: RunConfig, out: Path) -> Path | None:
 
     samples = demo_samples(cfg, out)
     clone_dir = out / "clone"
-    command = ["--chatml", str(samples), "--out", str(clone_dir), "--model", cfg.model.path,
-               "--adapter", f"demo={out / 'adapter'}", "--max-seconds", "4", "--quiet"]
+    command = [
+        "--chatml",
+        str(samples),
+        "--out",
+        str(clone_dir),
+        "--model",
+        cfg.model.path,
+        "--adapter",
+        f"demo={out / 'adapter'}",
+        "--max-seconds",
+        "4",
+        "--quiet",
+    ]
     log.info(f"clone: python -m higgs_lora.infer {' '.join(command)}")
     if infer.main(command) != 0:
         log.error("FAILED: cloning wrote no audio")
         return None
     first = json.loads((clone_dir / "manifest.jsonl").read_text(encoding="utf-8").splitlines()[0])
-    log.info(f"cloned voice: {clone_dir / first['wav']} ({first['duration_s']:.2f} s, speaker "
-             f"{first['speaker']}, real-time factor {first['rtf']:.2f})")
+    log.info(
+        f"cloned voice: {clone_dir / first['wav']} ({first['duration_s']:.2f} s, speaker "
+        f"{first['speaker']}, real-time factor {first['rtf']:.2f})"
+    )
     return clone_dir
 
 
@@ -194,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="higgs-lora demo", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)
     parser.add_argument(
-        "--tiny-dir", default=DEFAULT_TINY_DIR,
+        "--tiny-dir",
+        default=DEFAULT_TINY_DIR,
         help="build the tiny model here if missing (set model.path to its model/ directory); '' to skip",
     )
     parser.add_argument("--ds", default=str(REPO_ROOT / "ds_configs" / "zero2.json"), help="DeepSpeed JSON")

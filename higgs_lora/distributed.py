@@ -55,7 +55,9 @@ def launcher_environment(env: dict[str, str]) -> dict[str, str]:
             "MASTER_PORT": env.get("MASTER_PORT") or str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000),
         }
     return {
-        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
         "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
         "MASTER_PORT": env.get("MASTER_PORT") or str(_free_port()),
     }
@@ -71,8 +73,10 @@ def cuda_index(local_rank: int, visible: int) -> int:
         return local_rank
     if visible == 1:
         return 0
-    raise RuntimeError(f"LOCAL_RANK {local_rank} but {visible} GPUs are visible to this process: start one "
-                       "process per GPU (srun --ntasks-per-node equal to --gpus-per-node)")
+    raise RuntimeError(
+        f"LOCAL_RANK {local_rank} but {visible} GPUs are visible to this process: start one "
+        "process per GPU (srun --ntasks-per-node equal to --gpus-per-node)"
+    )
 
 
 def init_distributed() -> Topology:

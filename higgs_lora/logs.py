@@ -24,7 +24,7 @@ def get_logger(stage: str) -> logging.Logger:
 
 class _StageFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        stage = record.name[len(ROOT) + 1:] if record.name.startswith(ROOT + ".") else record.name
+        stage = record.name[len(ROOT) + 1 :] if record.name.startswith(ROOT + ".") else record.name
         message = record.getMessage()
         if record.exc_info:
             message += "\n" + self.formatException(record.exc_info)

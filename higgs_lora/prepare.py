@@ -1,4 +1,7 @@
-"""`python -m higgs_lora.prepare` (corpus -> codec-token cache): kept because users' commands name it; the code is in higgs_lora.data.prepare."""
+"""`python -m higgs_lora.prepare` (corpus -> codec-token cache), kept because users' commands name it.
+
+The code is in higgs_lora.data.prepare.
+"""
 
 from higgs_lora.data.prepare import main
 

@@ -71,7 +71,7 @@ def licence_notice(what: str) -> str:
         f"This {what} was fine-tuned from Higgs Audio 2 (Boson AI), which is built on Meta Llama 3.\n\n"
         "Higgs Audio 2 is licensed under the Boson Higgs Audio 2 Community License; Meta Llama 3 is licensed under "
         "the\nMeta Llama 3 Community License, Copyright (c) Meta Platforms, Inc. All Rights Reserved.\n\n"
-        "A distributed fine-tune must carry \"Higgs Audio 2\" at the start of its name, ship this NOTICE, and "
+        'A distributed fine-tune must carry "Higgs Audio 2" at the start of its name, ship this NOTICE, and '
         "follow the\nLlama 3 Acceptable Use Policy. Check the licences that came with your base weights for the "
         "binding text.\n"
     )

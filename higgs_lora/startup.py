@@ -17,7 +17,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from higgs_lora.errors import UserError
 from higgs_lora.logs import NORMAL, ROOT, current_level, setup_logging

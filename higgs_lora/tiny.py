@@ -91,8 +91,10 @@ class TinyPaths:
 def special_token_names() -> list[str]:
     """The 256 special token names, in id order (offset 0 = `<|begin_of_text|>`)."""
     # Llama 3 numbers the unnamed slots from offset 11 on as <|reserved_special_token_{offset - 8}|>.
-    return [HIGGS_SPECIAL_TOKENS.get(offset, f"<|reserved_special_token_{offset - 8}|>")
-            for offset in range(NUM_SPECIAL_TOKENS)]
+    return [
+        HIGGS_SPECIAL_TOKENS.get(offset, f"<|reserved_special_token_{offset - 8}|>")
+        for offset in range(NUM_SPECIAL_TOKENS)
+    ]
 
 
 def read_transcripts(manifest: Path | None) -> list[str]:
@@ -198,8 +200,14 @@ def build_codec(seed: int, full_size: bool = False):
 
     ratios = [8, 5, 4, 2, 3]  # product 960: one frame per 960 samples at 24 kHz = 25 frames/s
     if full_size:
-        acoustic = DacConfig(encoder_hidden_size=64, downsampling_ratios=ratios, decoder_hidden_size=1024,
-                             upsampling_ratios=ratios, hidden_size=256, sampling_rate=24000)
+        acoustic = DacConfig(
+            encoder_hidden_size=64,
+            downsampling_ratios=ratios,
+            decoder_hidden_size=1024,
+            upsampling_ratios=ratios,
+            hidden_size=256,
+            sampling_rate=24000,
+        )
         semantic = HubertConfig(mask_time_prob=0.0)  # HuBERT-base: 768 hidden, 12 layers
         codebook_dim = 64
     else:

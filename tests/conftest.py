@@ -13,8 +13,14 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CORPUS = REPO_ROOT / "examples" / "demo_corpus"
-FULL_SIZE_CONFIG = {"hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 24,
-                    "num_key_value_heads": 8, "head_dim": 128, "num_hidden_layers": 28}
+FULL_SIZE_CONFIG = {
+    "hidden_size": 3072,
+    "intermediate_size": 8192,
+    "num_attention_heads": 24,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "num_hidden_layers": 28,
+}
 """The released model's layer sizes (config.json keys) for pure planning and FLOP tests."""
 
 # Offline before anything imports transformers / huggingface_hub / datasets, and an empty HF home, so a test can
@@ -104,10 +110,12 @@ def pytest_collection_modifyitems(config, items):
     # With sbatch present, tests/slurm/conftest.py decides (a cluster may still not be running); where .ci/run
     # started one (HIGGS_LORA_REQUIRE_SLURM=1) nothing is skipped, so a missing cluster fails instead.
     has_slurm = os.environ.get("HIGGS_LORA_REQUIRE_SLURM") == "1" or any(
-        (Path(p) / "sbatch").exists() for p in os.environ.get("PATH", "").split(os.pathsep))
+        (Path(p) / "sbatch").exists() for p in os.environ.get("PATH", "").split(os.pathsep)
+    )
     skip_gpu = pytest.mark.skip(reason="needs CUDA: torch.cuda.is_available() is False on this machine")
-    skip_slurm = pytest.mark.skip(reason="needs SLURM: no sbatch on PATH (.ci/run installs and starts one: "
-                                         "tests/slurm/local_slurm.sh start)")
+    skip_slurm = pytest.mark.skip(
+        reason="needs SLURM: no sbatch on PATH (.ci/run installs and starts one: tests/slurm/local_slurm.sh start)"
+    )
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
@@ -142,7 +150,8 @@ def demo_rows():
 
 
 def pytest_report_header(config):
-    return f"higgs-lora tests: offline (HF_HOME={os.environ['HF_HOME']}), loopback-only sockets, python {sys.version.split()[0]}"
+    python = sys.version.split()[0]
+    return f"higgs-lora tests: offline (HF_HOME={os.environ['HF_HOME']}), loopback-only sockets, python {python}"
 
 
 @pytest.fixture(scope="session")
@@ -156,8 +165,10 @@ def demo_cache(tiny_checkpoint, tmp_path_factory):
 
     cache = tmp_path_factory.mktemp("demo-cache") / "cache"
     overrides = [
-        f"model.path={tiny_checkpoint.model_dir}", f"model.codec_path={tiny_checkpoint.codec_dir}",
-        f"data.corpus={DEMO_CORPUS / 'manifest.jsonl'}", f"data.cache_dir={cache}",
+        f"model.path={tiny_checkpoint.model_dir}",
+        f"model.codec_path={tiny_checkpoint.codec_dir}",
+        f"data.corpus={DEMO_CORPUS / 'manifest.jsonl'}",
+        f"data.cache_dir={cache}",
     ]
     cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", [*overrides, f"output_dir={cache.parent}"])
     run_prepare(cfg, quiet=True)

@@ -21,8 +21,14 @@ def write_wav(path: Path, samples: np.ndarray, rate: int = GENERATED_RATE) -> Pa
     return path
 
 
-def make_prediction_folder(out: Path, samples: list[dict], *, seconds_per_audio_second: float = 0.5,
-                           run: dict | None = None, errors: list[dict] | None = None) -> Path:
+def make_prediction_folder(
+    out: Path,
+    samples: list[dict],
+    *,
+    seconds_per_audio_second: float = 0.5,
+    run: dict | None = None,
+    errors: list[dict] | None = None,
+) -> Path:
     """Write ``out/`` with NNN.wav, manifest.jsonl, run.json (and errors.jsonl when given).
 
     Each sample dict has ``generated`` (a demo row whose audio becomes the generated wav), ``reference`` (a demo row:
@@ -39,20 +45,39 @@ def make_prediction_folder(out: Path, samples: list[dict], *, seconds_per_audio_
         duration = len(audio) / GENERATED_RATE
         seconds = sample.get("seconds", duration * seconds_per_audio_second)
         target = sample.get("target")
-        lines.append({
-            "index": index, "id": sample.get("id", f"s{index:03d}"), "wav": wav,
-            "reference_audio": sample["reference"]["audio"], "reference_text": sample["reference"]["text"],
-            "target_text": sample.get("target_text", sample["generated"]["text"]),
-            "target_audio": target["audio"] if target else None, "speaker": sample["generated"]["speaker"],
-            "duration_s": duration, "seconds": seconds, "rtf": seconds / duration,
-            "first_audio_s": sample.get("first_audio_s"), "frames": int(duration * 25), "stop": "eos",
-            "batch_size": 1, "adapter": None,
-        })
-    (out / "manifest.jsonl").write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines),
-                                        encoding="utf-8")
-    run = run or {"model": "tiny", "adapter": None, "device": "cpu", "dtype": "float32", "params": {},
-                  "samples": len(lines), "failed": len(errors or []),
-                  "seconds": sum(line["seconds"] for line in lines)}
+        lines.append(
+            {
+                "index": index,
+                "id": sample.get("id", f"s{index:03d}"),
+                "wav": wav,
+                "reference_audio": sample["reference"]["audio"],
+                "reference_text": sample["reference"]["text"],
+                "target_text": sample.get("target_text", sample["generated"]["text"]),
+                "target_audio": target["audio"] if target else None,
+                "speaker": sample["generated"]["speaker"],
+                "duration_s": duration,
+                "seconds": seconds,
+                "rtf": seconds / duration,
+                "first_audio_s": sample.get("first_audio_s"),
+                "frames": int(duration * 25),
+                "stop": "eos",
+                "batch_size": 1,
+                "adapter": None,
+            }
+        )
+    (out / "manifest.jsonl").write_text(
+        "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8"
+    )
+    run = run or {
+        "model": "tiny",
+        "adapter": None,
+        "device": "cpu",
+        "dtype": "float32",
+        "params": {},
+        "samples": len(lines),
+        "failed": len(errors or []),
+        "seconds": sum(line["seconds"] for line in lines),
+    }
     (out / "run.json").write_text(json.dumps(run), encoding="utf-8")
     if errors:
         (out / "errors.jsonl").write_text("".join(json.dumps(e) + "\n" for e in errors), encoding="utf-8")
@@ -71,6 +96,7 @@ def same_speaker_samples(demo_rows: list[dict], per_speaker: int = 2) -> list[di
     samples = []
     for speaker, rows in sorted(by_speaker(demo_rows).items()):
         for k in range(per_speaker):
-            samples.append({"id": f"{speaker}-{k}", "generated": rows[k + 1], "reference": rows[0],
-                            "target": rows[k + 1]})
+            samples.append(
+                {"id": f"{speaker}-{k}", "generated": rows[k + 1], "reference": rows[0], "target": rows[k + 1]}
+            )
     return samples

@@ -18,11 +18,20 @@ import torch
 from safetensors.torch import save_file
 
 LAYER_TENSORS = (  # one decoder layer of Boson's dual-FFN model, as its state dict names them
-    "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
-    "audio_mlp.gate_proj.weight", "audio_mlp.up_proj.weight", "audio_mlp.down_proj.weight",
-    "input_layernorm.weight", "post_attention_layernorm.weight",
-    "audio_input_layernorm.weight", "audio_post_attention_layernorm.weight",
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+    "audio_mlp.gate_proj.weight",
+    "audio_mlp.up_proj.weight",
+    "audio_mlp.down_proj.weight",
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+    "audio_input_layernorm.weight",
+    "audio_post_attention_layernorm.weight",
 )
 TOP_LEVEL = {  # original name -> transformers name (docs/deploy.md, "Tensor names")
     "audio_codebook_embeddings.weight": "model.embed_audio_tokens.embed_audio_tokens.weight",
@@ -62,11 +71,25 @@ def original_model_config(tiny_model_dir: Path) -> dict:
     config = json.loads((tiny_model_dir / "config.json").read_text())
     rope = dict(config["rope_parameters"])
     rope_theta = rope.pop("rope_theta")
-    text_config = {key: config[key] for key in (
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps", "bos_token_id")}
-    text_config.update(model_type="llama", rope_scaling=rope, rope_theta=rope_theta, eos_token_id=[1, 2],
-                       tie_word_embeddings=False)
+    text_config = {
+        key: config[key]
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "hidden_act",
+            "max_position_embeddings",
+            "rms_norm_eps",
+            "bos_token_id",
+        )
+    }
+    text_config.update(
+        model_type="llama", rope_scaling=rope, rope_theta=rope_theta, eos_token_id=[1, 2], tie_word_embeddings=False
+    )
     return {
         "model_type": "higgs_audio",
         "architectures": ["HiggsAudioModel"],
@@ -112,12 +135,12 @@ def write_original_model(tiny_model_dir: Path, out: Path, split_embedding_at: in
 
 # ------------------------------------------------------------------------------------------------------ codec
 
-ENCODER = ("conv1", "BLOCKS", "snake1", "conv2")        # DAC Encoder's nn.Sequential, blocks in the middle
+ENCODER = ("conv1", "BLOCKS", "snake1", "conv2")  # DAC Encoder's nn.Sequential, blocks in the middle
 ENCODER_BLOCK = ("res_unit1", "res_unit2", "res_unit3", "snake1", "conv1")
 DECODER = ("conv1", "BLOCKS", "snake1", "conv2")
 DECODER_BLOCK = ("snake1", "conv_t1", "res_unit1", "res_unit2", "res_unit3")
 RESIDUAL_UNIT = ("snake1", "conv1", "snake2", "conv2")
-WRAPPED_SEMANTIC_CONVS = ("conv", "conv1", "conv2")     # semantic convolutions hold their nn.Conv1d as `.conv`
+WRAPPED_SEMANTIC_CONVS = ("conv", "conv1", "conv2")  # semantic convolutions hold their nn.Conv1d as `.conv`
 
 
 def _sequential_index(layout: tuple[str, ...], part: str, num_blocks: int) -> int:
@@ -134,8 +157,9 @@ def original_codec_name(name: str, num_blocks: int) -> str:
     parts = name.split(".")
     if parts[0] in ("acoustic_encoder", "acoustic_decoder"):
         encoder = parts[0] == "acoustic_encoder"
-        prefix, layout, block_layout = (("encoder.block", ENCODER, ENCODER_BLOCK) if encoder
-                                        else ("decoder_2.model", DECODER, DECODER_BLOCK))
+        prefix, layout, block_layout = (
+            ("encoder.block", ENCODER, ENCODER_BLOCK) if encoder else ("decoder_2.model", DECODER, DECODER_BLOCK)
+        )
         if parts[1] == "block":
             index = _sequential_index(layout, f"block.{parts[2]}", num_blocks)
             inner = block_layout.index(parts[3])
@@ -179,12 +203,26 @@ def write_original_codec(tiny_codec_dir: Path, out: Path) -> Path:
             state[original] = tensor
     out.mkdir(parents=True)
     torch.save(state, out / "model.pth")
-    (out / "config.json").write_text(json.dumps({
-        "n_filters": 32, "D": config["acoustic_model_config"]["hidden_size"],
-        "target_bandwidths": config["target_bandwidths"], "ratios": ratios, "sample_rate": config["sample_rate"],
-        "bins": config["codebook_size"], "n_q": 8, "codebook_dim": config["codebook_dim"],
-        "semantic_techer": "hubert_base_general", "semantic_sample_rate": config["semantic_sample_rate"],
-        "last_layer_semantic": True, "merge_mode": "concat", "downsample_mode": "step_down",
-        "semantic_mode": "classic", "vq_scale": 1,
-    }, indent=2))
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "n_filters": 32,
+                "D": config["acoustic_model_config"]["hidden_size"],
+                "target_bandwidths": config["target_bandwidths"],
+                "ratios": ratios,
+                "sample_rate": config["sample_rate"],
+                "bins": config["codebook_size"],
+                "n_q": 8,
+                "codebook_dim": config["codebook_dim"],
+                "semantic_techer": "hubert_base_general",
+                "semantic_sample_rate": config["semantic_sample_rate"],
+                "last_layer_semantic": True,
+                "merge_mode": "concat",
+                "downsample_mode": "step_down",
+                "semantic_mode": "classic",
+                "vq_scale": 1,
+            },
+            indent=2,
+        )
+    )
     return out

@@ -30,8 +30,24 @@ from higgs_lora.config.schema import (
 from higgs_lora.config.validate import max_sample_audio_positions
 
 __all__ = [
-    "DEFAULT_LORA_TARGETS", "AudioConfig", "ConfigError", "DataConfig", "LoraConfig", "ModelConfig", "PlanConfig",
-    "PrepareConfig", "RunConfig", "TrainConfig", "add_config_arguments", "build_config", "config_from_args",
-    "describe_keys", "field_docs", "format_help", "load_config", "load_yaml", "max_sample_audio_positions",
+    "DEFAULT_LORA_TARGETS",
+    "AudioConfig",
+    "ConfigError",
+    "DataConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "PlanConfig",
+    "PrepareConfig",
+    "RunConfig",
+    "TrainConfig",
+    "add_config_arguments",
+    "build_config",
+    "config_from_args",
+    "describe_keys",
+    "field_docs",
+    "format_help",
+    "load_config",
+    "load_yaml",
+    "max_sample_audio_positions",
     "save_config",
 ]

@@ -78,7 +78,9 @@ def format_help() -> str:
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """The small, stable command line every entry point shares: --config, --help-keys and overrides."""
     parser.add_argument("--config", help="run config YAML (see configs/)")
-    parser.add_argument("--help-keys", action="store_true", help="list every config key with its type, default and help")
+    parser.add_argument(
+        "--help-keys", action="store_true", help="list every config key with its type, default and help"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. train.lr=2e-4")
 
 

@@ -64,7 +64,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         try:
             value = yaml.safe_load(str(value)) if str(value) != "" else ""
         except yaml.YAMLError as err:
-            raise ValueError(f"{key}: cannot parse {str(value)!r} ({err.__class__.__name__}); expected {wanted}")
+            raise ValueError(
+                f"{key}: cannot parse {str(value)!r} ({err.__class__.__name__}); expected {wanted}"
+            ) from None
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -171,7 +173,10 @@ def _set_override(tree: dict[str, Any], override: str, problems: list[str]) -> N
         last = depth == len(parts) - 1
         if is_dataclass_type(tp):
             if last:
-                problems.append(f"override {override!r} names a section; set one of its keys, e.g. {key}.{dataclasses.fields(tp)[0].name}=...")
+                problems.append(
+                    f"override {override!r} names a section; set one of its keys, "
+                    f"e.g. {key}.{dataclasses.fields(tp)[0].name}=..."
+                )
                 return
             child = node.get(part)
             if not isinstance(child, dict):
@@ -179,7 +184,7 @@ def _set_override(tree: dict[str, Any], override: str, problems: list[str]) -> N
                 node[part] = child
             node, cls = child, tp
         elif not last:
-            problems.append(f"override {override!r}: {'.'.join(parts[:depth + 1])} is a value, not a section")
+            problems.append(f"override {override!r}: {'.'.join(parts[: depth + 1])} is a value, not a section")
             return
         else:
             node[part] = _Raw(text)
@@ -227,4 +232,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def save_config(cfg: RunConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML, atomically. `load_config(path)` gives back an equal config."""
     return atomic_write_text(path, cfg.to_yaml())
-

@@ -45,8 +45,16 @@ def validate_run(cfg: RunConfig) -> list[str]:
     if not lora.target_modules:
         problems.append("lora.target_modules is empty; list module names such as q_proj,v_proj")
     positive("train.lr", train.lr)
-    for key in ("weight_decay", "warmup_steps", "max_steps", "epochs", "micro_batch_tokens",
-                "global_batch_tokens", "grad_clip", "text_loss_weight"):
+    for key in (
+        "weight_decay",
+        "warmup_steps",
+        "max_steps",
+        "epochs",
+        "micro_batch_tokens",
+        "global_batch_tokens",
+        "grad_clip",
+        "text_loss_weight",
+    ):
         non_negative(f"train.{key}", getattr(train, key))
     non_negative("train.eval_every", train.eval_every)
     non_negative("train.eval_samples", train.eval_samples)
@@ -78,7 +86,8 @@ def validate_run(cfg: RunConfig) -> list[str]:
     positive("data.reference_min_seconds", data.reference_min_seconds)
     if data.min_seconds >= data.max_seconds:
         problems.append(
-            f"data.min_seconds={data.min_seconds} is not below data.max_seconds={data.max_seconds}; lower one or raise the other"
+            f"data.min_seconds={data.min_seconds} is not below data.max_seconds={data.max_seconds}; "
+            "lower one or raise the other"
         )
     if data.reference_min_seconds >= data.reference_max_seconds:
         problems.append(
@@ -104,8 +113,10 @@ def validate_run(cfg: RunConfig) -> list[str]:
         non_negative(f"plan.{key}", getattr(plan, key))
     positive("plan.useful_micro_batch_tokens", plan.useful_micro_batch_tokens)
     if plan.max_micro_batch_tokens < plan.useful_micro_batch_tokens:
-        problems.append(f"plan.max_micro_batch_tokens={plan.max_micro_batch_tokens} is below "
-                        f"plan.useful_micro_batch_tokens={plan.useful_micro_batch_tokens}")
+        problems.append(
+            f"plan.max_micro_batch_tokens={plan.max_micro_batch_tokens} is below "
+            f"plan.useful_micro_batch_tokens={plan.useful_micro_batch_tokens}"
+        )
     if not 0 <= plan.memory_margin < 0.9:
         problems.append(f"plan.memory_margin={plan.memory_margin} must be in [0, 0.9)")
     if model.quantization == "nf4" and plan.offload == "optimizer+params":

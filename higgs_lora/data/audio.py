@@ -42,7 +42,7 @@ def _open(ref: str):
     """A file-like object or path soundfile can read, for a path or an `hf-dataset://<dir>#<row>` reference."""
     if not ref.startswith(HF_AUDIO_PREFIX):
         return ref
-    location, _, row = ref[len(HF_AUDIO_PREFIX):].rpartition("#")
+    location, _, row = ref[len(HF_AUDIO_PREFIX) :].rpartition("#")
     dataset, column = _hf_dataset(location)
     item = dataset[int(row)][column]
     if item.get("bytes"):

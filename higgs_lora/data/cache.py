@@ -57,19 +57,21 @@ def cache_features():
     """The columns of a cache shard (`datasets.Features`)."""
     from datasets import Features, List, Value
 
-    return Features({
-        "source_id": Value("string"),
-        "audio": Value("string"),
-        "speaker": Value("string"),
-        "language": Value("string"),
-        "text": Value("string"),
-        "text_normalized": Value("string"),
-        "duration": Value("float32"),
-        "num_frames": Value("int32"),
-        "source_sample_rate": Value("int32"),
-        "loudness_lufs": Value("float32"),
-        "codes": List(List(Value("int16"))),
-    })
+    return Features(
+        {
+            "source_id": Value("string"),
+            "audio": Value("string"),
+            "speaker": Value("string"),
+            "language": Value("string"),
+            "text": Value("string"),
+            "text_normalized": Value("string"),
+            "duration": Value("float32"),
+            "num_frames": Value("int32"),
+            "source_sample_rate": Value("int32"),
+            "loudness_lufs": Value("float32"),
+            "codes": List(List(Value("int16"))),
+        }
+    )
 
 
 def shard_name(shard: int, num_shards: int) -> str:

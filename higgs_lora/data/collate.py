@@ -214,7 +214,9 @@ class Prompt:
     """(A, K) delayed reference codes, one row per audio position of the prompt."""
 
 
-def build_prompt(processor, reference_text: str, reference_codes: torch.Tensor, target_text: str, scene: str = "") -> Prompt:
+def build_prompt(
+    processor, reference_text: str, reference_codes: torch.Tensor, target_text: str, scene: str = ""
+) -> Prompt:
     """The generation prompt of a cloning request: the training sample's layout cut where the target audio begins.
 
     Built from `build_example` with an empty target segment, so training and generation can never disagree on the

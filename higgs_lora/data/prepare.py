@@ -106,7 +106,7 @@ def plan_cache(cfg: RunConfig, codec_path: str) -> tuple[list[list[Item]], dict]
     duplicates = find_duplicates(corpus.utterances)
     items = [Item(i, u, duplicates.get(i)) for i, u in enumerate(corpus.utterances)]
     size = cfg.prepare.shard_size
-    shards = [items[start:start + size] for start in range(0, len(items), size)]
+    shards = [items[start : start + size] for start in range(0, len(items), size)]
     settings = cache_settings(cfg, codec_path)
     plan = {
         "settings": settings,
@@ -128,8 +128,10 @@ def plan_cache(cfg: RunConfig, codec_path: str) -> tuple[list[list[Item]], dict]
             )
     else:
         atomic_write_json(plan_file, plan)
-        atomic_write_text(cache_dir / "pairs.jsonl", "".join(
-            json.dumps({"reference": r, "target": t}, ensure_ascii=False) + "\n" for r, t in corpus.pairs))
+        atomic_write_text(
+            cache_dir / "pairs.jsonl",
+            "".join(json.dumps({"reference": r, "target": t}, ensure_ascii=False) + "\n" for r, t in corpus.pairs),
+        )
     return shards, plan
 
 
@@ -145,10 +147,18 @@ def condition_for_codec(samples, rate: int, cfg: RunConfig) -> Conditioned:
     """Check and condition decoded mono audio as `cfg` says (raises AudioError with a reason tag)."""
     data, audio = cfg.data, cfg.audio
     return condition(
-        samples, rate, sample_rate=data.sample_rate, hop_samples=HOP_SAMPLES, target_lufs=audio.target_lufs,
-        trim=audio.trim_silence, trim_db=audio.trim_db, trim_pad_seconds=audio.trim_pad_seconds,
-        silence_dbfs=audio.silence_dbfs, max_clipped_fraction=audio.max_clipped_fraction,
-        min_seconds=data.min_seconds, max_seconds=data.max_seconds,
+        samples,
+        rate,
+        sample_rate=data.sample_rate,
+        hop_samples=HOP_SAMPLES,
+        target_lufs=audio.target_lufs,
+        trim=audio.trim_silence,
+        trim_db=audio.trim_db,
+        trim_pad_seconds=audio.trim_pad_seconds,
+        silence_dbfs=audio.silence_dbfs,
+        max_clipped_fraction=audio.max_clipped_fraction,
+        min_seconds=data.min_seconds,
+        max_seconds=data.max_seconds,
     )
 
 
@@ -157,10 +167,16 @@ def prepare_item(item: Item, cfg: RunConfig) -> Outcome:
     utterance, data = item.utterance, cfg.data
     if item.duplicate_of is not None:
         return Outcome(item, reason="duplicate", detail=f"same audio as {item.duplicate_of}")
-    text = normalize_arabic(
-        utterance.text, strip_diacritics=data.strip_diacritics, fold_letters=data.fold_letters,
-        numbers_to_words=data.numbers_to_words,
-    ) if utterance.language == "ar" else " ".join(utterance.text.split())
+    text = (
+        normalize_arabic(
+            utterance.text,
+            strip_diacritics=data.strip_diacritics,
+            fold_letters=data.fold_letters,
+            numbers_to_words=data.numbers_to_words,
+        )
+        if utterance.language == "ar"
+        else " ".join(utterance.text.split())
+    )
     if not text:
         return Outcome(item, reason="empty_text", detail="transcript is empty")
     if utterance.language == "ar" and data.require_arabic_letters and not has_arabic_letters(text):
@@ -175,9 +191,12 @@ def prepare_item(item: Item, cfg: RunConfig) -> Outcome:
         return Outcome(item, reason=err.reason, detail=str(err))
     rate_letters = letters(text) / conditioned.seconds
     if rate_letters > data.max_letters_per_second:
-        return Outcome(item, reason="text_too_long_for_audio",
-                       detail=f"{rate_letters:.1f} letters/s over {conditioned.seconds:.2f} s "
-                              f"(limit {data.max_letters_per_second})")
+        return Outcome(
+            item,
+            reason="text_too_long_for_audio",
+            detail=f"{rate_letters:.1f} letters/s over {conditioned.seconds:.2f} s "
+            f"(limit {data.max_letters_per_second})",
+        )
     row = {
         "source_id": utterance.source_id,
         "audio": utterance.audio,
@@ -207,7 +226,7 @@ def encode_outcomes(outcomes: list[Outcome], codec, batch_size: int, device) -> 
             by_length[len(outcome.samples)].append(outcome)
     for group in by_length.values():
         for start in range(0, len(group), batch_size):
-            batch = group[start:start + batch_size]
+            batch = group[start : start + batch_size]
             audio = torch.from_numpy(np.stack([o.samples for o in batch]))[:, None].to(device)
             with torch.no_grad():
                 codes = codec.encode(audio).audio_codes.cpu()
@@ -233,12 +252,18 @@ def write_shard(cache_dir: Path, name: str, outcomes: list[Outcome]) -> Path:
     else:  # every utterance rejected: no Arrow table (datasets cannot reload an empty one), only the records
         staging.mkdir()
     rejected = [
-        {"source_id": o.item.utterance.source_id, "audio": o.item.utterance.audio, "reason": o.reason,
-         "detail": o.detail}
-        for o in outcomes if o.row is None
+        {
+            "source_id": o.item.utterance.source_id,
+            "audio": o.item.utterance.audio,
+            "reason": o.reason,
+            "detail": o.detail,
+        }
+        for o in outcomes
+        if o.row is None
     ]
     (staging / "rejected.jsonl").write_text(
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected), encoding="utf-8")
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected), encoding="utf-8"
+    )
     summary = {
         "items": len(outcomes),
         "kept": len(rows),
@@ -301,8 +326,9 @@ def run_prepare(cfg: RunConfig, array_size: int = 1, array_index: int = 0, quiet
     if codec.config.sample_rate != cfg.data.sample_rate:
         raise CacheError(f"the codec expects {codec.config.sample_rate} Hz but data.sample_rate={cfg.data.sample_rate}")
     total = sum(len(shards[k]) for k in todo)
-    with tqdm(total=total, unit="utt", desc=f"prepare ({len(todo)} shards)", disable=quiet or is_quiet(),
-              file=sys.stderr) as bar:
+    with tqdm(
+        total=total, unit="utt", desc=f"prepare ({len(todo)} shards)", disable=quiet or is_quiet(), file=sys.stderr
+    ) as bar:
         for k in todo:
             outcomes = process_shard(shards[k], cfg, codec, device, progress=bar)
             write_shard(cache_dir, names[k], outcomes)
@@ -368,8 +394,10 @@ def format_report(report: dict) -> str:
         lines.append(f"  rejected {reason}: {entry['count']} (e.g. {where}: {example.get('detail', '')})")
     lines.append(f"speakers: {len(report['speakers'])}; fixed pairs: {report['fixed_pairs']}")
     if report["single_utterance_speakers"]:
-        lines.append(f"  WARNING: {len(report['single_utterance_speakers'])} speakers have one utterance and cannot "
-                     f"be their own reference: {', '.join(report['single_utterance_speakers'][:10])}")
+        lines.append(
+            f"  WARNING: {len(report['single_utterance_speakers'])} speakers have one utterance and cannot "
+            f"be their own reference: {', '.join(report['single_utterance_speakers'][:10])}"
+        )
     counts = report["duration_histogram"]["counts"]
     peak = max(counts) if counts and max(counts) else 1
     for second, count in enumerate(counts):
@@ -381,8 +409,12 @@ def format_report(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="higgs-lora prepare", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)
-    parser.add_argument("--num-shards", type=int, default=1,
-                        help="number of array-job tasks sharing the work (not the number of cache shards)")
+    parser.add_argument(
+        "--num-shards",
+        type=int,
+        default=1,
+        help="number of array-job tasks sharing the work (not the number of cache shards)",
+    )
     parser.add_argument("--shard-index", type=int, default=0, help="this task's index, 0 .. --num-shards - 1")
     parser.add_argument("--join", action="store_true", help="only check the shards and write the report")
     startup.add_common_arguments(parser)
@@ -398,8 +430,10 @@ def _prepare(args: argparse.Namespace) -> None:
     # What was done and the report are the command's result: printed even with --quiet (which hides the bar).
     if not args.join:
         counts = run_prepare(cfg, args.num_shards, args.shard_index)
-        print(f"[prepare] shards written: {counts['done']}, already done: {counts['skipped']} "
-              f"({time.perf_counter() - started:.1f} s)")
+        print(
+            f"[prepare] shards written: {counts['done']}, already done: {counts['skipped']} "
+            f"({time.perf_counter() - started:.1f} s)"
+        )
     if args.join or args.num_shards == 1:
         print(format_report(join(cfg)))
         print(f"[prepare] report: {cache_dir_of(cfg) / 'report.json'}")

@@ -22,8 +22,8 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from higgs_lora.errors import UserError
 from higgs_lora.constants import DELAY_POSITIONS
+from higgs_lora.errors import UserError
 
 
 class DataError(UserError, ValueError):
@@ -85,7 +85,7 @@ class SamplerState:
         return dict(self.__dict__)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SamplerState":
+    def from_dict(cls, data: dict) -> SamplerState:
         return cls(**data)
 
 
@@ -95,8 +95,10 @@ def sample_positions(target: UtteranceInfo, reference: UtteranceInfo, prompt_ove
         prompt_overhead
         + reference.num_text_tokens
         + target.num_text_tokens
-        + reference.num_frames + DELAY_POSITIONS
-        + target.num_frames + DELAY_POSITIONS
+        + reference.num_frames
+        + DELAY_POSITIONS
+        + target.num_frames
+        + DELAY_POSITIONS
     )
 
 
@@ -148,7 +150,8 @@ def pack_micro_batches(samples: list[Pair], budget: int, rng: random.Random, poo
     if too_long:
         worst = max(too_long, key=lambda s: s.num_positions)
         raise DataError(
-            f"{len(too_long)} samples are longer than train.micro_batch_tokens={budget} (longest: {worst.num_positions} "
+            f"{len(too_long)} samples are longer than train.micro_batch_tokens={budget} "
+            f"(longest: {worst.num_positions} "
             f"positions, target #{worst.target} with reference #{worst.reference}); raise train.micro_batch_tokens "
             "or lower data.max_seconds / data.reference_max_seconds"
         )
@@ -198,8 +201,7 @@ class EpochSampler:
             self.utterances, self.targets, self.fixed_references, self.reference_frames, self.seed, epoch
         )
         samples = [
-            Pair(t, r, sample_positions(self.utterances[t], self.utterances[r], self.prompt_overhead))
-            for t, r in pairs
+            Pair(t, r, sample_positions(self.utterances[t], self.utterances[r], self.prompt_overhead)) for t, r in pairs
         ]
         rng = random.Random(f"batches/{self.seed}/{epoch}")
         micro_batches = pack_micro_batches(samples, self.micro_batch_tokens, rng, self.pool_size)
@@ -240,9 +242,15 @@ def split_speakers(speakers: list[str], eval_speakers: list[str], num_eval_speak
 def eval_micro_batches(sampler: EpochSampler) -> list[list[Pair]]:
     """The fixed evaluation set of `sampler`'s targets: epoch-0 reference draws, packed, nothing dropped."""
     plan_sampler = EpochSampler(
-        utterances=sampler.utterances, targets=sampler.targets, prompt_overhead=sampler.prompt_overhead,
-        micro_batch_tokens=sampler.micro_batch_tokens, reference_frames=sampler.reference_frames,
-        seed=sampler.seed, world_size=1, accumulation=1, fixed_references=sampler.fixed_references,
+        utterances=sampler.utterances,
+        targets=sampler.targets,
+        prompt_overhead=sampler.prompt_overhead,
+        micro_batch_tokens=sampler.micro_batch_tokens,
+        reference_frames=sampler.reference_frames,
+        seed=sampler.seed,
+        world_size=1,
+        accumulation=1,
+        fixed_references=sampler.fixed_references,
     )
     micro_batches = [step[0] for step in plan_sampler.plan(0).steps]
     return micro_batches

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from higgs_lora.errors import UserError
 from higgs_lora.data.audio import HF_AUDIO_PREFIX
 from higgs_lora.data.chatml import audio_of, message_parts, resolve_path
+from higgs_lora.errors import UserError
 
 FORMATS = ("manifest", "chatml", "ljspeech", "commonvoice", "hf")
 TEXT_COLUMNS = ("text", "sentence", "transcription", "transcript", "normalized_text")
@@ -85,8 +85,12 @@ def detect_format(path: Path) -> str:
             return "ljspeech"
         if (path / "validated.tsv").is_file():
             return "commonvoice"
-        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() \
-                or (path / "metadata.csv").is_file() or (path / "metadata.jsonl").is_file():
+        if (
+            (path / "dataset_info.json").is_file()
+            or (path / "dataset_dict.json").is_file()
+            or (path / "metadata.csv").is_file()
+            or (path / "metadata.jsonl").is_file()
+        ):
             return "hf"
     raise CorpusFormatError(
         f"cannot tell the format of {path}: expected a .jsonl manifest, ChatML .json/.jsonl, an LJSpeech directory "
@@ -144,10 +148,15 @@ def _read_manifest(path: Path, language: str, corpus: Corpus) -> None:
             continue
         text = _first(record, TEXT_COLUMNS)
         speaker = _first(record, SPEAKER_COLUMNS) or "unknown"
-        corpus.utterances.append(Utterance(
-            audio=resolve_path(base, audio), text=str(text or ""), speaker=str(speaker),
-            language=str(record.get("language") or language), source_id=source_id,
-        ))
+        corpus.utterances.append(
+            Utterance(
+                audio=resolve_path(base, audio),
+                text=str(text or ""),
+                speaker=str(speaker),
+                language=str(record.get("language") or language),
+                source_id=source_id,
+            )
+        )
 
 
 def _first(record: dict, keys: tuple[str, ...]) -> Any:
@@ -201,8 +210,9 @@ def _read_chatml(path: Path, language: str, corpus: Corpus) -> None:
                 role = f"segment{index}"
             source_id = f"{sample_id}:{role}"
             ids.append(source_id)
-            corpus.utterances.append(Utterance(audio=audio, text=text, speaker=speaker, language=sample_language,
-                                               source_id=source_id))
+            corpus.utterances.append(
+                Utterance(audio=audio, text=text, speaker=speaker, language=sample_language, source_id=source_id)
+            )
         if len(ids) >= 2:
             corpus.pairs.append((ids[0], ids[-1]))
 
@@ -221,10 +231,15 @@ def _read_ljspeech(path: Path, language: str, corpus: Corpus) -> None:
             # The raw text column is used: our normaliser spells numbers in Arabic; LJSpeech's normalized_text
             # column is English-specific. It is the fallback when the raw column is empty.
             text = row[1] if row[1].strip() else (row[2] if len(row) > 2 else "")
-            corpus.utterances.append(Utterance(
-                audio=str((root / "wavs" / f"{row[0].strip()}.wav").resolve()), text=text, speaker=speaker,
-                language=language, source_id=row[0].strip(),
-            ))
+            corpus.utterances.append(
+                Utterance(
+                    audio=str((root / "wavs" / f"{row[0].strip()}.wav").resolve()),
+                    text=text,
+                    speaker=speaker,
+                    language=language,
+                    source_id=row[0].strip(),
+                )
+            )
 
 
 def _read_commonvoice(path: Path, language: str, corpus: Corpus) -> None:
@@ -236,10 +251,15 @@ def _read_commonvoice(path: Path, language: str, corpus: Corpus) -> None:
         if missing:
             raise CorpusFormatError(f"{table} lacks the Common Voice columns {sorted(missing)}")
         for row in reader:
-            corpus.utterances.append(Utterance(
-                audio=str((root / "clips" / row["path"]).resolve()), text=row["sentence"] or "",
-                speaker=row["client_id"], language=row.get("locale") or language, source_id=row["path"],
-            ))
+            corpus.utterances.append(
+                Utterance(
+                    audio=str((root / "clips" / row["path"]).resolve()),
+                    text=row["sentence"] or "",
+                    speaker=row["client_id"],
+                    language=row.get("locale") or language,
+                    source_id=row["path"],
+                )
+            )
 
 
 def _read_hf_dir(path: Path, language: str, corpus: Corpus) -> None:
@@ -265,11 +285,15 @@ def _read_hf_dir(path: Path, language: str, corpus: Corpus) -> None:
     speaker_column = next((c for c in SPEAKER_COLUMNS if c in dataset.features), None)
     columns = [text_column] + ([speaker_column] if speaker_column else [])
     for row_index, row in enumerate(dataset.select_columns(columns)):
-        corpus.utterances.append(Utterance(
-            audio=f"{HF_AUDIO_PREFIX}{location}#{row_index}", text=str(row[text_column] or ""),
-            speaker=str(row[speaker_column]) if speaker_column else path.name, language=language,
-            source_id=f"{Path(location).name}:{row_index}",
-        ))
+        corpus.utterances.append(
+            Utterance(
+                audio=f"{HF_AUDIO_PREFIX}{location}#{row_index}",
+                text=str(row[text_column] or ""),
+                speaker=str(row[speaker_column]) if speaker_column else path.name,
+                language=language,
+                source_id=f"{Path(location).name}:{row_index}",
+            )
+        )
 
 
 def _read_audiofolder(root: Path, metadata: Path, language: str, corpus: Corpus) -> None:
@@ -283,7 +307,12 @@ def _read_audiofolder(root: Path, metadata: Path, language: str, corpus: Corpus)
         if not file_name:
             corpus.problems.append(SourceProblem(f"{metadata.name}:{index + 1}", "malformed_record", "no file_name"))
             continue
-        corpus.utterances.append(Utterance(
-            audio=resolve_path(root, file_name), text=str(_first(record, TEXT_COLUMNS) or ""),
-            speaker=str(_first(record, SPEAKER_COLUMNS) or root.name), language=language, source_id=file_name,
-        ))
+        corpus.utterances.append(
+            Utterance(
+                audio=resolve_path(root, file_name),
+                text=str(_first(record, TEXT_COLUMNS) or ""),
+                speaker=str(_first(record, SPEAKER_COLUMNS) or root.name),
+                language=language,
+                source_id=file_name,
+            )
+        )

@@ -58,8 +58,10 @@ _RENAMES = (
     (re.compile(r"^audio_decoder_proj\.(audio_lm_head|text_lm_head)\."), r"\1."),
 )
 _DROPPED = re.compile(r"(^|\.)(rotary_emb\.inv_freq|rotary_emb\.original_inv_freq|audio_codebook_weights)$")
-_SPLIT = re.compile(r"^(?P<module>embed_tokens|audio_decoder_proj\.(?:audio|text)_lm_head)\."
-                    r"(?:embedding|linear)_(?P<part>frozen|trainable)\.weight$")
+_SPLIT = re.compile(
+    r"^(?P<module>embed_tokens|audio_decoder_proj\.(?:audio|text)_lm_head)\."
+    r"(?:embedding|linear)_(?P<part>frozen|trainable)\.weight$"
+)
 
 
 class ConvertError(UserError, ValueError):
@@ -125,12 +127,18 @@ def planned_shapes(original_shapes: dict, renamed: dict, joined: dict) -> tuple[
 
 def compare_shapes(planned: dict, expected: dict, optional: tuple[str, ...] = ()) -> list[str]:
     """Every difference between the tensors a conversion will write and those the target model holds."""
-    problems = [f"{name}: not in the checkpoint" for name in sorted(expected.keys() - planned.keys())
-                if name not in optional]
-    problems += [f"{name}: the transformers model has no such tensor (an option the port does not implement?)"
-                 for name in sorted(planned.keys() - expected.keys())]
-    problems += [f"{name}: shape {planned[name]} but the model expects {expected[name]}"
-                 for name in sorted(planned.keys() & expected.keys()) if tuple(planned[name]) != tuple(expected[name])]
+    problems = [
+        f"{name}: not in the checkpoint" for name in sorted(expected.keys() - planned.keys()) if name not in optional
+    ]
+    problems += [
+        f"{name}: the transformers model has no such tensor (an option the port does not implement?)"
+        for name in sorted(planned.keys() - expected.keys())
+    ]
+    problems += [
+        f"{name}: shape {planned[name]} but the model expects {expected[name]}"
+        for name in sorted(planned.keys() & expected.keys())
+        if tuple(planned[name]) != tuple(expected[name])
+    ]
     return problems
 
 
@@ -149,17 +157,25 @@ def model_config_from_original(original: dict, token_ids: dict[str, int | None])
     if not text or num_layers is None:
         raise ConvertError("the original config.json has no text_config (the Llama backbone's settings)")
     if original.get("audio_adapter_type") not in ("dual_ffn", "dual_ffn_fast_forward"):
-        problems.append(f"audio_adapter_type={original.get('audio_adapter_type')!r}: the port has a dual FFN "
-                        "(audio_mlp) in every layer")
+        problems.append(
+            f"audio_adapter_type={original.get('audio_adapter_type')!r}: the port has a dual FFN "
+            "(audio_mlp) in every layer"
+        )
     elif sorted(original.get("audio_dual_ffn_layers") or []) != list(range(num_layers)):
         missing = sorted(set(range(num_layers)) - set(original.get("audio_dual_ffn_layers") or []))
         problems.append(f"layers {missing} have no audio FFN; the port has one in every layer")
-    for key, expected in (("audio_ffn_hidden_size", text.get("hidden_size")),
-                          ("audio_ffn_intermediate_size", text.get("intermediate_size"))):
+    for key, expected in (
+        ("audio_ffn_hidden_size", text.get("hidden_size")),
+        ("audio_ffn_intermediate_size", text.get("intermediate_size")),
+    ):
         if key in original and original[key] != expected:
             problems.append(f"{key}={original[key]} differs from the text FFN's {expected}; the port uses one size")
-    for key in ("use_audio_out_embed_projector", "use_audio_out_self_attention", "use_rq_transformer",
-                "audio_embed_avg"):
+    for key in (
+        "use_audio_out_embed_projector",
+        "use_audio_out_self_attention",
+        "use_rq_transformer",
+        "audio_embed_avg",
+    ):
         if original.get(key):
             problems.append(f"{key}=true is not implemented by the transformers port")
     if original.get("audio_decoder_proj_num_layers", 0):
@@ -169,8 +185,10 @@ def model_config_from_original(original: dict, token_ids: dict[str, int | None])
     codes = original.get("audio_codebook_size", 1024)
     bos, eos = original.get("audio_stream_bos_id", codes), original.get("audio_stream_eos_id", codes + 1)
     if (bos, eos) != (codes, codes + 1):
-        problems.append(f"audio_stream_bos_id={bos}, audio_stream_eos_id={eos}: expected {codes} and {codes + 1} "
-                        "(the two ids after the codes)")
+        problems.append(
+            f"audio_stream_bos_id={bos}, audio_stream_eos_id={eos}: expected {codes} and {codes + 1} "
+            "(the two ids after the codes)"
+        )
     for name, value in token_ids.items():
         if value is None:
             problems.append(f"the tokenizer has no {name} token")
@@ -229,8 +247,9 @@ def convert_model(src: Path, staging: Path, codec_reference: str = DEFAULT_CODEC
     original = json.loads((src / "config.json").read_text(encoding="utf-8"))
     tokenizer = AutoTokenizer.from_pretrained(str(src))
     token_ids = {token: tokenizer.convert_tokens_to_ids(token) for token in (DELAY_TOKEN, END_OF_TURN_TOKEN)}
-    token_ids = {token: (i if isinstance(i, int) and i != tokenizer.unk_token_id else None)
-                 for token, i in token_ids.items()}
+    token_ids = {
+        token: (i if isinstance(i, int) and i != tokenizer.unk_token_id else None) for token, i in token_ids.items()
+    }
     config_args = model_config_from_original(original, token_ids)
 
     original_specs = tensor_specs(src)
@@ -270,18 +289,25 @@ def convert_model(src: Path, staging: Path, codec_reference: str = DEFAULT_CODEC
     config.dtype = str(stored_dtype or torch.bfloat16).removeprefix("torch.")
     config.save_pretrained(str(staging))
     GenerationConfig(
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
-        ras_win_len=7, ras_win_max_num_repeat=2,  # Boson's repetition-aware sampling defaults
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        ras_win_len=7,
+        ras_win_max_num_repeat=2,  # Boson's repetition-aware sampling defaults
         use_text_head="text_lm_head.weight" in planned,
     ).save_pretrained(str(staging))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(config.pad_token_id)
     tokenizer.save_pretrained(str(staging))
     shutil.copy2(CHAT_TEMPLATE_PATH, staging / "chat_template.jinja")
-    atomic_write_json(staging / "processor_config.json",
-                      processor_config(codec_reference, config.audio_stream_bos_id, config.audio_stream_eos_id))
-    log.info(f"{len(renamed) + len(joined)} tensors in {len(files)} file(s); joined {sorted(joined) or 'none'}; "
-             f"dropped {len(dropped)} buffers")
+    atomic_write_json(
+        staging / "processor_config.json",
+        processor_config(codec_reference, config.audio_stream_bos_id, config.audio_stream_eos_id),
+    )
+    log.info(
+        f"{len(renamed) + len(joined)} tensors in {len(files)} file(s); joined {sorted(joined) or 'none'}; "
+        f"dropped {len(dropped)} buffers"
+    )
     return {"kind": "model", "tensors": len(renamed) + len(joined), "joined": sorted(joined), "dropped": dropped}
 
 
@@ -295,11 +321,19 @@ def processor_config(codec_reference: str, stream_bos_id: int, stream_eos_id: in
         "audio_delay_token": DELAY_TOKEN,
         "audio_stream_bos_id": stream_bos_id,
         "audio_stream_eos_id": stream_eos_id,
-        "audio_tokenizer": {"audio_tokenizer_class": "HiggsAudioV2TokenizerModel",
-                            "audio_tokenizer_name_or_path": codec_reference},
-        "feature_extractor": {"feature_extractor_type": "DacFeatureExtractor", "feature_size": 1, "hop_length": 1,
-                              "padding_side": "right", "padding_value": 0.0, "return_attention_mask": True,
-                              "sampling_rate": 24000},
+        "audio_tokenizer": {
+            "audio_tokenizer_class": "HiggsAudioV2TokenizerModel",
+            "audio_tokenizer_name_or_path": codec_reference,
+        },
+        "feature_extractor": {
+            "feature_extractor_type": "DacFeatureExtractor",
+            "feature_size": 1,
+            "hop_length": 1,
+            "padding_side": "right",
+            "padding_value": 0.0,
+            "return_attention_mask": True,
+            "sampling_rate": 24000,
+        },
     }
 
 
@@ -316,8 +350,10 @@ def detect_kind(src: Path) -> str:
         return "model"
     if (src / "model.pth").is_file() and {"ratios", "n_q"} <= config.keys():
         return "codec"
-    raise ConvertError(f"{src} is neither Boson's original generation model (model_type {ORIGINAL_MODEL_TYPE!r}) nor "
-                       "its original audio tokenizer (config.json with ratios/n_q and model.pth)")
+    raise ConvertError(
+        f"{src} is neither Boson's original generation model (model_type {ORIGINAL_MODEL_TYPE!r}) nor "
+        "its original audio tokenizer (config.json with ratios/n_q and model.pth)"
+    )
 
 
 def convert(src: str | Path, out: str | Path, codec: str | None = None, force: bool = False) -> Path:
@@ -344,8 +380,9 @@ def convert(src: str | Path, out: str | Path, codec: str | None = None, force: b
         for path in src.iterdir():  # the weights' licence travels with them
             if path.is_file() and re.match(r"^(LICEN[CS]E|NOTICE)", path.name, re.IGNORECASE):
                 shutil.copy2(path, staging / path.name)
-        atomic_write_json(staging / CONVERT_MARKER,
-                          {"tool": "higgs_lora.deploy.convert", "source": str(src), **summary})
+        atomic_write_json(
+            staging / CONVERT_MARKER, {"tool": "higgs_lora.deploy.convert", "source": str(src), **summary}
+        )
     log.info(f"wrote {out}")
     return out
 
@@ -356,13 +393,19 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="higgs-lora convert", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:3]))
+    parser = argparse.ArgumentParser(
+        prog="higgs-lora convert",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:3]),
+    )
     parser.add_argument("--src", required=True, help="original-layout directory (generation model or codec)")
     parser.add_argument("--out", required=True, help="where the transformers-layout checkpoint goes")
-    parser.add_argument("--codec", help="for a generation model: the (converted) codec directory its processor "
-                                        "config should name (default: the released Hub id; set model.codec_path)")
+    parser.add_argument(
+        "--codec",
+        help="for a generation model: the (converted) codec directory its processor "
+        "config should name (default: the released Hub id; set model.codec_path)",
+    )
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
     startup.add_common_arguments(parser)
     args = parser.parse_args(argv)

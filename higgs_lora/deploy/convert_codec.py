@@ -93,7 +93,7 @@ def transformers_codec_name(name: str, num_blocks: int) -> str | None:
         return f"quantizer.quantizers.{quantizer[1]}.{part}.{quantizer[3]}"
     for old, new in (("fc_prior.", "fc."), ("fc_post1.", "fc1."), ("fc_post2.", "fc2.")):
         if name.startswith(old):
-            return new + name[len(old):]
+            return new + name[len(old) :]
     if name.startswith(("encoder_semantic.", "decoder_semantic.")):
         # The original wraps each semantic convolution in a module holding it as `.conv`.
         return re.sub(r"\.(conv|conv1|conv2)\.conv\.", r".\1.", name)
@@ -110,33 +110,47 @@ def fold_weight_norm(weight_g, weight_v):
     return weight_g * weight_v / torch.linalg.vector_norm(weight_v, dim=dims, keepdim=True)
 
 
-def codec_config_from_original(original: dict, shapes: dict[str, tuple[int, ...]],
-                               semantic_attention_heads: int | None = None) -> dict:
+def codec_config_from_original(
+    original: dict, shapes: dict[str, tuple[int, ...]], semantic_attention_heads: int | None = None
+) -> dict:
     """`HiggsAudioV2TokenizerConfig` arguments from the original config.json and the checkpoint's tensor shapes."""
     problems = []
     teacher = original.get("semantic_techer", "hubert_base_general")  # sic: the original key's spelling
     if teacher not in SUPPORTED_TEACHERS:
         problems.append(f"semantic_techer={teacher!r}: the port's codec uses a HuBERT semantic model only")
-    for key, value in (("merge_mode", "concat"), ("downsample_mode", "step_down"), ("semantic_mode", "classic"),
-                       ("vq_scale", 1), ("causal", False)):
+    for key, value in (
+        ("merge_mode", "concat"),
+        ("downsample_mode", "step_down"),
+        ("semantic_mode", "classic"),
+        ("vq_scale", 1),
+        ("causal", False),
+    ):
         if original.get(key, value) != value:
             problems.append(f"{key}={original[key]!r}: the port implements {value!r} only")
     if not isinstance(original.get("bins", 1024), int):
         problems.append("bins is a list (finite scalar quantisation): the port implements the residual VQ only")
     ratios, sample_rate = list(original.get("ratios", [8, 5, 4, 2])), original.get("sample_rate", 16000)
-    needed = {"encoder.block.0.weight_v", "decoder_2.model.0.weight_v", "quantizer.vq.layers.0.project_in.weight",
-              "semantic_model.feature_projection.projection.weight"}
+    needed = {
+        "encoder.block.0.weight_v",
+        "decoder_2.model.0.weight_v",
+        "quantizer.vq.layers.0.project_in.weight",
+        "semantic_model.feature_projection.projection.weight",
+    }
     problems += [f"{name} is not in model.pth" for name in sorted(needed - shapes.keys())]
     if problems:
         raise CodecConvertError("cannot convert this codec:\n" + "\n".join(f"  - {p}" for p in problems))
 
     hubert_hidden = shapes["semantic_model.feature_projection.projection.weight"][0]
-    conv_names = sorted((name for name in shapes if _HUBERT_CONV.match(name)),
-                        key=lambda name: int(_HUBERT_CONV.match(name)[1]))
+    conv_names = sorted(
+        (name for name in shapes if _HUBERT_CONV.match(name)), key=lambda name: int(_HUBERT_CONV.match(name)[1])
+    )
     conv_shapes = [shapes[name] for name in conv_names]
-    pos_conv = next(shape for name, shape in shapes.items()
-                    if name.startswith("semantic_model.encoder.pos_conv_embed.conv.")
-                    and name.endswith(("weight_v", "original1", ".weight")))
+    pos_conv = next(
+        shape
+        for name, shape in shapes.items()
+        if name.startswith("semantic_model.encoder.pos_conv_embed.conv.")
+        and name.endswith(("weight_v", "original1", ".weight"))
+    )
     layers = {int(m[1]) for name in shapes if (m := re.match(r"semantic_model\.encoder\.layers\.(\d+)\.", name))}
     semantic = {
         "hidden_size": hubert_hidden,
@@ -165,8 +179,10 @@ def codec_config_from_original(original: dict, shapes: dict[str, tuple[int, ...]
     num_quantizers = int(1000 * bandwidths[-1] // (frame_rate * math.ceil(math.log2(bins))))
     stored = len({m[1] for name in shapes if (m := re.match(r"quantizer\.vq\.layers\.(\d+)\.", name))})
     if num_quantizers != stored:
-        raise CodecConvertError(f"target_bandwidths ending at {bandwidths[-1]} kbps give {num_quantizers} "
-                                f"quantizers at {frame_rate} frames/s, but model.pth holds {stored}")
+        raise CodecConvertError(
+            f"target_bandwidths ending at {bandwidths[-1]} kbps give {num_quantizers} "
+            f"quantizers at {frame_rate} frames/s, but model.pth holds {stored}"
+        )
     return {
         "target_bandwidths": bandwidths,
         "sample_rate": sample_rate,
@@ -216,13 +232,17 @@ def convert_state_dict(original: dict, num_blocks: int, expected: dict[str, tupl
         else:
             converted[target] = fold_weight_norm(pair["g"].float(), pair["v"].float()).to(pair["v"].dtype)
     problems += [f"{name}: missing from model.pth" for name in sorted(expected.keys() - converted.keys())]
-    problems += [f"{name}: shape {tuple(converted[name].shape)}, the port expects {expected[name]}"
-                 for name in sorted(converted.keys() & expected.keys())
-                 if tuple(converted[name].shape) != expected[name]]
+    problems += [
+        f"{name}: shape {tuple(converted[name].shape)}, the port expects {expected[name]}"
+        for name in sorted(converted.keys() & expected.keys())
+        if tuple(converted[name].shape) != expected[name]
+    ]
     problems += [f"{name}: the port has no such tensor" for name in sorted(converted.keys() - expected.keys())]
     if problems:
-        raise CodecConvertError("the original codec does not map onto HiggsAudioV2TokenizerModel:\n"
-                                + "\n".join(f"  - {p}" for p in problems[:40]))
+        raise CodecConvertError(
+            "the original codec does not map onto HiggsAudioV2TokenizerModel:\n"
+            + "\n".join(f"  - {p}" for p in problems[:40])
+        )
     return converted
 
 
@@ -240,19 +260,27 @@ def convert_codec(src: Path, staging: Path, semantic_attention_heads: int | None
     num_blocks = len(config_args["acoustic_model_config"]["downsampling_ratios"])
     converted = convert_state_dict(state, num_blocks, expected_codec_shapes(config_args))
     names = sorted(converted)
-    writer = ShardWriter(staging, [TensorSpec(name, dtype_code(converted[name].dtype), tuple(converted[name].shape))
-                                   for name in names])
+    writer = ShardWriter(
+        staging, [TensorSpec(name, dtype_code(converted[name].dtype), tuple(converted[name].shape)) for name in names]
+    )
     for name in names:
         writer.add(name, converted[name])
     writer.close()
     HiggsAudioV2TokenizerConfig(**config_args).save_pretrained(str(staging))
     hop_length = math.prod(config_args["acoustic_model_config"]["downsampling_ratios"])
-    feature_extractor = DacFeatureExtractor(feature_size=1, hop_length=hop_length, padding_side="right",
-                                            padding_value=0.0, return_attention_mask=True,
-                                            sampling_rate=config_args["sample_rate"])
+    feature_extractor = DacFeatureExtractor(
+        feature_size=1,
+        hop_length=hop_length,
+        padding_side="right",
+        padding_value=0.0,
+        return_attention_mask=True,
+        sampling_rate=config_args["sample_rate"],
+    )
     feature_extractor.save_pretrained(str(staging))
     folded = sum(1 for name in state if name.endswith(".weight_g"))
-    log.info(f"codec: {len(converted)} tensors, {folded} weight-norm pairs, "
-             f"{config_args['semantic_model_config']['num_hidden_layers']}-layer HuBERT, "
-             f"{len(set(n.split('.')[2] for n in converted if n.startswith('quantizer.quantizers.')))} quantizers")
+    log.info(
+        f"codec: {len(converted)} tensors, {folded} weight-norm pairs, "
+        f"{config_args['semantic_model_config']['num_hidden_layers']}-layer HuBERT, "
+        f"{len(set(n.split('.')[2] for n in converted if n.startswith('quantizer.quantizers.')))} quantizers"
+    )
     return {"kind": "codec", "tensors": len(converted), "weight_norm_pairs": folded}

@@ -31,9 +31,9 @@ class AdapterError(UserError, ValueError):
 class LoraDelta:
     """The low-rank update of one linear layer: delta W = scale * B @ A (out_features x in_features)."""
 
-    a: "torch.Tensor"
+    a: torch.Tensor
     """(r, in_features)"""
-    b: "torch.Tensor"
+    b: torch.Tensor
     """(out_features, r)"""
     scale: float
     """lora_alpha / r (or / sqrt(r) with rsLoRA)."""
@@ -47,7 +47,7 @@ class LoraDelta:
         return (cols, rows) if self.fan_in_fan_out else (rows, cols)
 
 
-def lora_deltas(tensors: dict[str, "torch.Tensor"], adapter_config: dict) -> dict[str, LoraDelta]:
+def lora_deltas(tensors: dict[str, torch.Tensor], adapter_config: dict) -> dict[str, LoraDelta]:
     """The updates of a PEFT LoRA adapter, keyed by the base weight they apply to (`model.layers.0.mlp.up_proj.weight`).
 
     `tensors` is the content of `adapter_model.safetensors`, `adapter_config` that of `adapter_config.json`.
@@ -65,8 +65,10 @@ def lora_deltas(tensors: dict[str, "torch.Tensor"], adapter_config: dict) -> dic
     if adapter_config.get("alpha_pattern"):
         problems.append("alpha_pattern (a different alpha per module) is not supported; merge it with PEFT")
     if adapter_config.get("modules_to_save"):
-        problems.append(f"modules_to_save={adapter_config['modules_to_save']} is not supported: those modules are "
-                        "fully trained copies, not low-rank updates; merge it with PEFT")
+        problems.append(
+            f"modules_to_save={adapter_config['modules_to_save']} is not supported: those modules are "
+            "fully trained copies, not low-rank updates; merge it with PEFT"
+        )
     alpha = adapter_config.get("lora_alpha")
     if not isinstance(alpha, (int, float)) or alpha <= 0:
         problems.append(f"lora_alpha={alpha!r} in adapter_config.json must be a positive number")
@@ -80,12 +82,15 @@ def lora_deltas(tensors: dict[str, "torch.Tensor"], adapter_config: dict) -> dic
             problems.append(f"{key}: not a LoRA A/B weight")
             continue
         parts.setdefault(match["module"], {})[match["part"]] = tensor
-    bad_values = [key for key, tensor in tensors.items()
-                  if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    bad_values = [
+        key for key, tensor in tensors.items() if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
     if bad_values:
-        problems.append(f"{len(bad_values)} adapter tensors hold NaN or inf ({', '.join(bad_values[:5])}"
-                        f"{', ...' if len(bad_values) > 5 else ''}): the run diverged before this checkpoint was "
-                        "written; merge an earlier checkpoint")
+        problems.append(
+            f"{len(bad_values)} adapter tensors hold NaN or inf ({', '.join(bad_values[:5])}"
+            f"{', ...' if len(bad_values) > 5 else ''}): the run diverged before this checkpoint was "
+            "written; merge an earlier checkpoint"
+        )
     deltas: dict[str, LoraDelta] = {}
     for module, pair in sorted(parts.items()):
         if set(pair) != {"A", "B"}:
@@ -115,13 +120,16 @@ def check_targets(deltas: dict[str, LoraDelta], base_shapes: dict[str, tuple[int
         if shape is None:
             problems.append(f"{name}: the adapter adapts it but the base has no such weight (wrong base model?)")
         elif tuple(shape) != delta.shape:
-            problems.append(f"{name}: base weight {tuple(shape)} but the adapter's update is {delta.shape} "
-                            "(the adapter was trained on a different model)")
+            problems.append(
+                f"{name}: base weight {tuple(shape)} but the adapter's update is {delta.shape} "
+                "(the adapter was trained on a different model)"
+            )
     return problems
 
 
-def merge_weight(weight: "torch.Tensor", delta: LoraDelta, dtype: "torch.dtype",
-                 device: "torch.device | str" = "cpu") -> "torch.Tensor":
+def merge_weight(
+    weight: torch.Tensor, delta: LoraDelta, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """`weight + scale * B @ A`, computed in float32 on `device`, returned in `dtype` on CPU.
 
     Float32 accumulation: the update of a trained adapter is small next to W, and adding it in bf16 would round a

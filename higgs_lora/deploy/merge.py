@@ -76,8 +76,14 @@ def load_adapter_deltas(adapter_dir: Path) -> dict:
     return lora_deltas(load_file(str(adapter_dir / "adapter_model.safetensors")), adapter_config)
 
 
-def merge_into_shards(base_dir: Path, deltas: dict, out_dir: Path, dtype_name: str, device: str = "cpu",
-                      max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> MergeResult:
+def merge_into_shards(
+    base_dir: Path,
+    deltas: dict,
+    out_dir: Path,
+    dtype_name: str,
+    device: str = "cpu",
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> MergeResult:
     """Stream the base's tensors through the merge into safetensors shards under `out_dir`.
 
     Floating-point tensors are cast to `dtype_name`; those with a LoRA update get it added first. Raises MergeError
@@ -92,15 +98,18 @@ def merge_into_shards(base_dir: Path, deltas: dict, out_dir: Path, dtype_name: s
         raise MergeError(f"the adapter does not fit the base {base_dir}:\n" + "\n".join(f"  - {p}" for p in problems))
     dtype = torch_dtype(dtype_name)
     float_codes = ("F64", "F32", "F16", "BF16")
-    plan = [TensorSpec(name, dtype_code(dtype) if code in float_codes else code, shape)
-            for name, (code, shape) in specs.items()]
+    plan = [
+        TensorSpec(name, dtype_code(dtype) if code in float_codes else code, shape)
+        for name, (code, shape) in specs.items()
+    ]
     from tqdm import tqdm
 
     writer = ShardWriter(out_dir, plan, max_shard_bytes)
     non_finite, num_merged = [], 0
     # A bar only on a terminal (disable=None) and not with --quiet: minutes of work at full size, nothing else to show.
-    progress = tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="[merge]",
-                    disable=True if is_quiet() else None)
+    progress = tqdm(
+        total=writer.total_bytes, unit="B", unit_scale=True, desc="[merge]", disable=True if is_quiet() else None
+    )
     for name, tensor in iter_tensors(base_dir):
         progress.update(writer.specs[name].num_bytes)
         if name in deltas:
@@ -114,9 +123,11 @@ def merge_into_shards(base_dir: Path, deltas: dict, out_dir: Path, dtype_name: s
         del tensor  # before the next one is read: one tensor in memory at a time
     progress.close()
     if non_finite:
-        raise MergeError(f"{len(non_finite)} merged tensors hold NaN or inf ({', '.join(non_finite[:5])}); no "
-                         f"merged model was published. Check the base model's weights and that --dtype {dtype_name} "
-                         "can hold them.")
+        raise MergeError(
+            f"{len(non_finite)} merged tensors hold NaN or inf ({', '.join(non_finite[:5])}); no "
+            f"merged model was published. Check the base model's weights and that --dtype {dtype_name} "
+            "can hold them."
+        )
     files = writer.close()
     return MergeResult(files, len(plan), num_merged, writer.total_bytes)
 
@@ -127,7 +138,6 @@ def all_finite(tensor, chunk: int = 2**24) -> bool:
 
     flat = tensor.reshape(-1)
     return all(bool(torch.isfinite(part).all()) for part in flat.split(chunk))
-
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -143,15 +153,19 @@ def run_merge(plan: MergePlan, verify: bool = True, max_shard_bytes: int = DEFAU
 
     refuse_double_merge(plan)
     deltas = load_adapter_deltas(plan.adapter.path)
-    log.info(f"{len(deltas)} LoRA updates (r={plan.cfg.lora.r}, alpha={plan.cfg.lora.alpha}) -> base {plan.base}, "
-             f"{plan.dtype} on {plan.device}")
+    log.info(
+        f"{len(deltas)} LoRA updates (r={plan.cfg.lora.r}, alpha={plan.cfg.lora.alpha}) -> base {plan.base}, "
+        f"{plan.dtype} on {plan.device}"
+    )
     with staged_directory(plan.out) as staging:
         result = merge_into_shards(plan.base, deltas, staging, plan.dtype, plan.device, max_shard_bytes)
         del deltas
         gigabytes = result.total_bytes / 1e9
         size = f"{gigabytes:.2f} GB" if gigabytes >= 0.1 else f"{gigabytes * 1e3:.1f} MB"
-        log.info(f"wrote {result.num_tensors} tensors ({result.num_merged} with the adapter folded in), "
-                 f"{size} in {len(result.files)} file(s)")
+        log.info(
+            f"wrote {result.num_tensors} tensors ({result.num_merged} with the adapter folded in), "
+            f"{size} in {len(result.files)} file(s)"
+        )
         copied = write_support_files(plan, staging)
         log.info(f"copied {', '.join(copied)}")
         report = None
@@ -162,8 +176,10 @@ def run_merge(plan: MergePlan, verify: bool = True, max_shard_bytes: int = DEFAU
         atomic_write_json(staging / MERGE_MARKER, provenance(plan, result, report))
     log.info(f"merged model: {plan.out}")
     if not plan.out.name.startswith(NAME_PREFIX):
-        log.info(f"note: the licence requires a distributed fine-tune's name to start with \"Higgs Audio 2\" "
-                 f"(e.g. {NAME_PREFIX}{plan.out.name}); NOTICE must travel with it")
+        log.info(
+            f'note: the licence requires a distributed fine-tune\'s name to start with "Higgs Audio 2" '
+            f"(e.g. {NAME_PREFIX}{plan.out.name}); NOTICE must travel with it"
+        )
     return report
 
 
@@ -190,21 +206,35 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="higgs-lora merge", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    parser.add_argument("--adapter", required=True,
-                        help="adapter directory, checkpoint directory (step_N) or training output directory")
+    parser = argparse.ArgumentParser(
+        prog="higgs-lora merge",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    )
+    parser.add_argument(
+        "--adapter", required=True, help="adapter directory, checkpoint directory (step_N) or training output directory"
+    )
     parser.add_argument("--out", help="output directory (default: <run dir>/Higgs-Audio-2-<run name>[-step<N>])")
     parser.add_argument("--base", help="base model directory (default: the one recorded with the adapter)")
-    parser.add_argument("--codec", help="codec directory (default: the one recorded with the adapter, else found "
-                                        "beside the base)")
-    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
-                        help="dtype of the merged weights (default bf16, as released)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="where the update and the verification are computed (default: a GPU if present)")
-    parser.add_argument("--shard-size", default="5GB", help="largest output file (default 5GB; memory does not "
-                                                             "depend on it)")
+    parser.add_argument(
+        "--codec", help="codec directory (default: the one recorded with the adapter, else found beside the base)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("bf16", "fp16", "fp32"),
+        default="bf16",
+        help="dtype of the merged weights (default bf16, as released)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where the update and the verification are computed (default: a GPU if present)",
+    )
+    parser.add_argument(
+        "--shard-size", default="5GB", help="largest output file (default 5GB; memory does not depend on it)"
+    )
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--no-verify", action="store_true", help="skip the logits comparison after merging")
     startup.add_common_arguments(parser)

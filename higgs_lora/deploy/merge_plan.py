@@ -56,7 +56,8 @@ def refuse_if_merged(path: Path) -> None:
         record = json.loads(marker.read_text(encoding="utf-8"))
         raise MergeError(
             f"{path} is already a merged model (higgs_lora.deploy.merge folded adapter {record.get('adapter')} into "
-            f"base {record.get('base')}): it holds no adapter to merge. Load it with from_pretrained as it is, or merge "
+            f"base {record.get('base')}): it holds no adapter to merge. "
+            "Load it with from_pretrained as it is, or merge "
             "the adapter it came from again."
         )
 
@@ -77,14 +78,19 @@ def locate_adapter(given: str | Path) -> AdapterLocation:
     step_match = _STEP.match(path.name)
     if step_match and is_adapter_dir(path / ADAPTER):
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-        return AdapterLocation(path / ADAPTER, f"checkpoint {path.name}: its adapter {path / ADAPTER}",
-                               run_dir, int(step_match[1]))
+        return AdapterLocation(
+            path / ADAPTER, f"checkpoint {path.name}: its adapter {path / ADAPTER}", run_dir, int(step_match[1])
+        )
     if is_adapter_dir(path / ADAPTER):
         return AdapterLocation(path / ADAPTER, f"run directory {path}: its final adapter {path / ADAPTER}", path, None)
     latest = latest_checkpoint(path)
     if latest is not None and is_adapter_dir(latest / ADAPTER):
-        return AdapterLocation(latest / ADAPTER, f"run directory {path} (no final adapter/): the newest checkpoint's "
-                               f"adapter {latest / ADAPTER}", path, int(_STEP.match(latest.name)[1]))
+        return AdapterLocation(
+            latest / ADAPTER,
+            f"run directory {path} (no final adapter/): the newest checkpoint's adapter {latest / ADAPTER}",
+            path,
+            int(_STEP.match(latest.name)[1]),
+        )
     raise MergeError(
         f"--adapter {given}: found no adapter there. Give an adapter directory (with adapter_config.json), a "
         "checkpoint (checkpoints/step_N) or a training output directory (with adapter/ or checkpoints/latest)."
@@ -132,9 +138,15 @@ def config_of_foreign_adapter(adapter_dir: Path, base: str, codec: str | None) -
     name = adapter_dir.parent.name if adapter_dir.name == ADAPTER else adapter_dir.name
     targets = settings.get("target_modules") or ["q_proj"]
     try:
-        return RunConfig(name=name, model=ModelConfig(path=str(base), codec_path=codec or ""),
-                         lora=LoraConfig(r=int(settings.get("r", 8)), alpha=settings.get("lora_alpha", 8),
-                                         target_modules=[targets] if isinstance(targets, str) else list(targets)))
+        return RunConfig(
+            name=name,
+            model=ModelConfig(path=str(base), codec_path=codec or ""),
+            lora=LoraConfig(
+                r=int(settings.get("r", 8)),
+                alpha=settings.get("lora_alpha", 8),
+                target_modules=[targets] if isinstance(targets, str) else list(targets),
+            ),
+        )
     except ConfigError as err:
         raise MergeError(f"{adapter_dir}/adapter_config.json: {err}") from err
 
@@ -143,8 +155,15 @@ def _contains(outer: Path, inner: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def plan_merge(adapter: str, out: str | None = None, base: str | None = None, codec: str | None = None,
-              dtype: str = "bf16", device: str = "auto", force: bool = False) -> MergePlan:
+def plan_merge(
+    adapter: str,
+    out: str | None = None,
+    base: str | None = None,
+    codec: str | None = None,
+    dtype: str = "bf16",
+    device: str = "auto",
+    force: bool = False,
+) -> MergePlan:
     """Resolve and check every input of a merge; raises MergeError/CheckpointError saying what to do."""
     location = locate_adapter(adapter)
     missing = [name for name in ADAPTER_FILES if not (location.path / name).is_file()]
@@ -158,9 +177,11 @@ def plan_merge(adapter: str, out: str | None = None, base: str | None = None, co
     elif base:
         cfg = config_of_foreign_adapter(location.path, base, codec)
     else:
-        raise MergeError(f"{location.path} has no {RUN_CONFIG}: it was not written by higgs-lora training, so the "
-                         "base model is unknown. Pass --base BASE_DIR (and --codec CODEC_DIR if the codec is not "
-                         "beside it).")
+        raise MergeError(
+            f"{location.path} has no {RUN_CONFIG}: it was not written by higgs-lora training, so the "
+            "base model is unknown. Pass --base BASE_DIR (and --codec CODEC_DIR if the codec is not "
+            "beside it)."
+        )
     base_dir = Path(base).expanduser().resolve() if base else Path(cfg.model.path).expanduser().resolve()
     info = inspect_checkpoint(base_dir)
     check_loadable(info)
@@ -178,8 +199,9 @@ def plan_merge(adapter: str, out: str | None = None, base: str | None = None, co
     if out_dir.exists() and not out_dir.is_dir():
         raise MergeError(f"--out {out_dir} is a file; choose a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise MergeError(f"--out {out_dir} exists and is not empty; choose another directory, or pass --force to "
-                         "replace it")
+        raise MergeError(
+            f"--out {out_dir} exists and is not empty; choose another directory, or pass --force to replace it"
+        )
     if device == "auto":
         import torch
 

@@ -25,8 +25,14 @@ if TYPE_CHECKING:
     from higgs_lora.deploy.merge import MergeResult
 
 CODEC_SUBDIR = "audio_tokenizer"
-SUPPORT_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "chat_template.jinja", "chat_template.json")
+SUPPORT_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 """Copied from the base as they are (config.json and processor_config.json are rewritten)."""
 
 
@@ -76,7 +82,7 @@ def _model_card(plan: MergePlan) -> str:
         "model = HiggsAudioV2ForConditionalGeneration.from_pretrained(THIS_DIR)\n"
         f"codec = HiggsAudioV2TokenizerModel.from_pretrained(THIS_DIR + '/{CODEC_SUBDIR}')\n```\n\n"
         "The weights are under the Boson Higgs Audio 2 Community License (see NOTICE): a distributed fine-tune's name "
-        "must start with \"Higgs Audio 2\" and it must ship NOTICE.\n"
+        'must start with "Higgs Audio 2" and it must ship NOTICE.\n'
     )
 
 

@@ -38,8 +38,18 @@ INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 * 10**9
 """5 GB files, as the released checkpoint and `save_pretrained` use; memory does not depend on it."""
 
-_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -56,7 +66,7 @@ def parse_size(text: str) -> int:
     return size
 
 
-def torch_dtype_of(code: str) -> "torch.dtype":
+def torch_dtype_of(code: str) -> torch.dtype:
     """The torch dtype of a safetensors dtype code ('BF16' -> torch.bfloat16)."""
     import torch
 
@@ -65,7 +75,7 @@ def torch_dtype_of(code: str) -> "torch.dtype":
     return getattr(torch, _DTYPES[code])
 
 
-def dtype_code(dtype: "torch.dtype") -> str:
+def dtype_code(dtype: torch.dtype) -> str:
     """The safetensors code of a torch dtype (torch.bfloat16 -> 'BF16')."""
     name = str(dtype).removeprefix("torch.")
     for code, torch_name in _DTYPES.items():
@@ -116,7 +126,7 @@ def tensor_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
     return {name: shape for name, (_, shape) in tensor_specs(model_dir).items()}
 
 
-def iter_tensors(model_dir: str | Path) -> Iterator[tuple[str, "torch.Tensor"]]:
+def iter_tensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of a checkpoint, one at a time, on CPU, in file order; see module doc.
 
     Drop each tensor (`del`) before asking for the next, so that only one is ever in memory.
@@ -181,15 +191,19 @@ class ShardWriter:
             groups[-1].append(spec)
             size += spec.num_bytes
         count = len(groups)
-        names = [SINGLE_FILE] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors"
-                                                  for i in range(1, count + 1)]
+        names = (
+            [SINGLE_FILE] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+        )
         self.files = [self.out_dir / name for name in names]
         self._where: dict[str, tuple[Path, int]] = {}
         for path, group in zip(self.files, groups):
             header, offset = {}, 0
             for spec in group:
-                header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape),
-                                     "data_offsets": [offset, offset + spec.num_bytes]}
+                header[spec.name] = {
+                    "dtype": spec.dtype,
+                    "shape": list(spec.shape),
+                    "data_offsets": [offset, offset + spec.num_bytes],
+                }
                 offset += spec.num_bytes
             encoded = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
             encoded += b" " * (-(8 + len(encoded)) % 8)  # tensor data starts 8-byte aligned, as safetensors writes
@@ -202,15 +216,17 @@ class ShardWriter:
         self._written: set[str] = set()
         self.total_bytes = sum(spec.num_bytes for spec in specs)
 
-    def add(self, name: str, tensor: "torch.Tensor") -> None:
+    def add(self, name: str, tensor: torch.Tensor) -> None:
         spec = self.specs.get(name)
         if spec is None:
             raise ValueError(f"{name} is not in the plan of tensors to write")
         if name in self._written:
             raise ValueError(f"tensor {name} written twice")
         if (dtype_code(tensor.dtype), tuple(tensor.shape)) != (spec.dtype, spec.shape):
-            raise ValueError(f"{name}: {dtype_code(tensor.dtype)} {tuple(tensor.shape)} does not match the plan "
-                             f"({spec.dtype} {spec.shape})")
+            raise ValueError(
+                f"{name}: {dtype_code(tensor.dtype)} {tuple(tensor.shape)} does not match the plan "
+                f"({spec.dtype} {spec.shape})"
+            )
         import torch
 
         path, offset = self._where[name]
@@ -227,8 +243,9 @@ class ShardWriter:
             raise ValueError(f"{len(missing)} planned tensors were never written: {', '.join(missing[:5])}")
         if len(self.files) > 1:
             weight_map = {name: path.name for name, (path, _) in sorted(self._where.items())}
-            atomic_write_json(self.out_dir / INDEX_FILE,
-                              {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
+            atomic_write_json(
+                self.out_dir / INDEX_FILE, {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            )
         return list(self.files)
 
 

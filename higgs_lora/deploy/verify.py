@@ -70,8 +70,9 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def compare_logits(merged_dir: Path, base_dir: Path, adapter_dir: Path, cfg: RunConfig, dtype: str,
-                   device: str) -> dict:
+def compare_logits(
+    merged_dir: Path, base_dir: Path, adapter_dir: Path, cfg: RunConfig, dtype: str, device: str
+) -> dict:
     """Logits of base, adapter-on-base, merged (and adapter-on-NF4-base for QLoRA) on `fixed_sample`; see module doc.
 
     Returns a JSON-able report with `passed` and, when not passed, `reason`.
@@ -95,8 +96,13 @@ def compare_logits(merged_dir: Path, base_dir: Path, adapter_dir: Path, cfg: Run
 
     quantised_logits = None
     if cfg.model.quantization == "nf4":
-        trained = ModelConfig(path=str(base_dir), dtype=cfg.model.dtype, quantization="nf4",
-                              attn_implementation="sdpa", gradient_checkpointing=False)
+        trained = ModelConfig(
+            path=str(base_dir),
+            dtype=cfg.model.dtype,
+            quantization="nf4",
+            attn_implementation="sdpa",
+            gradient_checkpointing=False,
+        )
         quantised = load_base_model(trained, device)
         adapted = PeftModel.from_pretrained(quantised, str(adapter_dir)).eval()
         quantised_logits = _logits(adapted, batch, device)
@@ -105,25 +111,32 @@ def compare_logits(merged_dir: Path, base_dir: Path, adapter_dir: Path, cfg: Run
 
     # Straight onto the GPU when there is one: a CPU copy first would cost host memory for the whole model.
     placement = {} if device == "cpu" else {"device_map": {"": device}}
-    merged = HiggsAudioV2ForConditionalGeneration.from_pretrained(str(merged_dir), dtype=torch_dtype(dtype),
-                                                                  **placement)
+    merged = HiggsAudioV2ForConditionalGeneration.from_pretrained(
+        str(merged_dir), dtype=torch_dtype(dtype), **placement
+    )
     merged_logits = _logits(merged.eval(), batch, device)
     del merged
     _release_memory()
 
     report = logits_report(base_logits, adapter_logits, merged_logits, quantised_logits)
     report.update(dtype=dtype, device=device, positions=int(batch["input_ids"].shape[1]))
-    log.info(f"{report['positions']} positions, {dtype} on {device}: max |logit| {report['max_abs_logit']:.4g}; "
-             f"the adapter changes logits by up to {report['adapter_effect']:.4g} "
-             f"(mean {report['adapter_effect_mean']:.3g})")
-    log.info(f"max |merged - adapter on base| = {report['merged_vs_adapter']:.4g} "
-             f"(mean {report['merged_vs_adapter_mean']:.3g})")
+    log.info(
+        f"{report['positions']} positions, {dtype} on {device}: max |logit| {report['max_abs_logit']:.4g}; "
+        f"the adapter changes logits by up to {report['adapter_effect']:.4g} "
+        f"(mean {report['adapter_effect_mean']:.3g})"
+    )
+    log.info(
+        f"max |merged - adapter on base| = {report['merged_vs_adapter']:.4g} "
+        f"(mean {report['merged_vs_adapter_mean']:.3g})"
+    )
     if quantised_logits is not None:
-        log.info(f"QLoRA: max |merged - adapter on the NF4 base it was trained on ({cfg.model.dtype} compute)| = "
-                 f"{report['merged_vs_nf4_adapter']:.4g} (mean {report['merged_vs_nf4_adapter_mean']:.3g}); "
-                 f"the adapter on the NF4 base and on the {dtype} base differ by up to "
-                 f"{report['nf4_vs_full_base']:.4g}, the base's quantisation error, which the merged model no longer "
-                 "has")
+        log.info(
+            f"QLoRA: max |merged - adapter on the NF4 base it was trained on ({cfg.model.dtype} compute)| = "
+            f"{report['merged_vs_nf4_adapter']:.4g} (mean {report['merged_vs_nf4_adapter_mean']:.3g}); "
+            f"the adapter on the NF4 base and on the {dtype} base differ by up to "
+            f"{report['nf4_vs_full_base']:.4g}, the base's quantisation error, which the merged model no longer "
+            "has"
+        )
     log.info(f"{'passed' if report['passed'] else 'FAILED: ' + report['reason']}")
     return report
 
@@ -151,14 +164,16 @@ def logits_report(base, adapter, merged, adapter_nf4=None) -> dict:
         report["nf4_vs_full_base"] = max_abs(adapter - adapter_nf4)
     finite = all(bool(torch.isfinite(x).all()) for x in (base, adapter, merged))
     # bf16 keeps 8 significant bits: a mean difference of a few ulps of the typical logit is rounding, not error.
-    noise_floor = 2.0 ** -7 * mean_abs(adapter)
+    noise_floor = 2.0**-7 * mean_abs(adapter)
     allowed = max(MAX_RELATIVE_ERROR * report["adapter_effect_mean"], noise_floor)
     report["allowed_mean"] = allowed
     report["passed"] = finite and report["merged_vs_adapter_mean"] <= allowed
     if not finite:
         report["reason"] = "the logits hold NaN or inf"
     elif not report["passed"]:
-        report["reason"] = (f"mean |merged - adapter| = {report['merged_vs_adapter_mean']:.4g} exceeds {allowed:.4g} "
-                            f"({MAX_RELATIVE_ERROR:.0%} of the adapter's mean effect "
-                            f"{report['adapter_effect_mean']:.4g})")
+        report["reason"] = (
+            f"mean |merged - adapter| = {report['merged_vs_adapter_mean']:.4g} exceeds {allowed:.4g} "
+            f"({MAX_RELATIVE_ERROR:.0%} of the adapter's mean effect "
+            f"{report['adapter_effect_mean']:.4g})"
+        )
     return report

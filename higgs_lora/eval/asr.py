@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from higgs_lora.errors import UserError
 from higgs_lora.data.audio import resample
+from higgs_lora.errors import UserError
 
 ASR_RATE = 16000
 """Sample rate both Whisper and wav2vec2-style models expect (Hz)."""
@@ -35,7 +35,7 @@ class AsrError(UserError, ValueError):
 
 
 def asr_kind(path: str | Path) -> str:
-    """"whisper" or "ctc" for a local checkpoint directory, from its config.json; AsrError otherwise."""
+    """ "whisper" or "ctc" for a local checkpoint directory, from its config.json; AsrError otherwise."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -86,8 +86,9 @@ class Transcriber:
         # The start tokens (<|startoftranscript|><|ar|><|transcribe|><|notimestamps|>) share the decoder's
         # max_target_positions (448 in the released models) with the output; generate refuses to exceed it.
         max_new_tokens = min(MAX_NEW_TOKENS, self.model.config.max_target_positions - WHISPER_START_TOKENS)
-        ids = self.model.generate(input_features, max_new_tokens=max_new_tokens, do_sample=False,
-                                  **self._language_options)
+        ids = self.model.generate(
+            input_features, max_new_tokens=max_new_tokens, do_sample=False, **self._language_options
+        )
         return self.processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
 
     def _ctc(self, audio: np.ndarray) -> str:

@@ -24,8 +24,10 @@ from higgs_lora.logs import get_logger
 
 log = get_logger("evaluate")
 
-ASR_SKIPPED = ("CER/WER skipped: no --asr given. Pass --asr DIR, a local Whisper or CTC (wav2vec2) checkpoint "
-               "directory, to score intelligibility (docs/evaluation.md, 'ASR').")
+ASR_SKIPPED = (
+    "CER/WER skipped: no --asr given. Pass --asr DIR, a local Whisper or CTC (wav2vec2) checkpoint "
+    "directory, to score intelligibility (docs/evaluation.md, 'ASR')."
+)
 VERSIONED = ("higgs-lora", "resemblyzer", "speechmos", "onnxruntime", "jiwer", "transformers", "torch")
 
 
@@ -45,10 +47,9 @@ def _printer(quiet: bool, label: str):
             return
         similarity = row.get("similarity_reference")
         ovrl = row.get("dnsmos_ovrl")
-        status = row.get("error") or (
-            f"similarity {similarity:.3f}" if similarity is not None else "similarity -"
-        ) + (f" | OVRL {ovrl:.2f}" if ovrl is not None else "") + (
-            f" | CER {row['cer']:.3f}" if row.get("cer") is not None else "")
+        status = row.get("error") or (f"similarity {similarity:.3f}" if similarity is not None else "similarity -") + (
+            f" | OVRL {ovrl:.2f}" if ovrl is not None else ""
+        ) + (f" | CER {row['cer']:.3f}" if row.get("cer") is not None else "")
         log.info(f"{label} {done}/{total} {row['id']}: {status}")
 
     return progress
@@ -58,14 +59,21 @@ def _problems(folder, rows: list[dict]) -> list[str]:
     """Everything that went wrong in a folder, one line each: unreadable manifest lines, failed generations,
     generated audio that could not be read."""
     problems = list(folder.problems)
-    problems += [f"{e.get('id', e.get('index'))}: generation failed: {e.get('error')}"
-                 for e in folder.generation_errors]
+    problems += [
+        f"{e.get('id', e.get('index'))}: generation failed: {e.get('error')}" for e in folder.generation_errors
+    ]
     return problems + [f"{r['id']}: {r['error']}" for r in rows if r.get("error")]
 
 
 def evaluate(
-    pred: str | Path, *, asr: str | Path | None = None, compare_with: str | Path | None = None,
-    out: str | Path | None = None, device: str = "cpu", dnsmos: bool = True, quiet: bool = False,
+    pred: str | Path,
+    *,
+    asr: str | Path | None = None,
+    compare_with: str | Path | None = None,
+    out: str | Path | None = None,
+    device: str = "cpu",
+    dnsmos: bool = True,
+    quiet: bool = False,
 ) -> dict:
     """Evaluate the inference output folder ``pred`` and write the report files; returns the metrics dict.
 
@@ -98,8 +106,9 @@ def evaluate(
         "num_scored": sum(1 for r in rows if not r.get("error")),
         "num_failed_generation": len(folder.generation_errors),
         "num_failed_scoring": sum(1 for r in rows if r.get("error")),
-        "asr": ({"model": str(transcriber.path), "kind": transcriber.kind} if transcriber else
-                {"skipped": ASR_SKIPPED}),
+        "asr": (
+            {"model": str(transcriber.path), "kind": transcriber.kind} if transcriber else {"skipped": ASR_SKIPPED}
+        ),
         "dnsmos": dnsmos,
         "summary": summarise(rows),
         "per_speaker": per_speaker(rows),
@@ -126,28 +135,41 @@ def _print_summary(metrics: dict) -> None:
         print(line)
     for problem in metrics["problems"]:
         print(f"[evaluate] problem: {problem}")
-    print(f"[evaluate] {metrics['num_scored']}/{metrics['num_samples']} samples scored in "
-          f"{metrics['evaluation_seconds']:.1f} s; report: {metrics['files']['report']}")
+    print(
+        f"[evaluate] {metrics['num_scored']}/{metrics['num_samples']} samples scored in "
+        f"{metrics['evaluation_seconds']:.1f} s; report: {metrics['files']['report']}"
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
     """Exit codes: 0 when at least one sample was scored, 1 when none was, 2 (a UserError) for unusable input."""
-    metrics = evaluate(args.pred, asr=args.asr, compare_with=args.compare, out=args.out, device=args.device,
-                       dnsmos=not args.no_dnsmos, quiet=args.quiet)
+    metrics = evaluate(
+        args.pred,
+        asr=args.asr,
+        compare_with=args.compare,
+        out=args.out,
+        device=args.device,
+        dnsmos=not args.no_dnsmos,
+        quiet=args.quiet,
+    )
     _print_summary(metrics)
     return 0 if metrics["num_scored"] else 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="higgs-lora evaluate", description=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="higgs-lora evaluate",
+        description=__doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--pred", required=True, help="inference output folder (manifest.jsonl, wavs, run.json)")
     parser.add_argument("--asr", help="local Whisper or CTC checkpoint directory for CER/WER (skipped without it)")
     parser.add_argument("--compare", help="a second output folder for the same samples (e.g. the base model's)")
     parser.add_argument("--out", help="where metrics.json, samples.csv and report.html go (default: --pred)")
     parser.add_argument("--device", default="cpu", help="torch device for the speaker encoder and the ASR")
-    parser.add_argument("--no-dnsmos", action="store_true",
-                        help="skip DNSMOS (about half of the time per sample on a CPU)")
+    parser.add_argument(
+        "--no-dnsmos", action="store_true", help="skip DNSMOS (about half of the time per sample on a CPU)"
+    )
     startup.add_common_arguments(parser)
     args = parser.parse_args(argv)
     return startup.run_command(args, lambda: _run(args))

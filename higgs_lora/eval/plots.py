@@ -27,15 +27,19 @@ def _figure(name: str, title: str, body: list[str], legend: list[tuple[str, str]
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" '
         f'role="img" aria-label="{escape(title)}"><title>{escape(title)}</title>'
         f'<text x="{MARGIN_LEFT}" y="16" font-size="13" font-weight="bold">{escape(title)}</text>'
-        + "".join(body) + legend_items + f"</svg><figcaption>{escape(title)}</figcaption></figure>"
+        + "".join(body)
+        + legend_items
+        + f"</svg><figcaption>{escape(title)}</figcaption></figure>"
     )
 
 
 def _axes(y_max: float, x_labels: list[tuple[float, str]]) -> list[str]:
     """Axis lines, a y scale (0 .. y_max, 4 ticks) and x tick labels at the given x positions (pixels)."""
     bottom, left, right = HEIGHT - MARGIN_BOTTOM, MARGIN_LEFT, WIDTH - MARGIN_RIGHT
-    parts = [f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="#333"/>',
-             f'<line x1="{left}" y1="{MARGIN_TOP}" x2="{left}" y2="{bottom}" stroke="#333"/>']
+    parts = [
+        f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="#333"/>',
+        f'<line x1="{left}" y1="{MARGIN_TOP}" x2="{left}" y2="{bottom}" stroke="#333"/>',
+    ]
     for i in range(5):
         value = y_max * i / 4
         y = bottom - (bottom - MARGIN_TOP) * i / 4
@@ -46,8 +50,13 @@ def _axes(y_max: float, x_labels: list[tuple[float, str]]) -> list[str]:
     return parts
 
 
-def histogram(name: str, title: str, series: dict[str, list[float]], bins: int = 10,
-              value_range: tuple[float, float] | None = None) -> str:
+def histogram(
+    name: str,
+    title: str,
+    series: dict[str, list[float]],
+    bins: int = 10,
+    value_range: tuple[float, float] | None = None,
+) -> str:
     """Histogram of one or more series (e.g. fine-tuned vs base) over the same bins, bars side by side."""
     all_values = [v for values in series.values() for v in values]
     if value_range is None:
@@ -73,7 +82,7 @@ def histogram(name: str, title: str, series: dict[str, list[float]], bins: int =
             body.append(
                 f'<rect class="bar" x="{x:.1f}" y="{HEIGHT - MARGIN_BOTTOM - height:.1f}" width="{bar_width:.1f}" '
                 f'height="{height:.1f}" fill="{colour}"><title>{escape(label)}: {count} in '
-                f'[{edges[i]:.3g}, {edges[i + 1]:.3g})</title></rect>'
+                f"[{edges[i]:.3g}, {edges[i + 1]:.3g})</title></rect>"
             )
     ticks = [(MARGIN_LEFT + plot_width * i / 4, f"{low + (high - low) * i / 4:.3g}") for i in range(5)]
     legend = [(label, SERIES_COLOURS[s % len(SERIES_COLOURS)]) for s, label in enumerate(series)]
@@ -99,7 +108,7 @@ def bar_chart(name: str, title: str, series: dict[str, dict[str, float]], y_max:
             body.append(
                 f'<rect class="bar" x="{x:.1f}" y="{HEIGHT - MARGIN_BOTTOM - height:.1f}" width="{bar_width:.1f}" '
                 f'height="{height:.1f}" fill="{colour}"><title>{escape(label)} {escape(category)}: '
-                f'{values[category]:.3f}</title></rect>'
+                f"{values[category]:.3f}</title></rect>"
             )
     ticks = [(MARGIN_LEFT + group_width * (c + 0.5), category) for c, category in enumerate(categories)]
     legend = [(label, SERIES_COLOURS[s % len(SERIES_COLOURS)]) for s, label in enumerate(series)]

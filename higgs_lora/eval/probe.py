@@ -33,9 +33,9 @@ import json
 import re
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -84,8 +84,9 @@ class ProbeSettings:
     """The inference default; 0 (greedy) only in tests that compare codes across batch layouts."""
 
 
-def choose_pairs(samples: list[Pair], speakers: list[str], frames: list[int], count: int,
-                 max_frames: int) -> list[Pair]:
+def choose_pairs(
+    samples: list[Pair], speakers: list[str], frames: list[int], count: int, max_frames: int
+) -> list[Pair]:
     """Up to `count` of the held-out `samples`, the same for the same inputs: speakers in turn (sorted), each
     speaker's targets in cache order, those longer than `max_frames` only when no shorter one is left."""
     by_speaker: dict[str, list[Pair]] = defaultdict(list)
@@ -111,8 +112,7 @@ class _Clip:
 class GenerationProbe:
     """Generates and scores the chosen held-out pairs; `run` is collective (every rank calls it)."""
 
-    def __init__(self, pairs: list[Pair], data, settings: ProbeSettings, output_dir: Path, rank: int,
-                 world_size: int):
+    def __init__(self, pairs: list[Pair], data, settings: ProbeSettings, output_dir: Path, rank: int, world_size: int):
         self.pairs, self.data, self.settings = pairs, data, settings
         self.root = Path(output_dir) / FOLDER
         self.rank, self.world_size = rank, world_size
@@ -141,10 +141,18 @@ class GenerationProbe:
             for i in rows:
                 pair = self.pairs[i]
                 reference = torch.from_numpy(np.asarray(data.cache[pair.reference]["codes"]))
-                prompts.append(build_prompt(data.processor, data.texts[pair.reference], reference,
-                                            data.texts[pair.target], data.scene))
-                params.append(SamplingParams(temperature=self.settings.temperature, seed=self.settings.seed + i,
-                                             max_seconds=self.settings.max_seconds))
+                prompts.append(
+                    build_prompt(
+                        data.processor, data.texts[pair.reference], reference, data.texts[pair.target], data.scene
+                    )
+                )
+                params.append(
+                    SamplingParams(
+                        temperature=self.settings.temperature,
+                        seed=self.settings.seed + i,
+                        max_seconds=self.settings.max_seconds,
+                    )
+                )
                 generators.append(make_generator(self.settings.seed + i, decoder.device))
         except Exception as err:  # noqa: BLE001 - re-raised on every rank below
             error = err
@@ -171,8 +179,9 @@ class GenerationProbe:
 
     # ------------------------------------------------------------------------------------------ one step
 
-    def run(self, model, step: int, device: torch.device, writer=None,
-            log: Callable[[str], None] | None = None) -> dict:
+    def run(
+        self, model, step: int, device: torch.device, writer=None, log: Callable[[str], None] | None = None
+    ) -> dict:
         """Generate (all ranks), then decode, score, write and log on rank 0. Returns rank 0's metrics ({} on the
         other ranks, and on rank 0 when scoring failed).
 
@@ -197,12 +206,12 @@ class GenerationProbe:
         try:
             return self._score_and_write(clips, step, generate_seconds, writer, lines)
         except Exception as err:  # noqa: BLE001 - writing or decoding trouble (a full disk...) must not cost the run
-            lines.warning(f"the evaluation clips of step {step} could not be decoded or written: "
-                          f"{type(err).__name__}: {err}")
+            lines.warning(
+                f"the evaluation clips of step {step} could not be decoded or written: {type(err).__name__}: {err}"
+            )
             return {}
 
-    def _score_and_write(self, clips: list[_Clip], step: int, generate_seconds: float, writer,
-                         lines: _Lines) -> dict:
+    def _score_and_write(self, clips: list[_Clip], step: int, generate_seconds: float, writer, lines: _Lines) -> dict:
         from higgs_lora.infer.streaming_codec import decode_codes
 
         started = time.perf_counter()
@@ -215,15 +224,21 @@ class GenerationProbe:
         if writer is not None:
             for clip, waveform in zip(clips, waveforms):
                 if len(waveform):
-                    writer.add_audio(f"eval_samples/{clip.index:02d}", torch.from_numpy(waveform)[None], step,
-                                     sample_rate=SAMPLE_RATE)
+                    writer.add_audio(
+                        f"eval_samples/{clip.index:02d}",
+                        torch.from_numpy(waveform)[None],
+                        step,
+                        sample_rate=SAMPLE_RATE,
+                    )
         metrics = {
             "eos_fraction": sum(c.stop == "eos" for c in clips) / len(clips),
             "generated_seconds": float(np.mean(seconds)),
             "generate_seconds": generate_seconds,
         }
-        parts = [f"step {step} | {len(clips)} clips generated in {generate_seconds:.1f} s, "
-                 f"{sum(c.stop == 'eos' for c in clips)} ended by the model"]
+        parts = [
+            f"step {step} | {len(clips)} clips generated in {generate_seconds:.1f} s, "
+            f"{sum(c.stop == 'eos' for c in clips)} ended by the model"
+        ]
         use_dnsmos = self._scorable(lines)
         if use_dnsmos is not None:
             try:
@@ -235,8 +250,10 @@ class GenerationProbe:
             metrics.update({**scores, **truth})
             if "similarity" in scores:
                 ceiling = truth.get("similarity_ground_truth")
-                parts.append(f"similarity {scores['similarity']:.3f}"
-                             + (f" (ground truth {ceiling:.3f})" if ceiling is not None else ""))
+                parts.append(
+                    f"similarity {scores['similarity']:.3f}"
+                    + (f" (ground truth {ceiling:.3f})" if ceiling is not None else "")
+                )
             if "dnsmos_ovrl" in scores:
                 parts.append(f"DNSMOS OVRL {scores['dnsmos_ovrl']:.2f}")
             if scores["num_failed"]:
@@ -250,11 +267,13 @@ class GenerationProbe:
         """(scores of the clips, scores of the ground truth: computed once, `*_ground_truth` keys)."""
         from higgs_lora.eval.scoring import score_generated
 
-        scores = score_generated([(r, SAMPLE_RATE, w, SAMPLE_RATE) for r, w in zip(references, waveforms)],
-                                 dnsmos=use_dnsmos)
+        scores = score_generated(
+            [(r, SAMPLE_RATE, w, SAMPLE_RATE) for r, w in zip(references, waveforms)], dnsmos=use_dnsmos
+        )
         if self._ground_truth is None:
-            truth = score_generated([(r, SAMPLE_RATE, t, SAMPLE_RATE) for r, t in zip(references, targets)],
-                                    dnsmos=use_dnsmos)
+            truth = score_generated(
+                [(r, SAMPLE_RATE, t, SAMPLE_RATE) for r, t in zip(references, targets)], dnsmos=use_dnsmos
+            )
             self._ground_truth = {f"{k}_ground_truth": v for k, v in truth.items() if not k.startswith("num_")}
         return scores, self._ground_truth
 
@@ -267,13 +286,17 @@ class GenerationProbe:
             missing_speaker = find_spec("resemblyzer") is None
             missing_dnsmos = [n for n in ("speechmos", "onnxruntime") if find_spec(n) is None]
             if missing_speaker:
-                lines.warning(f"resemblyzer is not installed (pip install 'higgs-lora[eval]'): the evaluation "
-                              f"clips are written to {self.root} but not scored")
+                lines.warning(
+                    f"resemblyzer is not installed (pip install 'higgs-lora[eval]'): the evaluation "
+                    f"clips are written to {self.root} but not scored"
+                )
                 self._scoring = None
             else:
                 if self.settings.dnsmos and missing_dnsmos:
-                    lines.warning(f"{', '.join(missing_dnsmos)} not installed (pip install 'higgs-lora[eval]'): "
-                                  "the evaluation clips are scored for similarity only, without DNSMOS")
+                    lines.warning(
+                        f"{', '.join(missing_dnsmos)} not installed (pip install 'higgs-lora[eval]'): "
+                        "the evaluation clips are scored for similarity only, without DNSMOS"
+                    )
                 self._scoring = self.settings.dnsmos and not missing_dnsmos
         return self._scoring
 
@@ -298,8 +321,10 @@ class GenerationProbe:
         data = self.data
         for clip in clips:
             pair = self.pairs[clip.index]
-            for folder, cache, utterance in (("references", self._references, pair.reference),
-                                             ("targets", self._targets, pair.target)):
+            for folder, cache, utterance in (
+                ("references", self._references, pair.reference),
+                ("targets", self._targets, pair.target),
+            ):
                 path = self.root / folder / audio_name(data.source_ids[utterance])
                 if path not in self._written:
                     atomic_write_bytes(path, wav_bytes(cache[utterance], SAMPLE_RATE))
@@ -310,22 +335,43 @@ class GenerationProbe:
                 pair = self.pairs[clip.index]
                 name = f"{clip.index:02d}.wav"
                 (staging / name).write_bytes(wav_bytes(waveform, SAMPLE_RATE))
-                lines.append({
-                    "index": clip.index, "id": f"{clip.index:02d}", "wav": name,
-                    "reference_audio": f"../references/{audio_name(data.source_ids[pair.reference])}",
-                    "reference_text": data.texts[pair.reference], "reference_source_id": data.source_ids[pair.reference],
-                    "target_text": data.texts[pair.target],
-                    "target_audio": f"../targets/{audio_name(data.source_ids[pair.target])}",
-                    "target_source_id": data.source_ids[pair.target],
-                    "speaker": data.utterances[pair.target].speaker, "duration_s": duration,
-                    "frames": int(clip.codes.shape[1]), "stop": clip.stop, "seed": self.settings.seed + clip.index,
-                    "repaired_codes": clip.repaired, "step": step,
-                })
+                lines.append(
+                    {
+                        "index": clip.index,
+                        "id": f"{clip.index:02d}",
+                        "wav": name,
+                        "reference_audio": f"../references/{audio_name(data.source_ids[pair.reference])}",
+                        "reference_text": data.texts[pair.reference],
+                        "reference_source_id": data.source_ids[pair.reference],
+                        "target_text": data.texts[pair.target],
+                        "target_audio": f"../targets/{audio_name(data.source_ids[pair.target])}",
+                        "target_source_id": data.source_ids[pair.target],
+                        "speaker": data.utterances[pair.target].speaker,
+                        "duration_s": duration,
+                        "frames": int(clip.codes.shape[1]),
+                        "stop": clip.stop,
+                        "seed": self.settings.seed + clip.index,
+                        "repaired_codes": clip.repaired,
+                        "step": step,
+                    }
+                )
             (staging / "manifest.jsonl").write_text(
-                "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
-            (staging / "run.json").write_text(json.dumps({
-                "source": "training evaluation", "step": step, "max_seconds": self.settings.max_seconds,
-                "temperature": self.settings.temperature, "count": len(clips)}, indent=2) + "\n", encoding="utf-8")
+                "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8"
+            )
+            (staging / "run.json").write_text(
+                json.dumps(
+                    {
+                        "source": "training evaluation",
+                        "step": step,
+                        "max_seconds": self.settings.max_seconds,
+                        "temperature": self.settings.temperature,
+                        "count": len(clips),
+                    },
+                    indent=2,
+                )
+                + "\n",
+                encoding="utf-8",
+            )
 
 
 def audio_name(source_id: str) -> str:

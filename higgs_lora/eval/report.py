@@ -127,12 +127,16 @@ def _speed_table(metrics: dict) -> str:
     for metric in ("rtf", "seconds", "first_audio_s"):
         if metric in summary:
             s = summary[metric]
-            rows.append(f'<tr data-metric="{metric}"><td>{escape(METRIC_LABELS[metric])}</td>'
-                        + "".join(f'<td class="num">{_number(s[k])}</td>' for k in ("value", "median", "p90", "max"))
-                        + "</tr>")
+            rows.append(
+                f'<tr data-metric="{metric}"><td>{escape(METRIC_LABELS[metric])}</td>'
+                + "".join(f'<td class="num">{_number(s[k])}</td>' for k in ("value", "median", "p90", "max"))
+                + "</tr>"
+            )
     if "seconds" in run:
-        rows.append(f'<tr><td>whole inference run, from run.json (s)</td><td class="num">{_number(run["seconds"])}'
-                    "</td><td></td><td></td><td></td></tr>")
+        rows.append(
+            f'<tr><td>whole inference run, from run.json (s)</td><td class="num">{_number(run["seconds"])}'
+            "</td><td></td><td></td><td></td></tr>"
+        )
     return _table("speed", ["measure", "value", "median", "p90", "max"], rows)
 
 
@@ -141,7 +145,8 @@ def _speaker_table(metrics: dict) -> str:
     present = [c for c in columns if any(c in v for v in metrics["per_speaker"].values())]
     rows = [
         f'<tr data-speaker="{escape(speaker)}"><td>{escape(speaker)}</td><td class="num">{values["n"]}</td>'
-        + "".join(f'<td class="num">{_number(values.get(c))}</td>' for c in present) + "</tr>"
+        + "".join(f'<td class="num">{_number(values.get(c))}</td>' for c in present)
+        + "</tr>"
         for speaker, values in metrics["per_speaker"].items()
     ]
     return _table("speakers", ["speaker", "samples", *present], rows)
@@ -166,16 +171,22 @@ def _samples_table(metrics: dict, rows: list[dict], pred: Path, out: Path) -> st
     header += ["target text", "ASR", "similarity", "CER", "OVRL", "duration ratio", "RTF", "problems"]
     html_rows = []
     for row in rows:
-        cells = [f"<td>{escape(str(row['id']))}</td><td>{escape(str(row.get('speaker') or '-'))}</td>",
-                 f"<td>{_audio(row.get('reference_audio'), pred, out)}</td>",
-                 f"<td>{_audio(row.get('wav'), pred, out)}</td>",
-                 f"<td>{_audio(row.get('target_audio'), pred, out)}</td>"]
+        cells = [
+            f"<td>{escape(str(row['id']))}</td><td>{escape(str(row.get('speaker') or '-'))}</td>",
+            f"<td>{_audio(row.get('reference_audio'), pred, out)}</td>",
+            f"<td>{_audio(row.get('wav'), pred, out)}</td>",
+            f"<td>{_audio(row.get('target_audio'), pred, out)}</td>",
+        ]
         if comparison:
             cells.append(f"<td>{_audio(base_wavs.get(row['id']), base_folder, out)}</td>")
-        cells += [f'<td class="text">{escape(row.get("target_text") or "")}</td>',
-                  f'<td class="text">{escape(row.get("asr_text") or "-")}</td>']
-        cells += [f'<td class="num">{_number(row.get(c))}</td>'
-                  for c in ("similarity_reference", "cer", "dnsmos_ovrl", "duration_ratio", "rtf")]
+        cells += [
+            f'<td class="text">{escape(row.get("target_text") or "")}</td>',
+            f'<td class="text">{escape(row.get("asr_text") or "-")}</td>',
+        ]
+        cells += [
+            f'<td class="num">{_number(row.get(c))}</td>'
+            for c in ("similarity_reference", "cer", "dnsmos_ovrl", "duration_ratio", "rtf")
+        ]
         problems = "; ".join(p for p in (row.get("error"), row.get("notes")) if p)
         cells.append(f'<td class="note">{escape(problems)}</td>')
         html_rows.append(f'<tr data-id="{escape(str(row["id"]))}">{"".join(cells)}</tr>')
@@ -184,26 +195,41 @@ def _samples_table(metrics: dict, rows: list[dict], pred: Path, out: Path) -> st
 
 def _plots(metrics: dict, rows: list[dict], base_rows: list[dict] | None) -> str:
     def series(column: str) -> dict[str, list[float]]:
-        out = {"fine-tuned" if base_rows is not None else "generated":
-               [r[column] for r in rows if r.get(column) is not None]}
+        out = {
+            "fine-tuned" if base_rows is not None else "generated": [
+                r[column] for r in rows if r.get(column) is not None
+            ]
+        }
         if base_rows is not None:
             out["base"] = [r[column] for r in base_rows if r.get(column) is not None]
         return out
 
     figures = []
-    specs = [("similarity_reference", "speaker similarity to reference", (0.0, 1.0)),
-             ("dnsmos_ovrl", "DNSMOS OVRL", (1.0, 5.0)), ("cer", "CER per sample", None),
-             ("duration_ratio", "duration / expected", None), ("rtf", "real-time factor per sample", None)]
+    specs = [
+        ("similarity_reference", "speaker similarity to reference", (0.0, 1.0)),
+        ("dnsmos_ovrl", "DNSMOS OVRL", (1.0, 5.0)),
+        ("cer", "CER per sample", None),
+        ("duration_ratio", "duration / expected", None),
+        ("rtf", "real-time factor per sample", None),
+    ]
     for column, title, value_range in specs:
         data = series(column)
         if any(data.values()):
             figures.append(plots.histogram(column, f"distribution: {title}", data, value_range=value_range))
-    speaker_similarity = {"generated": {s: v["similarity_reference"] for s, v in metrics["per_speaker"].items()
-                                        if "similarity_reference" in v}}
+    speaker_similarity = {
+        "generated": {
+            s: v["similarity_reference"] for s, v in metrics["per_speaker"].items() if "similarity_reference" in v
+        }
+    }
     if base_rows is not None and metrics.get("base_per_speaker"):
-        speaker_similarity = {"fine-tuned": speaker_similarity["generated"],
-                              "base": {s: v["similarity_reference"] for s, v in metrics["base_per_speaker"].items()
-                                       if "similarity_reference" in v}}
+        speaker_similarity = {
+            "fine-tuned": speaker_similarity["generated"],
+            "base": {
+                s: v["similarity_reference"]
+                for s, v in metrics["base_per_speaker"].items()
+                if "similarity_reference" in v
+            },
+        }
     if any(speaker_similarity.values()):
         figures.insert(0, plots.bar_chart("speaker_similarity", "speaker similarity by speaker", speaker_similarity))
     return f'<div class="plots">{"".join(figures)}</div>'
@@ -213,12 +239,17 @@ def render_html(metrics: dict, rows: list[dict], out: Path, base_rows: list[dict
     """The report page as a string; ``out`` is the folder it will be written to (for relative audio paths)."""
     pred = Path(metrics["pred"])
     run = metrics.get("run") or {}
-    info = [("predictions", metrics["pred"]), ("model", run.get("model")), ("adapter", run.get("adapter")),
-            ("device / dtype", f"{run.get('device', '-')} / {run.get('dtype', '-')}"),
-            ("samples generated", metrics["num_samples"]), ("failed to generate", metrics["num_failed_generation"]),
-            ("failed to score", metrics["num_failed_scoring"]), ("ASR", metrics["asr"].get("model") or
-                                                                 metrics["asr"].get("skipped")),
-            ("evaluated", f"{metrics['date']} in {metrics['evaluation_seconds']:.1f} s")]
+    info = [
+        ("predictions", metrics["pred"]),
+        ("model", run.get("model")),
+        ("adapter", run.get("adapter")),
+        ("device / dtype", f"{run.get('device', '-')} / {run.get('dtype', '-')}"),
+        ("samples generated", metrics["num_samples"]),
+        ("failed to generate", metrics["num_failed_generation"]),
+        ("failed to score", metrics["num_failed_scoring"]),
+        ("ASR", metrics["asr"].get("model") or metrics["asr"].get("skipped")),
+        ("evaluated", f"{metrics['date']} in {metrics['evaluation_seconds']:.1f} s"),
+    ]
     if metrics.get("compare"):
         c = metrics["compare"]
         info.append(("compared with", f"{c['pred']} ({c['num_common']} common samples)"))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -26,17 +26,54 @@ from higgs_lora.eval.speaker import SpeakerEmbedder, cosine
 from higgs_lora.eval.text import EmptyReferenceError, ErrorCounts, corpus_rates, error_counts, scoring_text
 
 COLUMNS = [
-    "index", "id", "speaker", "wav", "reference_audio", "target_audio", "target_text", "asr_text",
-    "similarity_reference", "similarity_target", "cer", "wer", "char_edits", "num_ref_chars", "word_edits",
-    "num_ref_words", "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "audio_seconds", "speech_seconds",
-    "expected_seconds", "duration_ratio", "silence_ratio", "clipped_fraction", "duration_s", "seconds", "rtf",
-    "first_audio_s", "stop", "eval_seconds", "error", "notes",
+    "index",
+    "id",
+    "speaker",
+    "wav",
+    "reference_audio",
+    "target_audio",
+    "target_text",
+    "asr_text",
+    "similarity_reference",
+    "similarity_target",
+    "cer",
+    "wer",
+    "char_edits",
+    "num_ref_chars",
+    "word_edits",
+    "num_ref_words",
+    "dnsmos_sig",
+    "dnsmos_bak",
+    "dnsmos_ovrl",
+    "audio_seconds",
+    "speech_seconds",
+    "expected_seconds",
+    "duration_ratio",
+    "silence_ratio",
+    "clipped_fraction",
+    "duration_s",
+    "seconds",
+    "rtf",
+    "first_audio_s",
+    "stop",
+    "eval_seconds",
+    "error",
+    "notes",
 ]
 """Per-sample fields, in CSV column order."""
 
 MEAN_METRICS = [
-    "similarity_reference", "similarity_target", "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "duration_ratio",
-    "silence_ratio", "clipped_fraction", "audio_seconds", "seconds", "first_audio_s",
+    "similarity_reference",
+    "similarity_target",
+    "dnsmos_sig",
+    "dnsmos_bak",
+    "dnsmos_ovrl",
+    "duration_ratio",
+    "silence_ratio",
+    "clipped_fraction",
+    "audio_seconds",
+    "seconds",
+    "first_audio_s",
 ]
 """Metrics whose headline value is the mean over samples."""
 SUMMARY_METRICS = [*MEAN_METRICS[:5], "cer", "wer", *MEAN_METRICS[5:], "rtf"]
@@ -84,8 +121,9 @@ def _reference(path: Path, scorers: Scorers, cache: dict) -> dict:
     return cache[key]
 
 
-def score_prediction(prediction: Prediction, folder: Path, scorers: Scorers, reference_cache: dict | None = None
-                     ) -> dict:
+def score_prediction(
+    prediction: Prediction, folder: Path, scorers: Scorers, reference_cache: dict | None = None
+) -> dict:
     """All metrics of one sample as a row keyed by :data:`COLUMNS`.
 
     ``reference_cache`` (a dict shared across samples) lets samples that share a reference or target recording
@@ -96,10 +134,18 @@ def score_prediction(prediction: Prediction, folder: Path, scorers: Scorers, ref
     p = prediction
     row = _Row.fromkeys(COLUMNS)
     row.update(
-        index=p.index, id=p.id, speaker=p.speaker, wav=_display(p.wav, folder),
-        reference_audio=_display(p.reference_audio, folder), target_audio=_display(p.target_audio, folder),
-        target_text=p.target_text, duration_s=p.duration_s, seconds=p.seconds, first_audio_s=p.first_audio_s,
-        stop=p.stop, rtf=p.rtf if p.rtf is not None else _ratio(p.seconds, p.duration_s),
+        index=p.index,
+        id=p.id,
+        speaker=p.speaker,
+        wav=_display(p.wav, folder),
+        reference_audio=_display(p.reference_audio, folder),
+        target_audio=_display(p.target_audio, folder),
+        target_text=p.target_text,
+        duration_s=p.duration_s,
+        seconds=p.seconds,
+        first_audio_s=p.first_audio_s,
+        stop=p.stop,
+        rtf=p.rtf if p.rtf is not None else _ratio(p.seconds, p.duration_s),
     )
     try:
         generated, rate = read_audio(str(p.wav))
@@ -137,8 +183,10 @@ def _speaker_metrics(row, p, generated, rate, scorers, reference_cache) -> None:
     except ValueError as err:
         row.note(f"speaker similarity: {err}")
         return
-    for column, path, what in (("similarity_reference", p.reference_audio, "reference"),
-                               ("similarity_target", p.target_audio, "target")):
+    for column, path, what in (
+        ("similarity_reference", p.reference_audio, "reference"),
+        ("similarity_target", p.target_audio, "target"),
+    ):
         if path is None:
             continue  # no such recording for this sample: not a problem worth a note
         try:
@@ -156,8 +204,14 @@ def _intelligibility(row, p, generated, rate, scorers) -> None:
     except EmptyReferenceError as err:
         row.note(str(err))
         return
-    row.update(cer=counts.cer, wer=counts.wer, char_edits=counts.char_edits, num_ref_chars=counts.num_ref_chars,
-               word_edits=counts.word_edits, num_ref_words=counts.num_ref_words)
+    row.update(
+        cer=counts.cer,
+        wer=counts.wer,
+        char_edits=counts.char_edits,
+        num_ref_chars=counts.num_ref_chars,
+        word_edits=counts.word_edits,
+        num_ref_words=counts.num_ref_words,
+    )
 
 
 def _signal_metrics(row, p, generated, rate, scorers, reference_cache) -> None:
@@ -204,8 +258,12 @@ def score_folder(
 def _stats(values: list[float]) -> dict:
     array = np.asarray(values, dtype=np.float64)
     return {
-        "mean": float(array.mean()), "median": float(np.median(array)), "p10": float(np.percentile(array, 10)),
-        "p90": float(np.percentile(array, 90)), "min": float(array.min()), "max": float(array.max()),
+        "mean": float(array.mean()),
+        "median": float(np.median(array)),
+        "p10": float(np.percentile(array, 10)),
+        "p90": float(np.percentile(array, 90)),
+        "min": float(array.min()),
+        "max": float(array.max()),
         "n": len(values),
     }
 
@@ -215,8 +273,11 @@ def _values(rows: Iterable[dict], column: str) -> list[float]:
 
 
 def _counts(rows: Iterable[dict]) -> list[ErrorCounts]:
-    return [ErrorCounts(r["char_edits"], r["num_ref_chars"], r["word_edits"], r["num_ref_words"])
-            for r in rows if r.get("char_edits") is not None]
+    return [
+        ErrorCounts(r["char_edits"], r["num_ref_chars"], r["word_edits"], r["num_ref_words"])
+        for r in rows
+        if r.get("char_edits") is not None
+    ]
 
 
 def summarise(rows: Sequence[dict]) -> dict[str, dict]:
@@ -295,7 +356,7 @@ class GeneratedPair:
     generated_rate: int
 
 
-@lru_cache(maxsize=None)
+@cache
 def default_embedder(device: str = "cpu") -> SpeakerEmbedder:
     """One speaker embedder per device and process: repeated evaluations load resemblyzer once and reuse the
     embeddings of audio they have already seen (the same references, step after step)."""
@@ -303,7 +364,10 @@ def default_embedder(device: str = "cpu") -> SpeakerEmbedder:
 
 
 def score_generated(
-    pairs: Iterable[GeneratedPair | tuple], *, embedder: SpeakerEmbedder | None = None, dnsmos: bool = True,
+    pairs: Iterable[GeneratedPair | tuple],
+    *,
+    embedder: SpeakerEmbedder | None = None,
+    dnsmos: bool = True,
     dnsmos_seconds: float | None = quality.DNSMOS_WINDOW_SECONDS,
 ) -> dict[str, float]:
     """Cheap similarity and DNSMOS of a few generated clips, for TensorBoard at evaluation steps. No file I/O.

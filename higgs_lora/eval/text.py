@@ -3,8 +3,8 @@
 CER and WER compare what was *said*, not how it was spelt, so both the target text and the ASR transcript go
 through the same scoring normalisation first (:func:`scoring_text`): diacritics stripped, alef/hamza forms, alef
 maksura and ta marbuta folded, punctuation removed, digits unified to ASCII (not spelled out), whitespace collapsed.
-The rules themselves live in :func:`higgs_lora.text.arabic.normalize_for_scoring`, next to the training normaliser, so the
-two can never drift apart; this module adds what scoring needs on top: edit counts that add up over a corpus.
+The rules themselves live in :func:`higgs_lora.text.arabic.normalize_for_scoring`, next to the training normaliser,
+so the two can never drift apart; this module adds what scoring needs on top: edit counts that add up over a corpus.
 
 Corpus CER/WER are ``sum(edits) / sum(reference length)`` (each sample weighted by its length, as ASR benchmarks
 report them), not the mean of per-sample rates, which would let a two-word sample weigh as much as a paragraph.

@@ -70,9 +70,15 @@ def _chatml_sample(index: int, record: dict, base: Path) -> Sample:
     reference_text, reference_audio = texts_audio[0]
     target_text, target_audio = texts_audio[1]
     misc = record.get("misc") or {}
-    return Sample(index, str(record.get("id") or misc.get("id") or f"{index:03d}"), resolve_path(base, reference_audio),
-                  reference_text, target_text, resolve_path(base, target_audio) if target_audio else None,
-                  record.get("speaker") or misc.get("speaker"))
+    return Sample(
+        index,
+        str(record.get("id") or misc.get("id") or f"{index:03d}"),
+        resolve_path(base, reference_audio),
+        reference_text,
+        target_text,
+        resolve_path(base, target_audio) if target_audio else None,
+        record.get("speaker") or misc.get("speaker"),
+    )
 
 
 def _jsonl_sample(index: int, record: dict, base: Path) -> Sample:
@@ -84,9 +90,15 @@ def _jsonl_sample(index: int, record: dict, base: Path) -> Sample:
     if missing:
         raise SampleError(f"missing {', '.join(missing)}")
     target = record.get("target_audio")
-    return Sample(index, str(record.get("id") or f"{index:03d}"), resolve_path(base, record["reference_audio"]),
-                  record["reference_text"], record["target_text"], resolve_path(base, target) if target else None,
-                  record.get("speaker"))
+    return Sample(
+        index,
+        str(record.get("id") or f"{index:03d}"),
+        resolve_path(base, record["reference_audio"]),
+        record["reference_text"],
+        record["target_text"],
+        resolve_path(base, target) if target else None,
+        record.get("speaker"),
+    )
 
 
 def read_samples(path: str | Path) -> tuple[list[Sample], list[dict]]:
@@ -124,8 +136,15 @@ def write_wav(path: Path, samples, sample_rate: int) -> None:
     atomic_write_bytes(path, wav_bytes(samples, sample_rate))
 
 
-def run(cloner, samples: list[Sample], problems: list[dict], out: Path, params: SamplingParams,
-        adapter: str | None, progress: bool = True) -> dict:
+def run(
+    cloner,
+    samples: list[Sample],
+    problems: list[dict],
+    out: Path,
+    params: SamplingParams,
+    adapter: str | None,
+    progress: bool = True,
+) -> dict:
     """Generate every sample (batched), write wavs, manifest, errors and run record; return the run record."""
     from tqdm import tqdm
 
@@ -138,8 +157,9 @@ def run(cloner, samples: list[Sample], problems: list[dict], out: Path, params: 
     for sample in samples:
         try:
             sample_params = replace(params, seed=params.seed + sample.index) if params.seed is not None else params
-            request = cloner.request(sample.reference_audio, sample.reference_text, sample.target_text,
-                                     sample_params, adapter)
+            request = cloner.request(
+                sample.reference_audio, sample.reference_text, sample.target_text, sample_params, adapter
+            )
             cloner.prepare(request)
         except InferenceError as err:
             problems.append({"index": sample.index, "id": sample.id, "error": str(err)})
@@ -155,27 +175,44 @@ def run(cloner, samples: list[Sample], problems: list[dict], out: Path, params: 
             sample = kept[i]
             wav = f"{sample.index:03d}.wav"
             write_wav(out / wav, result.waveform, result.sample_rate)
-            lines.append({
-                "index": sample.index, "id": sample.id, "wav": wav, "reference_audio": sample.reference_audio,
-                "reference_text": sample.reference_text, "target_text": sample.target_text,
-                "target_audio": sample.target_audio, "speaker": sample.speaker,
-                "duration_s": round(result.duration, 4), "seconds": round(result.seconds_taken, 4),
-                "rtf": round(result.real_time_factor, 4), "first_audio_s": None, "frames": result.frames,
-                "stop": "eos" if all(s == "eos" for s in result.stops) else "max_seconds",
-                "batch_size": len(group), "adapter": adapter, "seed": result.seed,
-            })
+            lines.append(
+                {
+                    "index": sample.index,
+                    "id": sample.id,
+                    "wav": wav,
+                    "reference_audio": sample.reference_audio,
+                    "reference_text": sample.reference_text,
+                    "target_text": sample.target_text,
+                    "target_audio": sample.target_audio,
+                    "speaker": sample.speaker,
+                    "duration_s": round(result.duration, 4),
+                    "seconds": round(result.seconds_taken, 4),
+                    "rtf": round(result.real_time_factor, 4),
+                    "first_audio_s": None,
+                    "frames": result.frames,
+                    "stop": "eos" if all(s == "eos" for s in result.stops) else "max_seconds",
+                    "batch_size": len(group),
+                    "adapter": adapter,
+                    "seed": result.seed,
+                }
+            )
     bar.close()
     lines.sort(key=lambda line: line["index"])
     atomic_write_text(out / "manifest.jsonl", "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
     problems.sort(key=lambda p: p["index"])
     if problems:
-        atomic_write_text(out / "errors.jsonl",
-                          "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in problems))
+        atomic_write_text(out / "errors.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in problems))
     elif (out / "errors.jsonl").exists():
         (out / "errors.jsonl").unlink()
-    record = {**cloner.describe(), "adapter": adapter, "params": params.to_dict(), "samples": len(lines),
-              "failed": len(problems), "seconds": round(time.perf_counter() - started, 3),
-              "audio_seconds": round(sum(line["duration_s"] for line in lines), 3)}
+    record = {
+        **cloner.describe(),
+        "adapter": adapter,
+        "params": params.to_dict(),
+        "samples": len(lines),
+        "failed": len(problems),
+        "seconds": round(time.perf_counter() - started, 3),
+        "audio_seconds": round(sum(line["duration_s"] for line in lines), 3),
+    }
     atomic_write_json(out / "run.json", record)
     return record
 
@@ -200,9 +237,10 @@ def _run(args: argparse.Namespace) -> int:
         raise InferenceError(str(err)) from err
     adapter = args.use_adapter or (cloner.adapters[0] if cloner.adapters else None)
     record = run(cloner, samples, problems, Path(args.out), params, adapter, progress=not args.quiet)
-    log.info(f"{record['samples']} samples -> {args.out} ({record['audio_seconds']:.1f} s of audio in "
-             f"{record['seconds']:.1f} s); {record['failed']} failed"
-             + (" (see errors.jsonl)" if record["failed"] else ""))
+    log.info(
+        f"{record['samples']} samples -> {args.out} ({record['audio_seconds']:.1f} s of audio in "
+        f"{record['seconds']:.1f} s); {record['failed']} failed" + (" (see errors.jsonl)" if record["failed"] else "")
+    )
     for problem in problems:
         log.warning(f"sample {problem['id']}: {problem['error']}")
     return 0 if record["samples"] else 1

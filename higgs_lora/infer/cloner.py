@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ class _Job:
     request: CloneRequest
     pieces: list[str]
     seed: int
-    reference: "Reference"
+    reference: Reference
     started: float
     piece: int = 0
     audio: list[np.ndarray] = field(default_factory=list)
@@ -66,8 +66,18 @@ class _Job:
 class VoiceCloner:
     """A loaded model (with its adapters), processor and codec, ready to clone voices."""
 
-    def __init__(self, model, processor, codec, run_config: RunConfig, adapters: list[str], max_batch: int = 8,
-                 cache: str = "dynamic", compile_step: bool = False, stream: StreamSettings = StreamSettings()):
+    def __init__(
+        self,
+        model,
+        processor,
+        codec,
+        run_config: RunConfig,
+        adapters: list[str],
+        max_batch: int = 8,
+        cache: str = "dynamic",
+        compile_step: bool = False,
+        stream: StreamSettings = StreamSettings(),
+    ):
         self.model, self.processor, self.codec = model, processor, codec
         self.run_config, self.adapters, self.max_batch = run_config, adapters, max_batch
         self.decoder = DecodeLoop(model, cache=cache, compile_step=compile_step)
@@ -77,9 +87,17 @@ class VoiceCloner:
     # ---------------------------------------------------------------------------------------------- loading
 
     @classmethod
-    def load(cls, model_dir: str | Path, adapters: dict[str, str] | None = None, device: str = "auto",
-             dtype: str = "auto", codec_path: str = "", cache: str = "auto", compile_step: bool | str = "auto",
-             max_batch: int = 8) -> "VoiceCloner":
+    def load(
+        cls,
+        model_dir: str | Path,
+        adapters: dict[str, str] | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        codec_path: str = "",
+        cache: str = "auto",
+        compile_step: bool | str = "auto",
+        max_batch: int = 8,
+    ) -> VoiceCloner:
         """Load a merged model or a base (transformers layout), and any adapters given as {name: directory}.
 
         `model_dir` may also be an adapter directory written by training: its base is then read from the adapter's
@@ -105,21 +123,41 @@ class VoiceCloner:
         processor = load_processor(model_cfg, codec)
         cache = ("static" if on_gpu else "dynamic") if cache == "auto" else cache
         compile_step = (on_gpu and cache == "static") if compile_step == "auto" else bool(compile_step)
-        return cls(model, processor, codec, run_config, list(adapters), max_batch=max_batch, cache=cache,
-                   compile_step=compile_step)
+        return cls(
+            model,
+            processor,
+            codec,
+            run_config,
+            list(adapters),
+            max_batch=max_batch,
+            cache=cache,
+            compile_step=compile_step,
+        )
 
     # --------------------------------------------------------------------------------------------- requests
 
-    def clone(self, reference_audio: str | Path | np.ndarray, reference_text: str, target_text: str,
-              params: SamplingParams | None = None, adapter: str | None = None,
-              reference_rate: int = SAMPLE_RATE) -> CloneResult:
+    def clone(
+        self,
+        reference_audio: str | Path | np.ndarray,
+        reference_text: str,
+        target_text: str,
+        params: SamplingParams | None = None,
+        adapter: str | None = None,
+        reference_rate: int = SAMPLE_RATE,
+    ) -> CloneResult:
         """Speak `target_text` in the voice of `reference_audio` (a path, or samples at `reference_rate` Hz)."""
         request = self.request(reference_audio, reference_text, target_text, params, adapter, reference_rate)
         return self.clone_batch([request])[0]
 
-    def request(self, reference_audio: str | Path | np.ndarray, reference_text: str, target_text: str,
-                params: SamplingParams | None = None, adapter: str | None = None,
-                reference_rate: int = SAMPLE_RATE) -> CloneRequest:
+    def request(
+        self,
+        reference_audio: str | Path | np.ndarray,
+        reference_text: str,
+        target_text: str,
+        params: SamplingParams | None = None,
+        adapter: str | None = None,
+        reference_rate: int = SAMPLE_RATE,
+    ) -> CloneRequest:
         """A `CloneRequest` from a path or samples (read here, so a bad file fails before any batch starts)."""
         if not isinstance(reference_audio, np.ndarray):
             from higgs_lora.data.audio import AudioError, read_audio
@@ -128,8 +166,9 @@ class VoiceCloner:
                 reference_audio, reference_rate = read_audio(str(reference_audio))
             except AudioError as err:
                 raise InferenceError(f"reference audio: {err}") from None
-        return CloneRequest(reference_audio, reference_rate, reference_text, target_text,
-                            params or SamplingParams(), adapter)
+        return CloneRequest(
+            reference_audio, reference_rate, reference_text, target_text, params or SamplingParams(), adapter
+        )
 
     def clone_batch(self, requests: list[CloneRequest]) -> list[CloneResult]:
         """Results of `requests` in order; batched `max_batch` at a time, grouped by adapter."""
@@ -145,8 +184,9 @@ class VoiceCloner:
         by_adapter: dict[str | None, list[int]] = {}
         for i in indices:
             by_adapter.setdefault(adapters[i], []).append(i)
-        return [group[s: s + self.max_batch] for group in by_adapter.values()
-                for s in range(0, len(group), self.max_batch)]
+        return [
+            group[s : s + self.max_batch] for group in by_adapter.values() for s in range(0, len(group), self.max_batch)
+        ]
 
     def check(self, request: CloneRequest) -> None:
         """Raise InferenceError naming everything wrong with `request` (before it takes a batch slot)."""
@@ -203,11 +243,21 @@ class VoiceCloner:
         prompts, params, generators = [], [], []
         for i in active:
             job = jobs[i]
-            prompts.append(build_prompt(self.processor, job.reference.text, job.reference.codes,
-                                        job.pieces[job.piece], self.run_config.data.scene))
+            prompts.append(
+                build_prompt(
+                    self.processor,
+                    job.reference.text,
+                    job.reference.codes,
+                    job.pieces[job.piece],
+                    self.run_config.data.scene,
+                )
+            )
             params.append(job.request.params)
-            generators.append(make_generator(job.seed + job.piece, self.decoder.device)
-                              if job.request.params.temperature > 0 else None)
+            generators.append(
+                make_generator(job.seed + job.piece, self.decoder.device)
+                if job.request.params.temperature > 0
+                else None
+            )
         columns: list[list[torch.Tensor]] = [[] for _ in active]
         decoders = [StreamingCodec(self.codec, self.stream_settings) for _ in active]
         done = [False] * len(active)
@@ -224,8 +274,9 @@ class VoiceCloner:
                     for samples in decoders[row].push(codes):
                         yield self._audio(jobs[i], i, samples)
 
-    def _end_piece(self, job: _Job, index: int, columns: torch.Tensor, decoder: StreamingCodec, stream: bool,
-                   spec) -> Iterator[Chunk]:
+    def _end_piece(
+        self, job: _Job, index: int, columns: torch.Tensor, decoder: StreamingCodec, stream: bool, spec
+    ) -> Iterator[Chunk]:
         codes, repaired = columns_to_codes(columns, spec.bos_id, spec.eos_id)
         job.frames += codes.shape[1]
         job.repaired += repaired
@@ -248,9 +299,15 @@ class VoiceCloner:
     def _result(self, job: _Job) -> CloneResult:
         waveform = np.concatenate(job.audio) if job.audio else np.zeros(0, dtype=np.float32)
         return CloneResult(
-            waveform=waveform.astype(np.float32), sample_rate=SAMPLE_RATE,
-            seconds_taken=time.perf_counter() - job.started, first_audio_seconds=job.first_audio,
-            frames=job.frames, stops=job.stops, pieces=job.pieces, seed=job.seed, repaired_codes=job.repaired,
+            waveform=waveform.astype(np.float32),
+            sample_rate=SAMPLE_RATE,
+            seconds_taken=time.perf_counter() - job.started,
+            first_audio_seconds=job.first_audio,
+            frames=job.frames,
+            stops=job.stops,
+            pieces=job.pieces,
+            seed=job.seed,
+            repaired_codes=job.repaired,
         )
 
     def _job(self, request: CloneRequest, started: float) -> _Job:
@@ -285,9 +342,14 @@ class VoiceCloner:
     def describe(self) -> dict:
         """What is loaded, for logs and the server's /health."""
         return {
-            "model": self.run_config.model.path, "adapters": self.adapters, "device": str(self.decoder.device),
-            "dtype": str(self.decoder.dtype).removeprefix("torch."), "cache": self.decoder.cache_kind,
-            "max_batch": self.max_batch, "frames_per_second": FRAMES_PER_SECOND, "sample_rate": SAMPLE_RATE,
+            "model": self.run_config.model.path,
+            "adapters": self.adapters,
+            "device": str(self.decoder.device),
+            "dtype": str(self.decoder.dtype).removeprefix("torch."),
+            "cache": self.decoder.cache_kind,
+            "max_batch": self.max_batch,
+            "frames_per_second": FRAMES_PER_SECOND,
+            "sample_rate": SAMPLE_RATE,
         }
 
 

@@ -20,8 +20,8 @@ Two KV caches: `dynamic` (transformers' DynamicCache, growing; the mask is the 2
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 
@@ -55,10 +55,11 @@ class ModelSpec:
     pad_token_id: int
 
     @classmethod
-    def of(cls, config) -> "ModelSpec":
+    def of(cls, config) -> ModelSpec:
         pad = config.pad_token_id if config.pad_token_id is not None else 0
-        return cls(config.num_codebooks, config.codebook_size, config.audio_stream_bos_id,
-                   config.audio_stream_eos_id, pad)
+        return cls(
+            config.num_codebooks, config.codebook_size, config.audio_stream_bos_id, config.audio_stream_eos_id, pad
+        )
 
 
 def batch_prompts(prompts: list[Prompt], pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -73,13 +74,18 @@ def batch_prompts(prompts: list[Prompt], pad_token_id: int, device: torch.device
     audio_mask = torch.zeros((batch, num_audio), dtype=torch.bool)
     for row, prompt in enumerate(prompts):
         n, a = len(prompt.input_ids), prompt.audio_input_ids.shape[0]
-        input_ids[row, length - n:] = prompt.input_ids
-        attention_mask[row, length - n:] = 1
+        input_ids[row, length - n :] = prompt.input_ids
+        attention_mask[row, length - n :] = 1
         audio[row, :a] = prompt.audio_input_ids
         audio_mask[row, :a] = True
     position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-    tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "audio_input_ids": audio,
-               "audio_input_ids_mask": audio_mask, "position_ids": position_ids}
+    tensors = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "audio_input_ids": audio,
+        "audio_input_ids_mask": audio_mask,
+        "position_ids": position_ids,
+    }
     return {name: tensor.to(device) for name, tensor in tensors.items()}
 
 
@@ -130,8 +136,13 @@ class DecodeLoop:
             return DynamicCache(config=self.model.config)
         return StaticCache(config=self.model.config, max_cache_len=max_length)
 
-    def run(self, prompts: list[Prompt], params: list[SamplingParams], generators: list[torch.Generator | None],
-            all_done: Callable[[bool], bool] | None = None) -> Iterator[Column]:
+    def run(
+        self,
+        prompts: list[Prompt],
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+        all_done: Callable[[bool], bool] | None = None,
+    ) -> Iterator[Column]:
         """Yield one `Column` per decode step until every stream has finished or reached its max columns.
 
         `all_done(local)` makes several processes decode in lockstep (DeepSpeed ZeRO-3, where every forward pass is
@@ -174,8 +185,11 @@ class DecodeLoop:
             slot = prompt_length + step
             valid[:, slot] = 1
             positions = positions + 1
-            inputs = {"audio_input_ids": codes[:, None, :], "position_ids": positions,
-                      "attention_mask": self._mask(valid, 1, slot, slot + 1)}
+            inputs = {
+                "audio_input_ids": codes[:, None, :],
+                "position_ids": positions,
+                "attention_mask": self._mask(valid, 1, slot, slot + 1),
+            }
             with self._no_grad():
                 logits = self._step(**inputs, cache=cache)
 
@@ -206,7 +220,7 @@ def columns_to_codes(columns: torch.Tensor, bos_id: int, eos_id: int) -> tuple[t
     if len(first_eos):
         frames = min(frames, int(first_eos[0, 0]) - 1)
     frames = max(frames, 0)
-    codes = torch.stack([columns[k + 1: k + 1 + frames, k] for k in range(num_codebooks)])
+    codes = torch.stack([columns[k + 1 : k + 1 + frames, k] for k in range(num_codebooks)])
     invalid = codes >= min(bos_id, eos_id)
     repaired = int(invalid.sum())
     if repaired:

@@ -22,15 +22,24 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def sampling_from_args(args) -> SamplingParams:
-    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                          max_seconds=args.max_seconds)
+    return SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_seconds=args.max_seconds
+    )
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="merged model or base directory (transformers layout), or an adapter "
-                                        "directory written by training (its base is read from its config)")
-    parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
-                        help="LoRA adapter on top of --model (repeatable; NAME defaults to the directory name)")
+    parser.add_argument(
+        "--model",
+        help="merged model or base directory (transformers layout), or an adapter "
+        "directory written by training (its base is read from its config)",
+    )
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="LoRA adapter on top of --model (repeatable; NAME defaults to the directory name)",
+    )
     parser.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: cuda when present)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     parser.add_argument("--max-batch", type=int, default=8, help="requests generated together")

@@ -33,13 +33,16 @@ class Reference:
     seconds: float
 
 
-
 def normalize_text(text: str, data: DataConfig) -> str:
     """`text` normalised as a training run with these data settings normalised its transcripts."""
     if data.language != "ar":
         return " ".join(text.split())
-    return normalize_arabic(text, strip_diacritics=data.strip_diacritics, fold_letters=data.fold_letters,
-                            numbers_to_words=data.numbers_to_words)
+    return normalize_arabic(
+        text,
+        strip_diacritics=data.strip_diacritics,
+        fold_letters=data.fold_letters,
+        numbers_to_words=data.numbers_to_words,
+    )
 
 
 class ReferenceCache:
@@ -62,10 +65,18 @@ class ReferenceCache:
         data: DataConfig = self.run_config.data
         try:
             conditioned = condition(
-                np.asarray(samples, dtype=np.float32), rate, sample_rate=SAMPLE_RATE, hop_samples=HOP_SAMPLES,
-                target_lufs=audio.target_lufs, trim=audio.trim_silence, trim_db=audio.trim_db,
-                trim_pad_seconds=audio.trim_pad_seconds, silence_dbfs=audio.silence_dbfs,
-                max_clipped_fraction=1.0, min_seconds=0.5, max_seconds=max(data.reference_max_seconds, 30.0),
+                np.asarray(samples, dtype=np.float32),
+                rate,
+                sample_rate=SAMPLE_RATE,
+                hop_samples=HOP_SAMPLES,
+                target_lufs=audio.target_lufs,
+                trim=audio.trim_silence,
+                trim_db=audio.trim_db,
+                trim_pad_seconds=audio.trim_pad_seconds,
+                silence_dbfs=audio.silence_dbfs,
+                max_clipped_fraction=1.0,
+                min_seconds=0.5,
+                max_seconds=max(data.reference_max_seconds, 30.0),
             )
         except AudioError as err:
             raise InferenceError(f"reference audio: {err}") from None

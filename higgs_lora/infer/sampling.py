@@ -148,7 +148,7 @@ def choose_codes(
         scores = filter_logits(constrained[row], p.temperature, p.top_k, p.top_p)
         drawn = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(-1)
         if p.ras_window > 0 and history is not None and history.shape[1] > 0:
-            recent = history[row, -p.ras_window:]
+            recent = history[row, -p.ras_window :]
             counted = (recent != constraints.bos_id) & (recent != constraints.eos_id)
             repeats = ((recent == drawn[None, :]) & counted).sum(dim=0)
             redraw = (repeats >= p.ras_max_repeats) & ~bos_forced[row] & ~eos_forced[row]

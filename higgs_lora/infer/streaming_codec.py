@@ -81,12 +81,12 @@ class StreamingCodec:
         window_start = max(0, start - self.settings.left_context)
         audio = decode_codes(self.codec, codes[:, window_start:window_end])
         offset = (start - window_start) * HOP_SAMPLES
-        chunk = audio[offset: offset + (end - start) * HOP_SAMPLES].copy()
+        chunk = audio[offset : offset + (end - start) * HOP_SAMPLES].copy()
         if self._tail is not None:
             fade = min(len(self._tail), len(chunk))
             ramp = np.linspace(0.0, 1.0, fade + 2, dtype=np.float32)[1:-1]
             chunk[:fade] = self._tail[:fade] * (1 - ramp) + chunk[:fade] * ramp
         after = offset + (end - start) * HOP_SAMPLES
-        self._tail = audio[after: after + self.settings.crossfade].copy() if self.settings.crossfade else None
+        self._tail = audio[after : after + self.settings.crossfade].copy() if self.settings.crossfade else None
         self.emitted_frames = end
         return chunk

@@ -36,7 +36,7 @@ class CheckpointInfo:
     config: dict
 
 
-def torch_dtype(name: str) -> "torch.dtype":
+def torch_dtype(name: str) -> torch.dtype:
     import torch
 
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
@@ -83,11 +83,11 @@ def check_loadable(info: CheckpointInfo) -> None:
         raise CheckpointError(
             f"{info.path}/config.json has codebook_size={codebook_size}; the released weights need "
             f"{REQUIRED_CODEBOOK_SIZE} (1024 codes + stream BOS + stream EOS). With 1024 the BOS/EOS ids collide "
-            "with the next codebook. Set \"codebook_size\": 1026 in that config.json."
+            'with the next codebook. Set "codebook_size": 1026 in that config.json.'
         )
 
 
-def load_base_model(cfg: ModelConfig, device: "str | torch.device | None" = None):
+def load_base_model(cfg: ModelConfig, device: str | torch.device | None = None):
     """Load the frozen base HiggsAudioV2ForConditionalGeneration as `cfg` says (bf16/fp16/fp32 or NF4 4-bit)."""
     from transformers import HiggsAudioV2ForConditionalGeneration
 
@@ -165,7 +165,7 @@ def check_codec(path: str | Path) -> None:
         )
 
 
-def load_codec(path: str | Path, device: "str | torch.device | None" = None):
+def load_codec(path: str | Path, device: str | torch.device | None = None):
     """The audio codec (HiggsAudioV2TokenizerModel) from a local directory, in eval mode, float32."""
     from transformers import HiggsAudioV2TokenizerModel
 
@@ -193,16 +193,26 @@ def load_processor(cfg: ModelConfig, codec=None):
     if processor_config.is_file():
         settings = json.loads(processor_config.read_text(encoding="utf-8"))
     feature_settings = settings.get("feature_extractor") or {
-        "feature_size": 1, "hop_length": 1, "padding_side": "right", "padding_value": 0.0,
-        "sampling_rate": 24000, "return_attention_mask": True,
+        "feature_size": 1,
+        "hop_length": 1,
+        "padding_side": "right",
+        "padding_value": 0.0,
+        "sampling_rate": 24000,
+        "return_attention_mask": True,
     }
     feature_settings = {k: v for k, v in feature_settings.items() if k != "feature_extractor_type"}
     template_file = model_dir / "chat_template.jinja"
     chat_template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
     if chat_template is None:
         raise CheckpointError(f"{model_dir} has no chat_template.jinja: the processor cannot render prompts")
-    keys = ("audio_token", "audio_bos_token", "audio_eos_token", "audio_delay_token",
-            "audio_stream_bos_id", "audio_stream_eos_id")
+    keys = (
+        "audio_token",
+        "audio_bos_token",
+        "audio_eos_token",
+        "audio_delay_token",
+        "audio_stream_bos_id",
+        "audio_stream_eos_id",
+    )
     return HiggsAudioV2Processor(
         feature_extractor=DacFeatureExtractor(**feature_settings),
         tokenizer=AutoTokenizer.from_pretrained(str(model_dir)),

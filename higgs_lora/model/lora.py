@@ -25,7 +25,8 @@ def apply_lora(model, lora: LoraConfig, model_cfg: ModelConfig):
         )
     if model_cfg.quantization == "nf4":
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=model_cfg.gradient_checkpointing is True,
+            model,
+            use_gradient_checkpointing=model_cfg.gradient_checkpointing is True,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     elif model_cfg.gradient_checkpointing is True:  # 'auto' is decided by the planner before the model is built

@@ -82,8 +82,11 @@ class Plan:
             ("trainable (LoRA) parameters", f"{self.trainable_parameters:,}"),
             ("micro-batch token budget", f"{self.micro_batch_tokens:,} positions per rank"),
             ("gradient accumulation", f"{self.accumulation} micro-batches per rank per step"),
-            ("global batch", f"<= {self.global_batch_tokens:,} positions per optimizer step"
-             + (f" (asked: {self.global_batch_target:,})" if self.global_batch_target else "")),
+            (
+                "global batch",
+                f"<= {self.global_batch_tokens:,} positions per optimizer step"
+                + (f" (asked: {self.global_batch_target:,})" if self.global_batch_target else ""),
+            ),
         ]
         if self.sequences:
             rows.append(("sample lengths", self.sequences))
@@ -137,8 +140,11 @@ def _pins(cfg: RunConfig, ds_config: dict) -> tuple[dict, list[str]]:
             problems.append(f"plan.offload={cfg.plan.offload} but the DeepSpeed config offloads '{offload}'")
         offload = cfg.plan.offload
     checkpointing = cfg.model.gradient_checkpointing
-    pins = {"zero_stage": stage, "offload": offload,
-            "checkpointing": None if checkpointing == "auto" else bool(checkpointing)}
+    pins = {
+        "zero_stage": stage,
+        "offload": offload,
+        "checkpointing": None if checkpointing == "auto" else bool(checkpointing),
+    }
     return pins, problems
 
 
@@ -154,8 +160,14 @@ def _allowed(c: Candidate, pins: dict, quantization: str) -> bool:
     return True
 
 
-def make_plan(cfg: RunConfig, ds_config: dict, hardware: Hardware | int, model_config: dict,
-              seq: SequenceStats | None = None, coefficients: Coefficients = COEFFICIENTS) -> Plan:
+def make_plan(
+    cfg: RunConfig,
+    ds_config: dict,
+    hardware: Hardware | int,
+    model_config: dict,
+    seq: SequenceStats | None = None,
+    coefficients: Coefficients = COEFFICIENTS,
+) -> Plan:
     """The plan for `cfg` on `hardware` with the DeepSpeed JSON `ds_config`; raises PlanError.
 
     `hardware` may be a rank count alone (no memory information: nothing is planned from memory, as on CPU).
@@ -167,19 +179,29 @@ def make_plan(cfg: RunConfig, ds_config: dict, hardware: Hardware | int, model_c
     pinned_budget = cfg.train.micro_batch_tokens
     longest = max(seq.longest, max_sample_audio_positions(cfg.data))
     if pinned_budget and pinned_budget < longest:
-        problems.append(f"micro-batch budget {pinned_budget} is below the longest sample ({longest} positions, "
-                        f"{seq.source}); raise train.micro_batch_tokens or lower data.max_seconds")
+        problems.append(
+            f"micro-batch budget {pinned_budget} is below the longest sample ({longest} positions, "
+            f"{seq.source}); raise train.micro_batch_tokens or lower data.max_seconds"
+        )
     if problems:
         raise PlanError("cannot plan this run:\n" + "\n".join(f"  - {p}" for p in problems))
     world = hardware.world_size
     trainable = lora_parameter_count(model_config, cfg.lora.target_modules, cfg.lora.r)
-    common = dict(world_size=world, nodes=hardware.nodes, dtype=cfg.model.dtype, quantization=cfg.model.quantization,
-                  trainable_parameters=trainable, global_batch_target=cfg.train.global_batch_tokens,
-                  hardware=describe_hardware(hardware), sequences=f"longest {longest:,} positions ({seq.source})")
+    common = dict(
+        world_size=world,
+        nodes=hardware.nodes,
+        dtype=cfg.model.dtype,
+        quantization=cfg.model.quantization,
+        trainable_parameters=trainable,
+        global_batch_target=cfg.train.global_batch_tokens,
+        hardware=describe_hardware(hardware),
+        sequences=f"longest {longest:,} positions ({seq.source})",
+    )
     # The usual ways first; the others (optimizer offload alone, ZeRO-3 without checkpointing, ...) only when the
     # pinned values leave none of the usual ones.
-    allowed = ([c for c in CANDIDATES if _allowed(c, pins, cfg.model.quantization)]
-               or [c for c in ALL_CANDIDATES if _allowed(c, pins, cfg.model.quantization)])
+    allowed = [c for c in CANDIDATES if _allowed(c, pins, cfg.model.quantization)] or [
+        c for c in ALL_CANDIDATES if _allowed(c, pins, cfg.model.quantization)
+    ]
     if not allowed:
         raise PlanError(f"no ZeRO stage/offload/checkpointing combination satisfies the pinned values {pins}")
 
@@ -187,33 +209,51 @@ def make_plan(cfg: RunConfig, ds_config: dict, hardware: Hardware | int, model_c
         # No GPU: host memory is not what this model describes. Take the fastest allowed way and the given budget.
         choice = allowed[0]
         budget = pinned_budget or max(cfg.plan.useful_micro_batch_tokens, _round_up(longest))
-        accumulation, budget = _accumulate(budget, world, cfg.train.global_batch_tokens, longest,
-                                           pinned=bool(pinned_budget))
-        return Plan(zero_stage=choice.zero_stage, offload=choice.offload, micro_batch_tokens=budget,
-                    accumulation=accumulation, gradient_checkpointing=choice.checkpointing,
-                    reasons=("no GPU: memory not planned; the fastest allowed settings",), **common)
+        accumulation, budget = _accumulate(
+            budget, world, cfg.train.global_batch_tokens, longest, pinned=bool(pinned_budget)
+        )
+        return Plan(
+            zero_stage=choice.zero_stage,
+            offload=choice.offload,
+            micro_batch_tokens=budget,
+            accumulation=accumulation,
+            gradient_checkpointing=choice.checkpointing,
+            reasons=("no GPU: memory not planned; the fastest allowed settings",),
+            **common,
+        )
 
     sizes = model_sizes(model_config, text_head=cfg.model.use_text_head)
-    memory = MemoryModel(sizes=sizes, trainable=trainable, world_size=world, dtype=cfg.model.dtype,
-                         quantization=cfg.model.quantization, lora_dropout=cfg.lora.dropout, seq=seq,
-                         hidden=model_config["hidden_size"], intermediate=model_config["intermediate_size"],
-                         coefficients=coefficients)
+    memory = MemoryModel(
+        sizes=sizes,
+        trainable=trainable,
+        world_size=world,
+        dtype=cfg.model.dtype,
+        quantization=cfg.model.quantization,
+        lora_dropout=cfg.lora.dropout,
+        seq=seq,
+        hidden=model_config["hidden_size"],
+        intermediate=model_config["intermediate_size"],
+        coefficients=coefficients,
+    )
     capacity = hardware.gpu_memory_bytes * (1 - cfg.plan.memory_margin)
     share = math.ceil(cfg.train.global_batch_tokens / world) if cfg.train.global_batch_tokens else 0
     # Useful: the configured floor, and room for two of the longest samples (packing needs a choice of lengths),
     # but never past one rank's share of the global batch.
     wanted = max(cfg.plan.useful_micro_batch_tokens, 2 * longest)
     useful = _round_up(max(longest, min(wanted, share) if share else wanted))
-    ceiling = max(useful, min(cfg.plan.max_micro_batch_tokens, _round_up(share) if share else
-                              cfg.plan.max_micro_batch_tokens))
+    ceiling = max(
+        useful, min(cfg.plan.max_micro_batch_tokens, _round_up(share) if share else cfg.plan.max_micro_batch_tokens)
+    )
     reasons = []
     if pinned_budget:
         fits = [c for c in allowed if memory.peak(c, pinned_budget) <= capacity]
         if not fits:
             raise PlanError(_infeasible(cfg, memory, allowed, capacity, longest, pinned_budget, hardware, model_config))
         choice, budget = fits[0], pinned_budget
-        reasons += [f"{c.describe()}: predicted {memory.peak(c, budget) / 1e9:.1f} GB > {capacity / 1e9:.1f} GB usable"
-                    for c in allowed[:allowed.index(choice)]]
+        reasons += [
+            f"{c.describe()}: predicted {memory.peak(c, budget) / 1e9:.1f} GB > {capacity / 1e9:.1f} GB usable"
+            for c in allowed[: allowed.index(choice)]
+        ]
         reasons.append(f"budget pinned by train.micro_batch_tokens={pinned_budget}")
     else:
         budgets = {c: memory.largest_budget(c, capacity) for c in allowed}
@@ -227,18 +267,27 @@ def make_plan(cfg: RunConfig, ds_config: dict, hardware: Hardware | int, model_c
             budget = budgets[choice]
             if budget < longest:
                 raise PlanError(_infeasible(cfg, memory, allowed, capacity, longest, 0, hardware, model_config))
-            reasons.append(f"no way of running reaches the useful budget of {useful:,} positions; "
-                           f"taking the largest that fits")
+            reasons.append(
+                f"no way of running reaches the useful budget of {useful:,} positions; taking the largest that fits"
+            )
         budget = max(budget, longest)
-        for c in allowed[:allowed.index(choice)]:
+        for c in allowed[: allowed.index(choice)]:
             reasons.append(f"not {c.describe()}: fits only {budgets[c]:,} positions per micro-batch")
-    accumulation, budget = _accumulate(budget, world, cfg.train.global_batch_tokens, longest,
-                                       pinned=bool(pinned_budget))
-    return Plan(zero_stage=choice.zero_stage, offload=choice.offload, micro_batch_tokens=budget,
-                accumulation=accumulation, gradient_checkpointing=choice.checkpointing,
-                memory=tuple((t.name, t.at(budget)) for t in memory.terms(choice)),
-                capacity_bytes=float(hardware.gpu_memory_bytes), margin=cfg.plan.memory_margin,
-                reasons=tuple(reasons), **common)
+    accumulation, budget = _accumulate(
+        budget, world, cfg.train.global_batch_tokens, longest, pinned=bool(pinned_budget)
+    )
+    return Plan(
+        zero_stage=choice.zero_stage,
+        offload=choice.offload,
+        micro_batch_tokens=budget,
+        accumulation=accumulation,
+        gradient_checkpointing=choice.checkpointing,
+        memory=tuple((t.name, t.at(budget)) for t in memory.terms(choice)),
+        capacity_bytes=float(hardware.gpu_memory_bytes),
+        margin=cfg.plan.memory_margin,
+        reasons=tuple(reasons),
+        **common,
+    )
 
 
 def _round_up(value: int) -> int:
@@ -261,16 +310,29 @@ def _accumulate(budget: int, world: int, global_target: int, longest: int, pinne
     return accumulation, max(longest, min(budget, trimmed))
 
 
-def _infeasible(cfg: RunConfig, memory: MemoryModel, allowed: list[Candidate], capacity: float, longest: int,
-                pinned_budget: int, hardware: Hardware, model_config: dict) -> str:
+def _infeasible(
+    cfg: RunConfig,
+    memory: MemoryModel,
+    allowed: list[Candidate],
+    capacity: float,
+    longest: int,
+    pinned_budget: int,
+    hardware: Hardware,
+    model_config: dict,
+) -> str:
     """The error for a run that fits no allowed way, with what would fit."""
     need = pinned_budget or longest
     best = min(allowed, key=lambda c: memory.peak(c, need))
-    lines = [f"this run does not fit {hardware.world_size} x {hardware.gpu_memory_bytes / GIB:.0f} GiB: the "
-             f"smallest predicted peak is {memory.peak(best, need) / 1e9:.1f} GB ({best.describe()}, {need:,} "
-             f"positions per micro-batch) against {capacity / 1e9:.1f} GB usable. What would fit:"]
-    every = [c for c in ALL_CANDIDATES if _allowed(c, {"zero_stage": None, "offload": None, "checkpointing": None},
-                                                   cfg.model.quantization)]
+    lines = [
+        f"this run does not fit {hardware.world_size} x {hardware.gpu_memory_bytes / GIB:.0f} GiB: the "
+        f"smallest predicted peak is {memory.peak(best, need) / 1e9:.1f} GB ({best.describe()}, {need:,} "
+        f"positions per micro-batch) against {capacity / 1e9:.1f} GB usable. What would fit:"
+    ]
+    every = [
+        c
+        for c in ALL_CANDIDATES
+        if _allowed(c, {"zero_stage": None, "offload": None, "checkpointing": None}, cfg.model.quantization)
+    ]
     unpinned = [c for c in every if c not in allowed and memory.peak(c, need) <= capacity]
     if unpinned:
         lines.append(f"  - {unpinned[0].describe()} (unpin the ZeRO stage / offload / checkpointing you set)")
@@ -290,8 +352,9 @@ def _infeasible(cfg: RunConfig, memory: MemoryModel, allowed: list[Candidate], c
             break
     seconds = _seconds_that_fit(cfg, memory, best, capacity)
     if seconds:
-        lines.append(f"  - shorter samples: data.max_seconds={seconds[0]:g} with data.reference_max_seconds="
-                     f"{seconds[1]:g}")
+        lines.append(
+            f"  - shorter samples: data.max_seconds={seconds[0]:g} with data.reference_max_seconds={seconds[1]:g}"
+        )
     if len(lines) == 1:
         lines.append("  - nothing on this hardware: the frozen base alone is too big; use bigger GPUs")
     return "\n".join(lines)

@@ -29,16 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="higgs-lora plan",
         description="Plan a run (ZeRO stage, offload, checkpointing, micro-batch, accumulation) and print the "
-                    "predicted memory per GPU, without loading a model. Hardware: as given, else detected.",
+        "predicted memory per GPU, without loading a model. Hardware: as given, else detected.",
         epilog="example: higgs-lora plan --config configs/arabic_lora.yaml --model released "
-               "--gpus 8 --gpu-mem 24GiB --nodes 2",
+        "--gpus 8 --gpu-mem 24GiB --nodes 2",
     )
     parser.add_argument("--ds", default="auto", help="DeepSpeed JSON to plan around, or 'auto' (default)")
     parser.add_argument("--gpus", type=int, help="GPUs per node (default: detected)")
     parser.add_argument("--gpu-mem", help="memory per GPU, e.g. 24GiB, 80GB (default: detected)")
     parser.add_argument("--nodes", type=int, help="nodes (default: detected, else 1)")
-    parser.add_argument("--model", help="checkpoint directory whose config.json gives the sizes, or 'released' for "
-                                        "the released model's (default: model.path)")
+    parser.add_argument(
+        "--model",
+        help="checkpoint directory whose config.json gives the sizes, or 'released' for "
+        "the released model's (default: model.path)",
+    )
     parser.add_argument("--json", help="also write the plan and the resolved DeepSpeed config to this file")
     parser.add_argument("--show-ds", action="store_true", help="print the resolved DeepSpeed config")
     add_config_arguments(parser)

@@ -43,8 +43,14 @@ AUTO_DS_CONFIG = {
 }
 """What `--ds auto` starts from: every choice left to the planner."""
 
-STAGE3_ONLY = ("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold", "stage3_max_live_parameters",
-               "stage3_max_reuse_distance", "stage3_gather_16bit_weights_on_model_save", "offload_param")
+STAGE3_ONLY = (
+    "stage3_prefetch_bucket_size",
+    "stage3_param_persistence_threshold",
+    "stage3_max_live_parameters",
+    "stage3_max_reuse_distance",
+    "stage3_gather_16bit_weights_on_model_save",
+    "offload_param",
+)
 
 
 def load_ds_config(spec: str | Path) -> dict:
@@ -79,8 +85,10 @@ def resolve_ds_config(ds_config: dict, cfg: RunConfig, plan: Plan, model_config:
     resolved = copy.deepcopy(ds_config)
     if resolved.get("gradient_allreduce_op", "mean") != "mean":
         # The loss is already scaled so that rank-averaged gradients are those of the global batch.
-        raise PlanError("the DeepSpeed config sets gradient_allreduce_op to 'sum'; remove it (the default 'mean' "
-                        "is what the global-batch loss normalisation expects)")
+        raise PlanError(
+            "the DeepSpeed config sets gradient_allreduce_op to 'sum'; remove it (the default 'mean' "
+            "is what the global-batch loss normalisation expects)"
+        )
     hidden = model_config["hidden_size"]
     resolved["gradient_accumulation_steps"] = plan.accumulation
     resolved["train_micro_batch_size_per_gpu"] = 1  # our micro-batches hold a variable number of samples

@@ -34,7 +34,7 @@ class Hardware:
 
 def parse_memory(text: str) -> int:
     """Bytes from '24GiB', '80GB', '16g', '40' (GiB when no unit)."""
-    units = {"gib": GIB, "gb": 10 ** 9, "g": GIB, "mib": 1024 ** 2, "mb": 10 ** 6, "tib": 1024 ** 4}
+    units = {"gib": GIB, "gb": 10**9, "g": GIB, "mib": 1024**2, "mb": 10**6, "tib": 1024**4}
     value = text.strip().lower().replace(" ", "")
     for unit in sorted(units, key=len, reverse=True):
         if value.endswith(unit):
@@ -51,8 +51,12 @@ def parse_memory(text: str) -> int:
     return int(amount * scale)
 
 
-def detect_hardware(cfg: RunConfig, env: dict[str, str] | None = None, cuda: tuple[int, int, str] | None = None,
-                    world_size: int | None = None) -> Hardware:
+def detect_hardware(
+    cfg: RunConfig,
+    env: dict[str, str] | None = None,
+    cuda: tuple[int, int, str] | None = None,
+    world_size: int | None = None,
+) -> Hardware:
     """The hardware: what `plan.*` gives, else what the launcher / SLURM variables and torch.cuda say.
 
     `cuda` is (devices on this node, bytes per device, name), None to ask torch; `world_size` is the process
@@ -80,15 +84,18 @@ def detect_hardware(cfg: RunConfig, env: dict[str, str] | None = None, cuda: tup
     else:
         memory_bytes = None
         name = "CPU"
-    return Hardware(gpus_per_node=per_node, nodes=nodes, gpu_memory_bytes=memory_bytes, name=name,
-                    source=", ".join(sources))
+    return Hardware(
+        gpus_per_node=per_node, nodes=nodes, gpu_memory_bytes=memory_bytes, name=name, source=", ".join(sources)
+    )
 
 
 def describe_hardware(hardware: Hardware) -> str:
     if hardware.gpu_memory_bytes is None:
         return f"{hardware.world_size} CPU process{'es' if hardware.world_size > 1 else ''} (memory not planned)"
-    return (f"{hardware.nodes} node(s) x {hardware.gpus_per_node} x {hardware.name or 'GPU'} "
-            f"{hardware.gpu_memory_bytes / GIB:.1f} GiB ({hardware.source})")
+    return (
+        f"{hardware.nodes} node(s) x {hardware.gpus_per_node} x {hardware.name or 'GPU'} "
+        f"{hardware.gpu_memory_bytes / GIB:.1f} GiB ({hardware.source})"
+    )
 
 
 def _cuda_info() -> tuple[int, int, str]:

@@ -24,8 +24,15 @@ TEXT_TOKENS_PER_LETTER = 0.5
 Llama-3's usually several; a deliberately high guess, used only when no cache gives the real lengths)."""
 
 RELEASED_MODEL_CONFIG = {
-    "hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 24, "num_key_value_heads": 8,
-    "head_dim": 128, "num_hidden_layers": 28, "vocab_size": 128256, "num_codebooks": 8, "codebook_size": 1026,
+    "hidden_size": 3072,
+    "intermediate_size": 8192,
+    "num_attention_heads": 24,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "num_hidden_layers": 28,
+    "vocab_size": 128256,
+    "num_codebooks": 8,
+    "codebook_size": 1026,
     "tie_word_embeddings": False,
 }
 """The released checkpoint's config.json numbers the planner reads (`--model released` plans without weights)."""
@@ -124,8 +131,9 @@ def lora_parameter_count(model_config: dict, target_modules: list[str], r: int) 
     return total
 
 
-def sequence_stats(cfg: RunConfig, longest_target_frames: int | None = None,
-                   longest_text_letters: int | None = None) -> SequenceStats:
+def sequence_stats(
+    cfg: RunConfig, longest_target_frames: int | None = None, longest_text_letters: int | None = None
+) -> SequenceStats:
     """Sample lengths from the config's duration bounds, tightened by the cache's longest clip when given."""
     data = cfg.data
     reference_frames = round(data.reference_max_seconds * FRAMES_PER_SECOND)
@@ -141,8 +149,9 @@ def sequence_stats(cfg: RunConfig, longest_target_frames: int | None = None,
     text = math.ceil(TEXT_TOKENS_PER_LETTER * letters) + PROMPT_OVERHEAD_TOKENS
     longest = target_frames + reference_frames + 2 * DELAY_POSITIONS + text
     shortest_reference = round(data.reference_min_seconds * FRAMES_PER_SECOND) + DELAY_POSITIONS
-    labelled = (target_frames + DELAY_POSITIONS) / (target_frames + DELAY_POSITIONS + shortest_reference
-                                                    + PROMPT_OVERHEAD_TOKENS)
+    labelled = (target_frames + DELAY_POSITIONS) / (
+        target_frames + DELAY_POSITIONS + shortest_reference + PROMPT_OVERHEAD_TOKENS
+    )
     return SequenceStats(longest=longest, labelled_fraction=min(1.0, labelled), source=source)
 
 
@@ -167,7 +176,8 @@ def read_model_config(model_path: str | Path) -> dict:
         return dict(RELEASED_MODEL_CONFIG)
     path = Path(model_path) / "config.json"
     if not path.is_file():
-        raise PlanError(f"{path} not found: model.path must be a local checkpoint directory "
-                        "(or plan with --model released for the released model's sizes)")
+        raise PlanError(
+            f"{path} not found: model.path must be a local checkpoint directory "
+            "(or plan with --model released for the released model's sizes)"
+        )
     return json.loads(path.read_text(encoding="utf-8"))
-

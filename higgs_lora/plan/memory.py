@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from higgs_lora.plan.inputs import ModelSizes, SequenceStats
 
-GIB = 1024 ** 3
+GIB = 1024**3
 BUDGET_STEP = 64
 """Planned budgets are multiples of this many positions (tidy numbers; no kernel needs it)."""
 
@@ -41,9 +41,11 @@ class Coefficients:
     bf16 copy and softmax temporaries (4)."""
     cuda_context_gib: float = 0.6
     """CUDA context, cuBLAS workspaces and NCCL buffers outside PyTorch's allocator."""
-    source: str = ("activations: saved-tensor counts, full-size layer shapes, bf16, CPU, 2026-11-26 "
-                   "(bench/plan_calibration.py --method saved-tensors); transient and context: analytic. "
-                   "GPU calibration pending (no GPU was available).")
+    source: str = (
+        "activations: saved-tensor counts, full-size layer shapes, bf16, CPU, 2026-11-26 "
+        "(bench/plan_calibration.py --method saved-tensors); transient and context: analytic. "
+        "GPU calibration pending (no GPU was available)."
+    )
 
 
 COEFFICIENTS = Coefficients()
@@ -72,8 +74,12 @@ CANDIDATES = (
 """In order of speed; every other combination is reachable only by pinning it."""
 
 ALL_CANDIDATES = CANDIDATES + (
-    Candidate(2, "optimizer", False), Candidate(2, "optimizer", True), Candidate(3, "none", False),
-    Candidate(3, "optimizer", False), Candidate(3, "optimizer", True), Candidate(3, "optimizer+params", False),
+    Candidate(2, "optimizer", False),
+    Candidate(2, "optimizer", True),
+    Candidate(3, "none", False),
+    Candidate(3, "optimizer", False),
+    Candidate(3, "optimizer", True),
+    Candidate(3, "optimizer+params", False),
 )
 
 

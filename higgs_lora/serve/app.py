@@ -14,7 +14,6 @@ running 429; a missing or wrong bearer token (when the server has one) 401. Requ
 `batching.BatchQueue`.
 """
 
-
 import argparse
 import base64
 import binascii
@@ -77,8 +76,9 @@ def _decode_audio(data: bytes, settings: ServeSettings) -> tuple[np.ndarray, int
         raise RequestError(422, "reference audio is not a readable audio file (wav, flac, ogg or mp3)") from None
     seconds = len(samples) / rate
     if seconds > settings.max_reference_seconds:
-        raise RequestError(422, f"reference audio is {seconds:.1f} s; the limit is "
-                                f"{settings.max_reference_seconds:.0f} s")
+        raise RequestError(
+            422, f"reference audio is {seconds:.1f} s; the limit is {settings.max_reference_seconds:.0f} s"
+        )
     return samples.mean(axis=1), int(rate)
 
 
@@ -86,8 +86,11 @@ def _audio_from_json(body: dict, settings: ServeSettings) -> tuple[np.ndarray, i
     """The reference audio of a JSON request: base64 bytes only, never a path or URL."""
     value = body.get("reference_audio_base64")
     if value is None and isinstance(body.get("reference_audio"), str):
-        raise RequestError(422, "reference_audio must be uploaded (multipart) or sent as reference_audio_base64; "
-                                "the server never reads a file or URL named in a request")
+        raise RequestError(
+            422,
+            "reference_audio must be uploaded (multipart) or sent as reference_audio_base64; "
+            "the server never reads a file or URL named in a request",
+        )
     if not isinstance(value, str):
         raise RequestError(422, "missing reference_audio_base64")
     if len(value) > settings.max_upload_bytes * 4 // 3 + 4:
@@ -112,8 +115,9 @@ def _params(body: dict) -> SamplingParams:
     return SamplingParams(**values)
 
 
-def build_request(cloner: VoiceCloner, settings: ServeSettings, body: dict,
-                  audio: tuple[np.ndarray, int]) -> CloneRequest:
+def build_request(
+    cloner: VoiceCloner, settings: ServeSettings, body: dict, audio: tuple[np.ndarray, int]
+) -> CloneRequest:
     """A checked `CloneRequest` from form/JSON fields and decoded reference audio (RequestError otherwise)."""
     target, reference_text = str(body.get("target_text") or ""), str(body.get("reference_text") or "")
     if not target.strip():
@@ -150,8 +154,12 @@ def create_app(cloner: VoiceCloner, settings: ServeSettings = ServeSettings()):
         yield
         state["queue"].close()
 
-    app = FastAPI(title="higgs-lora voice cloning", version="0.1.0", lifespan=lifespan,
-                  description="Zero-shot Arabic voice cloning with Higgs Audio v2 (+ LoRA adapters).")
+    app = FastAPI(
+        title="higgs-lora voice cloning",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Zero-shot Arabic voice cloning with Higgs Audio v2 (+ LoRA adapters).",
+    )
 
     def authorised(header: str | None, query: str | None = None) -> bool:
         if settings.token is None:
@@ -166,12 +174,15 @@ def create_app(cloner: VoiceCloner, settings: ServeSettings = ServeSettings()):
     @app.middleware("http")
     async def guard(request: Request, call_next):
         if request.url.path.startswith("/v1/") and not authorised(request.headers.get("authorization")):
-            return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401,
-                                headers={"WWW-Authenticate": "Bearer"})
+            return JSONResponse(
+                {"detail": "missing or wrong bearer token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+            )
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > settings.max_upload_bytes * 4 // 3 + 2**16:
-            return JSONResponse({"detail": f"request body is {length} bytes; the audio limit is "
-                                           f"{settings.max_upload_bytes}"}, status_code=413)
+            return JSONResponse(
+                {"detail": f"request body is {length} bytes; the audio limit is {settings.max_upload_bytes}"},
+                status_code=413,
+            )
         return await call_next(request)
 
     @app.get("/health")
@@ -182,8 +193,11 @@ def create_app(cloner: VoiceCloner, settings: ServeSettings = ServeSettings()):
     async def adapters():
         return {"adapters": cloner.adapters, "default": cloner.adapters[0] if cloner.adapters else None}
 
-    @app.post("/v1/clone", response_class=Response,
-              responses={200: {"content": {"audio/wav": {}}, "description": "24 kHz mono PCM16 WAV"}})
+    @app.post(
+        "/v1/clone",
+        response_class=Response,
+        responses={200: {"content": {"audio/wav": {}}, "description": "24 kHz mono PCM16 WAV"}},
+    )
     async def clone(request: Request):
         """Clone a voice: multipart form with a `reference_audio` file, or JSON with `reference_audio_base64`."""
         body, audio = await _read_body(request, settings)
@@ -192,8 +206,12 @@ def create_app(cloner: VoiceCloner, settings: ServeSettings = ServeSettings()):
         async for item in _run(state["queue"], clone_request):
             if not isinstance(item, np.ndarray):
                 result = item
-        headers = {"X-Audio-Seconds": f"{result.duration:.3f}", "X-Seconds-Taken": f"{result.seconds_taken:.3f}",
-                   "X-Real-Time-Factor": f"{result.real_time_factor:.4f}", "X-Seed": str(result.seed)}
+        headers = {
+            "X-Audio-Seconds": f"{result.duration:.3f}",
+            "X-Seconds-Taken": f"{result.seconds_taken:.3f}",
+            "X-Real-Time-Factor": f"{result.real_time_factor:.4f}",
+            "X-Seed": str(result.seed),
+        }
         return Response(wav_bytes(result.waveform, result.sample_rate), media_type="audio/wav", headers=headers)
 
     @app.websocket("/v1/stream")
@@ -207,20 +225,27 @@ def create_app(cloner: VoiceCloner, settings: ServeSettings = ServeSettings()):
             if not isinstance(body, dict):
                 raise RequestError(422, "send one JSON object")
             clone_request = build_request(cloner, settings, body, _audio_from_json(body, settings))
-            await websocket.send_json({"type": "start", "sample_rate": SAMPLE_RATE, "format": "pcm_s16le", "channels": 1})
+            await websocket.send_json(
+                {"type": "start", "sample_rate": SAMPLE_RATE, "format": "pcm_s16le", "channels": 1}
+            )
             chunks = 0
             async for item in _run(state["queue"], clone_request):
                 if isinstance(item, np.ndarray):
                     await websocket.send_bytes(pcm16(item))
                     chunks += 1
                 else:
-                    await websocket.send_json({
-                        "type": "end", "chunks": chunks, "audio_seconds": round(item.duration, 3),
-                        "seconds_taken": round(item.seconds_taken, 3),
-                        "first_audio_seconds": round(item.first_audio_seconds or 0.0, 3),
-                        "real_time_factor": round(item.real_time_factor, 4), "seed": item.seed,
-                        "stops": item.stops,
-                    })
+                    await websocket.send_json(
+                        {
+                            "type": "end",
+                            "chunks": chunks,
+                            "audio_seconds": round(item.duration, 3),
+                            "seconds_taken": round(item.seconds_taken, 3),
+                            "first_audio_seconds": round(item.first_audio_seconds or 0.0, 3),
+                            "real_time_factor": round(item.real_time_factor, 4),
+                            "seed": item.seed,
+                            "stops": item.stops,
+                        }
+                    )
             await websocket.close()
         except RequestError as err:
             await websocket.send_json({"type": "error", "status": err.status, "detail": err.detail})
@@ -276,15 +301,20 @@ def _serve(args: argparse.Namespace) -> int:
     token = os.environ.get(TOKEN_ENV) or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
         log.warning(f"listening on {args.host} without a token; set {TOKEN_ENV} to require one")
-    settings = ServeSettings(max_upload_bytes=int(args.max_upload_mb * 2**20),
-                             max_reference_seconds=args.max_reference_seconds, max_text_chars=args.max_text_chars,
-                             max_pending=args.max_pending, token=token)
+    settings = ServeSettings(
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_reference_seconds=args.max_reference_seconds,
+        max_text_chars=args.max_text_chars,
+        max_pending=args.max_pending,
+        token=token,
+    )
     import uvicorn
 
     cloner = load_cloner(args)
     log.info(f"{cloner.describe()} on http://{args.host}:{args.port} (docs at /docs)")
-    uvicorn.run(create_app(cloner, settings), host=args.host, port=args.port,
-                log_level="warning" if is_quiet() else "info")
+    uvicorn.run(
+        create_app(cloner, settings), host=args.host, port=args.port, log_level="warning" if is_quiet() else "info"
+    )
     return 0
 
 

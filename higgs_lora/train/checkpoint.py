@@ -160,14 +160,21 @@ def prune(output_dir: str | Path, newest_step: int, keep_last: int) -> list[Path
     `newest_step` itself.
     """
     older = [p for p in list_checkpoints(output_dir) if step_of(p) <= newest_step]
-    doomed = older[:-max(1, keep_last)]
+    doomed = older[: -max(1, keep_last)]
     for path in doomed:
         shutil.rmtree(path)
     return doomed
 
 
-def save_checkpoint(engine, cfg: RunConfig, step: int, trainer_state: dict, rank: int, keep_last: int,
-                    run_files: dict[str, dict] | None = None) -> Path:
+def save_checkpoint(
+    engine,
+    cfg: RunConfig,
+    step: int,
+    trainer_state: dict,
+    rank: int,
+    keep_last: int,
+    run_files: dict[str, dict] | None = None,
+) -> Path:
     """Write checkpoint `step` atomically (all ranks call). Returns its final directory.
 
     `run_files` are JSON files written beside the trainer state (the resolved DeepSpeed config and the plan), so a
@@ -231,8 +238,7 @@ def check_compatible(path: Path, cfg: RunConfig, world_size: int) -> dict:
             "checkpoint tools (ds_to_universal.py) first"
         )
     saved = read_adapter_config(path / ADAPTER)
-    mismatched = [key for key in ("r", "alpha", "target_modules")
-                  if getattr(saved.lora, key) != getattr(cfg.lora, key)]
+    mismatched = [key for key in ("r", "alpha", "target_modules") if getattr(saved.lora, key) != getattr(cfg.lora, key)]
     if saved.model.quantization != cfg.model.quantization:
         mismatched.append("model.quantization")
     if mismatched:
@@ -248,8 +254,11 @@ def load_checkpoint(engine, path: Path, rank: int) -> dict:
     import torch
 
     load_path, _ = engine.load_checkpoint(
-        str(path), tag=DEEPSPEED_TAG, load_module_strict=False,
-        load_optimizer_states=True, load_lr_scheduler_states=True,
+        str(path),
+        tag=DEEPSPEED_TAG,
+        load_module_strict=False,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
     )
     if load_path is None:
         raise ResumeError(f"DeepSpeed could not load {path / DEEPSPEED_TAG}")

@@ -40,8 +40,16 @@ class TrainData:
         for sample in samples:
             reference = torch.from_numpy(self.cache[sample.reference]["codes"])
             target = torch.from_numpy(self.cache[sample.target]["codes"])
-            examples.append(build_example(self.processor, self.texts[sample.reference], reference,
-                                          self.texts[sample.target], target, self.scene))
+            examples.append(
+                build_example(
+                    self.processor,
+                    self.texts[sample.reference],
+                    reference,
+                    self.texts[sample.target],
+                    target,
+                    self.scene,
+                )
+            )
         tokenizer = self.processor.tokenizer
         return collate(examples, tokenizer.pad_token_id, self.processor.audio_stream_eos_id)
 
@@ -61,23 +69,39 @@ def build_data(cfg: RunConfig, processor, plan: Plan, cache_dir: Path) -> TrainD
     fixed = {}
     if pairs_file.is_file():
         fixed = {index_of[t]: index_of[r] for r, t in read_pairs(cache_dir) if r in index_of and t in index_of}
-    frames = (round(cfg.data.reference_min_seconds * FRAMES_PER_SECOND),
-              round(cfg.data.reference_max_seconds * FRAMES_PER_SECOND))
+    frames = (
+        round(cfg.data.reference_min_seconds * FRAMES_PER_SECOND),
+        round(cfg.data.reference_max_seconds * FRAMES_PER_SECOND),
+    )
     overhead = prompt_overhead_tokens(processor, cfg.data.scene)
 
     def sampler_for(targets: list[int], world_size: int, accumulation: int) -> EpochSampler:
-        return EpochSampler(utterances=utterances, targets=targets, prompt_overhead=overhead,
-                            micro_batch_tokens=plan.micro_batch_tokens, reference_frames=frames, seed=cfg.seed,
-                            world_size=world_size, accumulation=accumulation, fixed_references=fixed)
+        return EpochSampler(
+            utterances=utterances,
+            targets=targets,
+            prompt_overhead=overhead,
+            micro_batch_tokens=plan.micro_batch_tokens,
+            reference_frames=frames,
+            seed=cfg.seed,
+            world_size=world_size,
+            accumulation=accumulation,
+            fixed_references=fixed,
+        )
 
     train_targets = [i for i, u in enumerate(utterances) if u.speaker not in held_out]
     eval_targets = [i for i, u in enumerate(utterances) if u.speaker in held_out]
     eval_batches = eval_micro_batches(sampler_for(eval_targets, 1, 1)) if eval_targets else []
     codes = cache.with_format("numpy", columns=["codes"])
     return TrainData(
-        cache=codes, texts=texts, source_ids=meta["source_id"], utterances=utterances,
+        cache=codes,
+        texts=texts,
+        source_ids=meta["source_id"],
+        utterances=utterances,
         sampler=sampler_for(train_targets, plan.world_size, plan.accumulation),
-        eval_batches=eval_batches, eval_speakers=sorted(held_out), processor=processor, scene=cfg.data.scene,
+        eval_batches=eval_batches,
+        eval_speakers=sorted(held_out),
+        processor=processor,
+        scene=cfg.data.scene,
     )
 
 

@@ -32,14 +32,18 @@ class FlopCounter:
     hidden_size: int
 
     @classmethod
-    def from_model_config(cls, config: dict, target_modules: list[str], r: int) -> "FlopCounter":
+    def from_model_config(cls, config: dict, target_modules: list[str], r: int) -> FlopCounter:
         h, inter = config["hidden_size"], config["intermediate_size"]
         heads = config["num_attention_heads"]
         kv = config.get("num_key_value_heads", heads)
         head_dim = config.get("head_dim") or h // heads
         layers = config["num_hidden_layers"]
-        attention = {"q_proj": (h, heads * head_dim), "k_proj": (h, kv * head_dim), "v_proj": (h, kv * head_dim),
-                     "o_proj": (heads * head_dim, h)}
+        attention = {
+            "q_proj": (h, heads * head_dim),
+            "k_proj": (h, kv * head_dim),
+            "v_proj": (h, kv * head_dim),
+            "o_proj": (heads * head_dim, h),
+        }
         mlp = {"gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
         shapes = {**attention, **mlp}
         path = sum(i * o for i, o in shapes.values()) * layers

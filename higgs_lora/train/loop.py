@@ -7,10 +7,8 @@ other train/ modules. What a step does and how resume works: docs/training.md.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -25,9 +23,10 @@ from higgs_lora.plan import Plan
 from higgs_lora.train import checkpoint
 from higgs_lora.train.data import TrainData
 from higgs_lora.train.flops import FlopCounter, peak_flops
-from higgs_lora.train.loss import LossSums, label_counts, micro_batch_loss_sums, normalised_loss, to_device
+from higgs_lora.train.loss import label_counts, micro_batch_loss_sums, normalised_loss, to_device
 from higgs_lora.train.metrics_log import MetricsLog, RateWindow, float_or_none, format_train_line, lines_above
 from higgs_lora.train.optim import build_engine
+from higgs_lora.train.step_totals import StepTotals
 
 log = get_logger("train")
 eval_log = get_logger("eval")
@@ -37,74 +36,19 @@ class NonFiniteLossError(RuntimeError):
     """Too many optimizer steps in a row had a NaN/inf loss."""
 
 
-@dataclass
-class StepTotals:
-    """What one optimizer step (or one evaluation) adds up over this rank's micro-batches; `reduced` sums it over
-    all ranks in one all-reduce of `to_tensor()` (K audio sums, K audio counts, then the scalars in field order)."""
-
-    audio_sums: torch.Tensor
-    """(K,) float64: summed cross-entropy per codebook."""
-    audio_counts: torch.Tensor
-    """(K,) float64: labelled positions per codebook."""
-    text_sum: float = 0.0
-    text_count: float = 0.0
-    nonfinite_ranks: float = 0.0
-    """Ranks whose loss sums are not finite (on one rank 0 or 1: `mark_finiteness`)."""
-    positions: float = 0.0
-    """Real (not padding) model positions."""
-    target_frames: float = 0.0
-    flops: float = 0.0
-
-    @classmethod
-    def zeros(cls, num_codebooks: int) -> StepTotals:
-        return cls(torch.zeros(num_codebooks, dtype=torch.float64), torch.zeros(num_codebooks, dtype=torch.float64))
-
-    def add_loss(self, sums: LossSums) -> None:
-        self.audio_sums += sums.audio.detach().double().cpu()
-        self.audio_counts += sums.audio_counts.double()
-        self.text_sum += float(sums.text.detach())
-        self.text_count += float(sums.text_count)
-
-    def add_work(self, positions: float, target_frames: float, flops: float) -> None:
-        self.positions += positions
-        self.target_frames += target_frames
-        self.flops += flops
-
-    def mark_finiteness(self) -> None:
-        self.nonfinite_ranks = float(not torch.isfinite(self.audio_sums).all() or not math.isfinite(self.text_sum))
-
-    def to_tensor(self) -> torch.Tensor:
-        scalars = [getattr(self, f.name) for f in fields(self)[2:]]
-        return torch.cat([self.audio_sums, self.audio_counts, torch.tensor(scalars, dtype=torch.float64)])
-
-    @classmethod
-    def from_tensor(cls, values, num_codebooks: int) -> StepTotals:
-        """The inverse of `to_tensor` (`values`: a tensor or a list of floats)."""
-        values = torch.as_tensor(values, dtype=torch.float64)
-        k = num_codebooks
-        return cls(values[:k].clone(), values[k:2 * k].clone(), *values[2 * k:].tolist())
-
-    def reduced(self, device) -> StepTotals:
-        """These totals summed over all ranks (one collective: every rank must call it)."""
-        return StepTotals.from_tensor(all_reduce_sum(self.to_tensor().tolist(), device), len(self.audio_sums))
-
-    def loss(self) -> float:
-        """Audio cross-entropy per labelled target position, summed over the codebooks (each labels every
-        position once)."""
-        return sum(self.audio_sums.tolist()) / (self.audio_counts.tolist()[0] or 1.0)
-
-    def per_codebook_loss(self) -> list[float]:
-        return [s / max(c, 1.0) for s, c in zip(self.audio_sums.tolist(), self.audio_counts.tolist())]
-
-    def text_loss(self) -> float:
-        return self.text_sum / max(self.text_count, 1.0)
-
-
 class Trainer:
     """Owns the engine, the data and the loop; `higgs_lora.train.run` builds one and calls `train()`."""
 
-    def __init__(self, cfg: RunConfig, plan: Plan, ds_config: dict, topology: Topology, model, data: TrainData,
-                 model_config: dict):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        plan: Plan,
+        ds_config: dict,
+        topology: Topology,
+        model,
+        data: TrainData,
+        model_config: dict,
+    ):
         self.cfg, self.plan, self.topology, self.data = cfg, plan, topology, data
         self.ds_config = ds_config
         self.device = device_for(topology)
@@ -120,8 +64,9 @@ class Trainer:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.peak = peak_flops(cfg.train.peak_tflops, name)
         self.step = 0
-        self.state = SamplerState(world_size=plan.world_size, accumulation=plan.accumulation,
-                                  micro_batch_tokens=plan.micro_batch_tokens)
+        self.state = SamplerState(
+            world_size=plan.world_size, accumulation=plan.accumulation, micro_batch_tokens=plan.micro_batch_tokens
+        )
         self.epoch_plan = None
         self.nonfinite_in_a_row = 0
         self.last_saved = -1
@@ -143,12 +88,20 @@ class Trainer:
         if not (train.eval_every and train.eval_samples and samples):
             return None
         utterances = self.data.utterances
-        pairs = choose_pairs(samples, [u.speaker for u in utterances], [u.num_frames for u in utterances],
-                             train.eval_samples, round(train.eval_sample_seconds * FRAMES_PER_SECOND))
-        settings = ProbeSettings(count=train.eval_samples, max_seconds=train.eval_sample_seconds,
-                                 dnsmos=train.eval_dnsmos, seed=self.cfg.seed)
-        return GenerationProbe(pairs, self.data, settings, self.output, self.topology.rank,
-                               self.topology.world_size)
+        pairs = choose_pairs(
+            samples,
+            [u.speaker for u in utterances],
+            [u.num_frames for u in utterances],
+            train.eval_samples,
+            round(train.eval_sample_seconds * FRAMES_PER_SECOND),
+        )
+        settings = ProbeSettings(
+            count=train.eval_samples,
+            max_seconds=train.eval_sample_seconds,
+            dnsmos=train.eval_dnsmos,
+            seed=self.cfg.seed,
+        )
+        return GenerationProbe(pairs, self.data, settings, self.output, self.topology.rank, self.topology.world_size)
 
     def say(self, message: str, stage_log=log) -> None:
         """A `[train]` (or `stage_log`'s) line, from rank 0 only: the other ranks would repeat it."""
@@ -169,9 +122,11 @@ class Trainer:
         saved = SamplerState.from_dict(state["sampler"])
         if (saved.accumulation, saved.micro_batch_tokens) != (self.state.accumulation, self.state.micro_batch_tokens):
             # On stdout with the other lines, as always (a log.warning would go to stderr).
-            self.say(f"warning: the checkpoint was written with {saved.accumulation} accumulation x "
-                     f"{saved.micro_batch_tokens} tokens; this run's epoch schedule differs, so the epoch continues "
-                     "from the same step index of a different order")
+            self.say(
+                f"warning: the checkpoint was written with {saved.accumulation} accumulation x "
+                f"{saved.micro_batch_tokens} tokens; this run's epoch schedule differs, so the epoch continues "
+                "from the same step index of a different order"
+            )
         self.state.epoch, self.state.step = saved.epoch, saved.step
         self.say(f"resumed from {path} at step {self.step} (epoch {saved.epoch}, step {saved.step} of it)")
         return True
@@ -198,11 +153,21 @@ class Trainer:
         return Path(decision) if decision is not None else None
 
     def save(self) -> Path:
-        trainer_state = {"step": self.step, "sampler": self.state.to_dict(),
-                         "nonfinite_in_a_row": self.nonfinite_in_a_row, "time": time.time()}
-        path = checkpoint.save_checkpoint(self.engine, self.cfg, self.step, trainer_state, self.topology.rank,
-                                          self.cfg.train.keep_last, run_files={"ds_config.json": self.ds_config,
-                                                                               "plan.json": self.plan.to_dict()})
+        trainer_state = {
+            "step": self.step,
+            "sampler": self.state.to_dict(),
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "time": time.time(),
+        }
+        path = checkpoint.save_checkpoint(
+            self.engine,
+            self.cfg,
+            self.step,
+            trainer_state,
+            self.topology.rank,
+            self.cfg.train.keep_last,
+            run_files={"ds_config.json": self.ds_config, "plan.json": self.plan.to_dict()},
+        )
         self.say(f"checkpoint {path}")
         self.last_saved = self.step
         return path
@@ -217,8 +182,13 @@ class Trainer:
         stop.catch()
         resumed = self.resume()
         self.metrics_log.start(self.step, resumed)
-        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not (self.topology.is_main and sys.stderr.isatty()) or is_quiet())
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (self.topology.is_main and sys.stderr.isatty()) or is_quiet(),
+        )
         with bar, lines_above(bar):
             last = self._run_steps(resumed, bar)
         self.metrics_log.close()
@@ -255,11 +225,15 @@ class Trainer:
         if self.state.step >= len(self.epoch_plan.steps):
             self.state.epoch, self.state.step = self.state.epoch + 1, 0
             self.epoch_plan = self.data.sampler.plan(self.state.epoch)
-            self.say(f"epoch {self.state.epoch}: {len(self.epoch_plan.steps)} steps, "
-                     f"{self.epoch_plan.num_samples} samples, padding {self.epoch_plan.padding_fraction:.1%}")
+            self.say(
+                f"epoch {self.state.epoch}: {len(self.epoch_plan.steps)} steps, "
+                f"{self.epoch_plan.num_samples} samples, padding {self.epoch_plan.padding_fraction:.1%}"
+            )
             if not self.epoch_plan.steps:
-                raise DataError(f"epoch {self.state.epoch} has no full optimizer step: the corpus is too small "
-                                "for this many ranks x accumulation; add data or use fewer ranks")
+                raise DataError(
+                    f"epoch {self.state.epoch} has no full optimizer step: the corpus is too small "
+                    "for this many ranks x accumulation; add data or use fewer ranks"
+                )
         return self.epoch_plan.rank_micro_batches(self.state.step, self.topology.rank, self.plan.accumulation)
 
     def _step_positions(self, batches: list[dict]) -> tuple[int, int, bool]:
@@ -267,7 +241,8 @@ class Trainer:
         rank received a stop signal: one all-reduce before the first forward."""
         counts = [label_counts(b) for b in batches]
         audio, text, stopping = all_reduce_sum(
-            [sum(a for a, _ in counts), sum(t for _, t in counts), float(stop.received() is not None)], self.device)
+            [sum(a for a, _ in counts), sum(t for _, t in counts), float(stop.received() is not None)], self.device
+        )
         return int(audio), int(text), bool(stopping)
 
     def _stop(self) -> None:
@@ -289,8 +264,9 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- one step
 
-    def _step(self, batches: list[dict], micro_batches: list[list[Pair]], audio_total: int,
-              text_total: int) -> dict | None:
+    def _step(
+        self, batches: list[dict], micro_batches: list[list[Pair]], audio_total: int, text_total: int
+    ) -> dict | None:
         """Forward/backward over this rank's micro-batches and one optimizer step; the metrics on logging steps."""
         totals, skipped = self._forward_backward(batches, micro_batches, audio_total, text_total)
         self.window.add(positions=totals.positions, frames=totals.target_frames, flops=totals.flops)
@@ -303,8 +279,9 @@ class Trainer:
             return None
         return self._log_step(step, totals)
 
-    def _forward_backward(self, batches: list[dict], micro_batches: list[list[Pair]], audio_total: int,
-                          text_total: int) -> tuple[StepTotals, bool]:
+    def _forward_backward(
+        self, batches: list[dict], micro_batches: list[list[Pair]], audio_total: int, text_total: int
+    ) -> tuple[StepTotals, bool]:
         """(the step's totals over all ranks, whether its optimizer step was skipped for a non-finite loss).
 
         The loss of every micro-batch is divided by the step's labelled positions over all ranks (`audio_total`,
@@ -333,7 +310,7 @@ class Trainer:
         """(real positions, target audio frames, model FLOPs) of one micro-batch, for the rates."""
         real = batch["attention_mask"].sum(1)
         frames = sum(self.data.utterances[s.target].num_frames for s in samples)
-        flops = self.flops.step_flops(int(real.sum()), int(batch["loss_mask"].sum()), int((real ** 2).sum()))
+        flops = self.flops.step_flops(int(real.sum()), int(batch["loss_mask"].sum()), int((real**2).sum()))
         return float(real.sum()), frames, flops
 
     def _count_nonfinite_step(self) -> None:
@@ -341,8 +318,10 @@ class Trainer:
         self.nonfinite_in_a_row += 1
         limit = self.cfg.train.max_nonfinite_steps
         # On stdout with the step lines, as always (a log.warning would go to stderr).
-        self.say(f"warning: step {self.step + 1} has a non-finite loss on at least one rank; skipped "
-                 f"({self.nonfinite_in_a_row} in a row, limit train.max_nonfinite_steps={limit})")
+        self.say(
+            f"warning: step {self.step + 1} has a non-finite loss on at least one rank; skipped "
+            f"({self.nonfinite_in_a_row} in a row, limit train.max_nonfinite_steps={limit})"
+        )
         if self.nonfinite_in_a_row >= limit:
             raise NonFiniteLossError(
                 f"{self.nonfinite_in_a_row} optimizer steps in a row had a NaN/inf loss (last: step "
@@ -383,10 +362,17 @@ class Trainer:
                 totals.add_loss(result)
         totals = totals.reduced(self.device)
         positions = totals.audio_counts.tolist()[0]
-        metrics = {"step": self.step, "loss": totals.loss(), "per_codebook_loss": totals.per_codebook_loss(),
-                   "positions": positions}
-        self.say(f"step {self.step} | held-out speakers {','.join(self.data.eval_speakers)} | "
-                 f"loss {metrics['loss']:.4f} over {int(positions)} target positions", eval_log)
+        metrics = {
+            "step": self.step,
+            "loss": totals.loss(),
+            "per_codebook_loss": totals.per_codebook_loss(),
+            "positions": positions,
+        }
+        self.say(
+            f"step {self.step} | held-out speakers {','.join(self.data.eval_speakers)} | "
+            f"loss {metrics['loss']:.4f} over {int(positions)} target positions",
+            eval_log,
+        )
         if self.probe is not None:
             metrics.update(self.probe.run(engine.module, self.step, self.device, self.metrics_log.writer))
         engine.train()

@@ -48,13 +48,17 @@ def label_counts(batch: dict) -> tuple[int, int]:
     return audio, int((batch["text_loss_labels"] != IGNORE_INDEX).sum())
 
 
-def audio_loss_sums(logits: torch.Tensor, labels: torch.Tensor, num_codebooks: int) -> tuple[torch.Tensor, torch.Tensor]:
+def audio_loss_sums(
+    logits: torch.Tensor, labels: torch.Tensor, num_codebooks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-codebook summed cross-entropy of (N, K * V) logits against (N, K) labels; -100 is ignored."""
     per_codebook = logits.float().reshape(labels.shape[0], num_codebooks, -1)
-    sums = torch.stack([
-        F.cross_entropy(per_codebook[:, k], labels[:, k], ignore_index=IGNORE_INDEX, reduction="sum")
-        for k in range(num_codebooks)
-    ])
+    sums = torch.stack(
+        [
+            F.cross_entropy(per_codebook[:, k], labels[:, k], ignore_index=IGNORE_INDEX, reduction="sum")
+            for k in range(num_codebooks)
+        ]
+    )
     counts = (labels != IGNORE_INDEX).sum(0)
     return sums, counts
 
@@ -111,8 +115,13 @@ def micro_batch_loss_sums(model, batch: dict, text_loss: bool = False) -> LossSu
     return LossSums(audio=audio, audio_counts=audio_counts.cpu(), text=text, text_count=text_count.cpu())
 
 
-def normalised_loss(sums: LossSums, global_audio_positions: int, global_text_positions: int,
-                    text_loss_weight: float, world_size: int = 1) -> torch.Tensor:
+def normalised_loss(
+    sums: LossSums,
+    global_audio_positions: int,
+    global_text_positions: int,
+    text_loss_weight: float,
+    world_size: int = 1,
+) -> torch.Tensor:
     """The micro-batch's share of the step loss, ready for backward.
 
     `global_*_positions` are the step's totals over all micro-batches and ranks. Multiplying by `world_size`

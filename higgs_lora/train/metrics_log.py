@@ -48,8 +48,9 @@ class MetricsLog:
                 kept, dropped = records_up_to(path.read_text(encoding="utf-8"), step)
                 if dropped:
                     atomic_write_text(path, "".join(kept))
-                    log.info(f"metrics.jsonl: dropped {dropped} records logged after step {step} by the "
-                             "interrupted attempt")
+                    log.info(
+                        f"metrics.jsonl: dropped {dropped} records logged after step {step} by the interrupted attempt"
+                    )
             else:
                 path.replace(path.with_name(path.name + ".old"))
                 log.info(f"starting from scratch: the previous metrics.jsonl is now {path.name}.old")

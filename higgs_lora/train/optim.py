@@ -46,10 +46,11 @@ def build_engine(model, cfg: RunConfig, ds_config: dict, total_steps: int):
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = torch.cuda.is_available() and ds_config["zero_optimization"].get("offload_optimizer", {}).get(
-        "device", "none") == "none"
+    fused = (
+        torch.cuda.is_available()
+        and ds_config["zero_optimization"].get("offload_optimizer", {}).get("device", "none") == "none"
+    )
     optimizer = SkippableAdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.train.warmup_steps, total_steps))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return engine, optimizer

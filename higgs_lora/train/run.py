@@ -64,8 +64,9 @@ def plan_run(cfg: RunConfig, ds_config_path: str, topology: Topology) -> tuple[R
             model_config = read_model_config(cfg.model.path)
             hardware = detect_hardware(cfg, world_size=topology.world_size)
             plan = make_plan(cfg, ds_config, hardware, model_config, cache_sequence_stats(cfg, cache_dir_of(cfg)))
-            planned = dataclasses.replace(cfg, model=dataclasses.replace(
-                cfg.model, gradient_checkpointing=plan.gradient_checkpointing))
+            planned = dataclasses.replace(
+                cfg, model=dataclasses.replace(cfg.model, gradient_checkpointing=plan.gradient_checkpointing)
+            )
             outcome = ((planned, plan, resolve_ds_config(ds_config, planned, plan, model_config), model_config), None)
         except PlanError as err:
             outcome = (None, str(err))

@@ -14,8 +14,15 @@ TRAIN = str(REPO_ROOT / "launch" / "train.py")
 DEMO_CONFIG = str(REPO_ROOT / "configs" / "demo.yaml")
 
 
-def launcher_command(launcher: str, num_ranks: int, ds: str, overrides: list[str], port: int,
-                     script: str = TRAIN, script_args: tuple[str, ...] = ()) -> list[str]:
+def launcher_command(
+    launcher: str,
+    num_ranks: int,
+    ds: str,
+    overrides: list[str],
+    port: int,
+    script: str = TRAIN,
+    script_args: tuple[str, ...] = (),
+) -> list[str]:
     """`script` (launch/train.py, or a test harness wrapping it) under `launcher` with the demo config."""
     ds_path = str(REPO_ROOT / "ds_configs" / ds)
     args = [script, *script_args, "--ds", ds_path, "--config", DEMO_CONFIG, *overrides]
@@ -43,21 +50,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train(out: Path, overrides: list[str], ds: str = "zero2.json", launcher: str = "torchrun", num_ranks: int = 2,
-          timeout: int = 600) -> subprocess.CompletedProcess:
+def train(
+    out: Path,
+    overrides: list[str],
+    ds: str = "zero2.json",
+    launcher: str = "torchrun",
+    num_ranks: int = 2,
+    timeout: int = 600,
+) -> subprocess.CompletedProcess:
     """Run a training job to completion; raises with its output when it fails."""
     cmd = launcher_command(launcher, num_ranks, ds, [f"output_dir={out}", *overrides], free_port())
     result = subprocess.run(cmd, cwd=REPO_ROOT, env=train_env(), capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {result.returncode}:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+        )
     return result
 
 
-def start(out: Path, overrides: list[str], ds: str = "zero2.json", launcher: str = "torchrun",
-          num_ranks: int = 2) -> subprocess.Popen:
+def start(
+    out: Path, overrides: list[str], ds: str = "zero2.json", launcher: str = "torchrun", num_ranks: int = 2
+) -> subprocess.Popen:
     cmd = launcher_command(launcher, num_ranks, ds, [f"output_dir={out}", *overrides], free_port())
-    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO_ROOT,
+        env=train_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def metrics(out: Path, kind: str = "train") -> list[dict]:

@@ -10,7 +10,6 @@ import sys
 import pytest
 
 from higgs_lora.config import load_config
-
 from tests.conftest import REPO_ROOT
 from tests.e2e.launch import adapter_tensors
 
@@ -19,10 +18,25 @@ from tests.e2e.launch import adapter_tensors
 def test_demo_command_end_to_end(tmp_path):
     out, tiny = tmp_path / "run", tmp_path / "tiny"
     result = subprocess.run(
-        [sys.executable, "-m", "higgs_lora.demo", "--config", "configs/demo.yaml", "--tiny-dir", str(tiny),
-         f"output_dir={out}", f"model.path={tiny / 'model'}", f"model.codec_path={tiny / 'codec'}",
-         "train.max_steps=10", "train.eval_every=5"],
-        cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "higgs_lora.demo",
+            "--config",
+            "configs/demo.yaml",
+            "--tiny-dir",
+            str(tiny),
+            f"output_dir={out}",
+            f"model.path={tiny / 'model'}",
+            f"model.codec_path={tiny / 'codec'}",
+            "train.max_steps=10",
+            "train.eval_every=5",
+        ],
+        cwd=REPO_ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "deepspeed --num_gpus 2" in result.stdout and "[train] step 10/10" in result.stdout
@@ -40,7 +54,10 @@ def test_demo_command_end_to_end(tmp_path):
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
     assert [e["step"] for e in evals] == [0, 5, 10] and all("similarity" in e and "dnsmos_ovrl" in e for e in evals)
     assert sorted(p.name for p in (out / "eval_samples").glob("step_*")) == [
-        "step_00000000", "step_00000005", "step_00000010"]
+        "step_00000000",
+        "step_00000005",
+        "step_00000010",
+    ]
     # ... and ends with the evaluation report of the clones.
     evaluation = json.loads((out / "clone" / "metrics.json").read_text())
     assert evaluation["num_scored"] == 2 and evaluation["summary"]["similarity_reference"]["n"] == 2

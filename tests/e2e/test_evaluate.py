@@ -28,12 +28,34 @@ def _append_broken_samples(pred: Path, reference: str) -> None:
     (pred / "corrupt.wav").write_bytes(b"RIFF not really a wav file")
     write_wav(pred / "short.wav", np.full(1200, 0.1, np.float32))
     lines = [
-        {"index": 5, "id": "corrupt", "wav": "corrupt.wav", "reference_audio": None, "reference_text": None,
-         "target_text": "نص", "duration_s": 2.0, "seconds": 2.0 * FINE_TUNED_RTF, "rtf": FINE_TUNED_RTF},
-        {"index": 6, "id": "missing", "wav": "nope.wav", "target_text": "نص", "duration_s": 1.0,
-         "seconds": 1.0 * FINE_TUNED_RTF},
-        {"index": 8, "id": "short", "wav": "short.wav", "reference_audio": str(reference), "target_text": "نص",
-         "duration_s": 0.05, "seconds": 0.05 * FINE_TUNED_RTF},
+        {
+            "index": 5,
+            "id": "corrupt",
+            "wav": "corrupt.wav",
+            "reference_audio": None,
+            "reference_text": None,
+            "target_text": "نص",
+            "duration_s": 2.0,
+            "seconds": 2.0 * FINE_TUNED_RTF,
+            "rtf": FINE_TUNED_RTF,
+        },
+        {
+            "index": 6,
+            "id": "missing",
+            "wav": "nope.wav",
+            "target_text": "نص",
+            "duration_s": 1.0,
+            "seconds": 1.0 * FINE_TUNED_RTF,
+        },
+        {
+            "index": 8,
+            "id": "short",
+            "wav": "short.wav",
+            "reference_audio": str(reference),
+            "target_text": "نص",
+            "duration_s": 0.05,
+            "seconds": 0.05 * FINE_TUNED_RTF,
+        },
     ]
     with open(pred / "manifest.jsonl", "a", encoding="utf-8") as handle:
         handle.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
@@ -59,8 +81,9 @@ def folders(demo_rows, tmp_path_factory):
     assert main(["--pred", str(fine_tuned), "--quiet"]) == 0
     assert main(["--pred", str(base), "--quiet", "--no-dnsmos"]) == 0
     compared = root / "compared"
-    assert main(["--pred", str(fine_tuned), "--compare", str(base), "--out", str(compared), "--quiet",
-                 "--no-dnsmos"]) == 0
+    assert (
+        main(["--pred", str(fine_tuned), "--compare", str(base), "--out", str(compared), "--quiet", "--no-dnsmos"]) == 0
+    )
     return {"fine_tuned": fine_tuned, "base": base, "compared": compared}
 
 
@@ -96,8 +119,11 @@ def test_metrics_json(folders):
 @pytest.mark.slow
 def test_speed_is_aggregated_from_the_manifest(folders):
     metrics = _metrics(folders["fine_tuned"])
-    rows = [json.loads(line) for line in (folders["fine_tuned"] / "manifest.jsonl").read_text().splitlines()
-            if line.startswith("{\"")]
+    rows = [
+        json.loads(line)
+        for line in (folders["fine_tuned"] / "manifest.jsonl").read_text().splitlines()
+        if line.startswith('{"')
+    ]
     total_seconds = sum(r["seconds"] for r in rows)
     total_audio = sum(r["duration_s"] for r in rows)
     assert metrics["summary"]["rtf"]["value"] == pytest.approx(total_seconds / total_audio) == pytest.approx(0.5)
@@ -105,7 +131,8 @@ def test_speed_is_aggregated_from_the_manifest(folders):
     assert metrics["summary"]["seconds"]["mean"] == pytest.approx(total_seconds / 8)
     assert metrics["summary"]["seconds"]["max"] == pytest.approx(max(r["seconds"] for r in rows))
     assert metrics["summary"]["first_audio_s"] == pytest.approx(
-        {"value": 0.25, "mean": 0.25, "median": 0.25, "p10": 0.25, "p90": 0.25, "min": 0.25, "max": 0.25, "n": 2})
+        {"value": 0.25, "mean": 0.25, "median": 0.25, "p10": 0.25, "p90": 0.25, "min": 0.25, "max": 0.25, "n": 2}
+    )
 
 
 @pytest.mark.slow
@@ -152,7 +179,8 @@ def test_compare_deltas_are_differences_of_the_two_folders(folders):
     for sample_id in common:
         assert per_sample[sample_id]["similarity_reference"] == pytest.approx(
             float(fine_tuned[sample_id]["similarity_reference"]) - float(base[sample_id]["similarity_reference"]),
-            abs=1e-5)
+            abs=1e-5,
+        )
     assert "dnsmos_ovrl" not in compared["delta"]  # --no-dnsmos: nothing to compare
 
 
@@ -214,8 +242,15 @@ def _chromium() -> str:
     pytest.skip("needs headless Chromium to render the report (apt-get install chromium); CI installs it")
 
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                  "--disable-extensions", "--mute-audio"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--no-first-run",
+    "--disable-extensions",
+    "--mute-audio",
+]
 
 
 @pytest.mark.slow
@@ -223,8 +258,14 @@ def test_report_renders_in_headless_chromium(folders, tmp_path):
     chromium = _chromium()
     report = folders["compared"] / "report.html"
     env = {**os.environ, "HOME": str(tmp_path)}  # a fresh profile; nothing from the machine's own
-    dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
-                          report.as_uri()], capture_output=True, text=True, timeout=180, env=env, check=True).stdout
+    dom = subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", report.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        check=True,
+    ).stdout
     page = _DomSummary()
     page.feed(dom)
     assert {"run", "summary", "speed", "speakers", "samples"} <= set(page.table_rows)
@@ -250,9 +291,20 @@ def test_report_screenshot_shows_the_plots(folders, tmp_path):
     from PIL import Image  # Pillow is installed with tensorboard (pinned in constraints.txt)
 
     shot = tmp_path / "report.png"
-    subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
-                    "--window-size=1400,2400", (folders["compared"] / "report.html").as_uri()],
-                   capture_output=True, timeout=180, env={**os.environ, "HOME": str(tmp_path)}, check=True)
+    subprocess.run(
+        [
+            chromium,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1400,2400",
+            (folders["compared"] / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        timeout=180,
+        env={**os.environ, "HOME": str(tmp_path)},
+        check=True,
+    )
     image = Image.open(shot).convert("RGB")
     bar_blue = sum(count for count, colour in image.getcolors(maxcolors=1 << 20) if colour == (0x3B, 0x6E, 0xA5))
     assert bar_blue > 2000, "no plot bars visible in the rendered page"

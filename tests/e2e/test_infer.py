@@ -15,16 +15,23 @@ CORPUS = REPO_ROOT / "examples" / "demo_corpus"
 
 def test_cli_writes_wavs_and_manifest_and_reports_bad_samples(tiny_checkpoint, tmp_path):
     def sample(reference, target_text, target=None):
-        user = [{"type": "text", "text": "نص التسجيل المرجعي"}, {"type": "audio", "audio_url": reference},
-                {"type": "text", "text": target_text}]
-        messages = [{"role": "system", "content": "Generate audio following instruction."},
-                    {"role": "user", "content": user}]
+        user = [
+            {"type": "text", "text": "نص التسجيل المرجعي"},
+            {"type": "audio", "audio_url": reference},
+            {"type": "text", "text": target_text},
+        ]
+        messages = [
+            {"role": "system", "content": "Generate audio following instruction."},
+            {"role": "user", "content": user},
+        ]
         if target:
             messages.append({"role": "assistant", "content": [{"type": "audio", "audio_url": target}]})
         return {"messages": messages, "speaker": reference.split("/")[-2]}
 
     samples = [
-        sample(str(CORPUS / "spk_f1" / "spk_f1_01.flac"), "الطقس اليوم معتدل", str(CORPUS / "spk_f1" / "spk_f1_02.flac")),
+        sample(
+            str(CORPUS / "spk_f1" / "spk_f1_01.flac"), "الطقس اليوم معتدل", str(CORPUS / "spk_f1" / "spk_f1_02.flac")
+        ),
         sample("missing/ref.wav", "نص"),  # a reference that does not exist: reported, skipped
         {"messages": "not a list"},  # malformed: reported, skipped
         sample(str(CORPUS / "spk_m1" / "spk_m1_01.flac"), "مرحبا بكم. كيف حالكم؟"),
@@ -33,9 +40,25 @@ def test_cli_writes_wavs_and_manifest_and_reports_bad_samples(tiny_checkpoint, t
     source.write_text(json.dumps(samples, ensure_ascii=False), encoding="utf-8")
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "higgs_lora.infer.batch", "--chatml", str(source), "--out", str(out), "--model",
-         str(tiny_checkpoint.model_dir), "--max-seconds", "1.5", "--seed", "5"],
-        capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "higgs_lora.infer.batch",
+            "--chatml",
+            str(source),
+            "--out",
+            str(out),
+            "--model",
+            str(tiny_checkpoint.model_dir),
+            "--max-seconds",
+            "1.5",
+            "--seed",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     assert "2 samples" in result.stdout and "2 failed" in result.stdout
     lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]

@@ -15,18 +15,24 @@ import pytest
 import torch
 
 from higgs_lora.config import ModelConfig
-from higgs_lora.deploy.merge import MERGE_MARKER, main as merge_main
-from higgs_lora.model.loading import resolve_codec_path
+from higgs_lora.deploy.merge import MERGE_MARKER
+from higgs_lora.deploy.merge import main as merge_main
 from higgs_lora.deploy.shards import INDEX_FILE, sha256_file
-
+from higgs_lora.model.loading import resolve_codec_path
 from tests.conftest import REPO_ROOT
 from tests.e2e.launch import train, train_env
 from tests.e2e.test_train import overrides_value, probe_batch
 
 pytestmark = pytest.mark.slow  # every test uses an adapter from a real training run
 
-STEPS = ["train.lr=5e-3", "train.warmup_steps=1", "train.log_every=1", "train.eval_every=0", "train.max_steps=3",
-         "train.save_every=3"]
+STEPS = [
+    "train.lr=5e-3",
+    "train.warmup_steps=1",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.max_steps=3",
+    "train.save_every=3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +50,14 @@ def qlora_run(demo_cache, tmp_path_factory):
 
 
 def run_merge_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "higgs_lora.deploy.merge", *args], cwd=REPO_ROOT, env=train_env(),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "higgs_lora.deploy.merge", *args],
+        cwd=REPO_ROOT,
+        env=train_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def adapter_and_base_logits(demo_cache, adapter_dir, dtype=torch.float32):
@@ -54,8 +66,9 @@ def adapter_and_base_logits(demo_cache, adapter_dir, dtype=torch.float32):
     from transformers import HiggsAudioV2ForConditionalGeneration
 
     model_dir = overrides_value(demo_cache, "model.path")
-    batch = probe_batch(model_dir, overrides_value(demo_cache, "model.codec_path"),
-                        overrides_value(demo_cache, "data.cache_dir"))
+    batch = probe_batch(
+        model_dir, overrides_value(demo_cache, "model.codec_path"), overrides_value(demo_cache, "data.cache_dir")
+    )
     base = HiggsAudioV2ForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
     with torch.no_grad():
         adapted = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
@@ -88,8 +101,15 @@ def test_lora_adapter_merges_into_a_plain_transformers_checkpoint(lora_run, demo
     config = json.loads((merged / "config.json").read_text())
     assert config["codebook_size"] == 1026 and config["dtype"] == "bfloat16"
     assert config["model_type"] == "higgs_audio_v2"
-    for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                 "audio_tokenizer/config.json", "audio_tokenizer/model.safetensors", "README.md"):
+    for name in (
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "audio_tokenizer/config.json",
+        "audio_tokenizer/model.safetensors",
+        "README.md",
+    ):
         assert (merged / name).is_file(), name
     processor_config = json.loads((merged / "processor_config.json").read_text())
     assert processor_config["audio_tokenizer"]["audio_tokenizer_name_or_path"] == str(merged / "audio_tokenizer")
@@ -98,7 +118,8 @@ def test_lora_adapter_merges_into_a_plain_transformers_checkpoint(lora_run, demo
     record = json.loads((merged / MERGE_MARKER).read_text())
     assert record["adapter"] == str(lora_run / "adapter") and record["dtype"] == "bf16"
     assert record["adapter_sha256"]["adapter_model.safetensors"] == sha256_file(
-        lora_run / "adapter" / "adapter_model.safetensors")
+        lora_run / "adapter" / "adapter_model.safetensors"
+    )
     assert record["merged_weights"] == 20  # 2 layers x (q, k, v, o + gate, up, down of both MLPs)
     assert record["weights_sha256"] == {s.name: sha256_file(s) for s in shards}
     report = record["verification"]
@@ -174,8 +195,11 @@ def test_a_wrong_merge_fails_the_check_and_publishes_nothing(lora_run, tmp_path,
     import higgs_lora.deploy.merge as merge
 
     real = merge.merge_weight
-    monkeypatch.setattr(merge, "merge_weight",  # a scale bug: half of every update
-                        lambda weight, delta, *a: real(weight, dataclasses.replace(delta, scale=delta.scale / 2), *a))
+    monkeypatch.setattr(
+        merge,
+        "merge_weight",  # a scale bug: half of every update
+        lambda weight, delta, *a: real(weight, dataclasses.replace(delta, scale=delta.scale / 2), *a),
+    )
     out = tmp_path / "Higgs-Audio-2-wrong"
     assert merge_main(["--adapter", str(lora_run), "--out", str(out)]) == 1
     assert "verification failed, nothing was written" in capsys.readouterr().err

@@ -11,22 +11,30 @@ import pytest
 import torch
 
 from higgs_lora.run_folder import ADAPTER
-
 from tests.e2e.launch import adapter_tensors, metrics, start, train
 
 pytestmark = pytest.mark.slow  # every test trains through a real launcher
 
 # Dropout on, so the result depends on the RNG state being restored too, not only weights and optimizer.
-RUN = ["train.lr=5e-3", "train.warmup_steps=2", "train.log_every=1", "train.eval_every=3", "train.max_steps=8",
-       "train.save_every=3", "lora.dropout=0.1", "train.eval_samples=0"]
+RUN = [
+    "train.lr=5e-3",
+    "train.warmup_steps=2",
+    "train.log_every=1",
+    "train.eval_every=3",
+    "train.max_steps=8",
+    "train.save_every=3",
+    "lora.dropout=0.1",
+    "train.eval_samples=0",
+]
 
 
 def wait_for(path, process: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         if process.poll() is not None:
-            raise AssertionError(f"the run ended (exit {process.returncode}) before {path} appeared:\n"
-                                 f"{process.stdout.read()[-4000:]}")
+            raise AssertionError(
+                f"the run ended (exit {process.returncode}) before {path} appeared:\n{process.stdout.read()[-4000:]}"
+            )
         if time.monotonic() > deadline:
             raise AssertionError(f"{path} did not appear in {timeout} s")
         time.sleep(0.05)
@@ -110,8 +118,15 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_zero(demo_cache, uninte
 
 def test_two_ranks_equal_one_rank_with_twice_the_accumulation(demo_cache, tmp_path):
     """The loss is normalised over the global batch: splitting a step's micro-batches over ranks changes nothing."""
-    common = [*demo_cache, "train.lr=5e-3", "train.warmup_steps=1", "train.max_steps=4", "train.save_every=4",
-              "train.eval_every=0", "train.micro_batch_tokens=1024"]
+    common = [
+        *demo_cache,
+        "train.lr=5e-3",
+        "train.warmup_steps=1",
+        "train.max_steps=4",
+        "train.save_every=4",
+        "train.eval_every=0",
+        "train.micro_batch_tokens=1024",
+    ]
     one, two = tmp_path / "one", tmp_path / "two"
     train(one, [*common, "train.global_batch_tokens=2048"], launcher="python", num_ranks=1)
     train(two, [*common, "train.global_batch_tokens=2048"], num_ranks=2)
@@ -124,8 +139,9 @@ def harness_command(launcher: str, poisoned: str, ds: str, overrides: list[str])
     from tests.e2e.launch import free_port, launcher_command
 
     harness = str(REPO_ROOT / "tests" / "e2e" / "nan_harness.py")
-    return launcher_command(launcher, 1 if launcher == "python" else 2, ds, overrides, free_port(),
-                            script=harness, script_args=(poisoned,))
+    return launcher_command(
+        launcher, 1 if launcher == "python" else 2, ds, overrides, free_port(), script=harness, script_args=(poisoned,)
+    )
 
 
 @pytest.mark.parametrize("launcher,ds", [("python", "zero2.json"), ("torchrun", "zero3.json")])
@@ -134,10 +150,24 @@ def test_a_nan_loss_skips_the_step_and_training_goes_on(demo_cache, tmp_path, la
     from tests.e2e.launch import train_env
 
     out = tmp_path / "run"
-    overrides = [f"output_dir={out}", *demo_cache, "train.max_steps=5", "train.save_every=1", "train.keep_last=10",
-                 "train.eval_every=0", "train.log_every=1", "train.lr=5e-3"]
-    result = subprocess.run(harness_command(launcher, "3", ds, overrides), cwd=REPO_ROOT, env=train_env(),
-                            capture_output=True, text=True, timeout=600)
+    overrides = [
+        f"output_dir={out}",
+        *demo_cache,
+        "train.max_steps=5",
+        "train.save_every=1",
+        "train.keep_last=10",
+        "train.eval_every=0",
+        "train.log_every=1",
+        "train.lr=5e-3",
+    ]
+    result = subprocess.run(
+        harness_command(launcher, "3", ds, overrides),
+        cwd=REPO_ROOT,
+        env=train_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "step 3 has a non-finite loss" in result.stdout
     assert [m["step"] for m in metrics(out)] == [1, 2, 4, 5]
@@ -153,9 +183,20 @@ def test_k_nan_steps_in_a_row_stop_the_run_with_a_clear_error(demo_cache, tmp_pa
     from tests.e2e.launch import train_env
 
     out = tmp_path / "run"
-    overrides = [f"output_dir={out}", *demo_cache, "train.max_steps=6", "train.eval_every=0",
-                 "train.max_nonfinite_steps=2"]
-    result = subprocess.run(harness_command("python", "2,3", "zero2.json", overrides), cwd=REPO_ROOT,
-                            env=train_env(), capture_output=True, text=True, timeout=600)
+    overrides = [
+        f"output_dir={out}",
+        *demo_cache,
+        "train.max_steps=6",
+        "train.eval_every=0",
+        "train.max_nonfinite_steps=2",
+    ]
+    result = subprocess.run(
+        harness_command("python", "2,3", "zero2.json", overrides),
+        cwd=REPO_ROOT,
+        env=train_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 1
     assert "2 optimizer steps in a row had a NaN/inf loss" in result.stderr

@@ -37,9 +37,28 @@ def server(tiny_checkpoint):
     port = free_port()
     env = {**os.environ, "HIGGS_LORA_TOKEN": TOKEN, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "higgs_lora.serve.app", "--model", str(tiny_checkpoint.model_dir), "--port", str(port),
-         "--max-upload-mb", "1", "--max-reference-seconds", "12", "--max-text-chars", "300", "--max-batch", "8"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "higgs_lora.serve.app",
+            "--model",
+            str(tiny_checkpoint.model_dir),
+            "--port",
+            str(port),
+            "--max-upload-mb",
+            "1",
+            "--max-reference-seconds",
+            "12",
+            "--max-text-chars",
+            "300",
+            "--max-batch",
+            "8",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -65,8 +84,13 @@ def clone_form(**fields):
 
 def test_rest_clone_returns_a_24khz_wav(server):
     with REFERENCE.open("rb") as handle:
-        response = httpx.post(f"{server}/v1/clone", headers=AUTH, data=clone_form(),
-                              files={"reference_audio": ("ref.flac", handle, "audio/flac")}, timeout=120)
+        response = httpx.post(
+            f"{server}/v1/clone",
+            headers=AUTH,
+            data=clone_form(),
+            files={"reference_audio": ("ref.flac", handle, "audio/flac")},
+            timeout=120,
+        )
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "audio/wav"
     samples, rate = sf.read(io.BytesIO(response.content))
@@ -91,8 +115,10 @@ def test_websocket_streams_chunks_then_a_final_message(server):
 
     async def run():
         uri = server.replace("http", "ws") + f"/v1/stream?token={TOKEN}"
-        request = {**clone_form(max_seconds="2", target_text="الطقس اليوم معتدل"),
-                   "reference_audio_base64": base64.b64encode(REFERENCE.read_bytes()).decode()}
+        request = {
+            **clone_form(max_seconds="2", target_text="الطقس اليوم معتدل"),
+            "reference_audio_base64": base64.b64encode(REFERENCE.read_bytes()).decode(),
+        }
         messages = []
         async with websockets.connect(uri, max_size=None) as ws:
             await ws.send(json.dumps(request))
@@ -115,8 +141,9 @@ def test_sixteen_concurrent_requests_all_succeed(server):
 
     async def run():
         async with httpx.AsyncClient(timeout=300) as client:
-            return await asyncio.gather(*[
-                client.post(f"{server}/v1/clone", headers=AUTH, json={**body, "seed": i}) for i in range(16)])
+            return await asyncio.gather(
+                *[client.post(f"{server}/v1/clone", headers=AUTH, json={**body, "seed": i}) for i in range(16)]
+            )
 
     responses = asyncio.run(run())
     assert [r.status_code for r in responses] == [200] * 16
@@ -138,17 +165,23 @@ def test_limits_and_access_get_the_right_4xx(server, tmp_path):
         "oversize upload": (post(files={"reference_audio": ("a.wav", big.getvalue())}, data=form), 413),
         "non-audio upload": (post(files={"reference_audio": ("a.wav", b"this is not audio" * 10)}, data=form), 422),
         "empty text": (post(files={"reference_audio": ("a.flac", audio)}, data={**form, "target_text": " "}), 422),
-        "huge text": (post(files={"reference_audio": ("a.flac", audio)}, data={**form, "target_text": "ب" * 301}),
-                      422),
+        "huge text": (post(files={"reference_audio": ("a.flac", audio)}, data={**form, "target_text": "ب" * 301}), 422),
         "server path as audio": (post(json_body={**form, "reference_audio": str(REFERENCE)}), 422),
         "server path in a form field": (post(data={**form, "reference_audio": "/etc/passwd"}), 422),
-        "wrong token": (post(files={"reference_audio": ("a.flac", audio)}, data=form,
-                             headers={"Authorization": "Bearer wrong"}), 401),
+        "wrong token": (
+            post(files={"reference_audio": ("a.flac", audio)}, data=form, headers={"Authorization": "Bearer wrong"}),
+            401,
+        ),
         "no token": (post(files={"reference_audio": ("a.flac", audio)}, data=form, headers={}), 401),
     }
     small = io.BytesIO()  # 15 s of noise at 8 kHz: small in bytes, over the 12 s limit
-    sf.write(small, np.random.default_rng(0).normal(0, 0.1, 8000 * 15).astype(np.float32), 8000, format="WAV",
-             subtype="PCM_16")
+    sf.write(
+        small,
+        np.random.default_rng(0).normal(0, 0.1, 8000 * 15).astype(np.float32),
+        8000,
+        format="WAV",
+        subtype="PCM_16",
+    )
     cases["reference too long"] = (post(files={"reference_audio": ("a.wav", small.getvalue())}, data=form), 422)
     for name, (response, status) in cases.items():
         assert response.status_code == status, f"{name}: {response.status_code} {response.text}"

@@ -8,10 +8,9 @@ import math
 import pytest
 import torch
 
-from higgs_lora.run_folder import ADAPTER, DEEPSPEED_TAG, latest_checkpoint, read_adapter_config
-from higgs_lora.constants import RUN_CONFIG
 from higgs_lora.config import ModelConfig
-
+from higgs_lora.constants import RUN_CONFIG
+from higgs_lora.run_folder import ADAPTER, DEEPSPEED_TAG, latest_checkpoint, read_adapter_config
 from tests.e2e.launch import adapter_tensors, metrics, train
 
 pytestmark = pytest.mark.slow  # every test trains through a real launcher
@@ -21,14 +20,19 @@ FAST = ["train.lr=5e-3", "train.warmup_steps=1", "train.log_every=1", "train.eva
 
 def probe_batch(model_dir, codec_dir, cache_dir):
     """A collated zero-shot batch from the cache (first two utterances of one speaker)."""
-    from higgs_lora.data.collate import MODEL_INPUTS, build_example, collate
     from higgs_lora.data.cache import load_cache
+    from higgs_lora.data.collate import MODEL_INPUTS, build_example, collate
     from higgs_lora.model.loading import load_processor
 
     processor = load_processor(ModelConfig(path=str(model_dir), codec_path=str(codec_dir)))
     rows = list(load_cache(cache_dir).select(range(2)))
-    example = build_example(processor, rows[0]["text_normalized"], torch.tensor(rows[0]["codes"]),
-                            rows[1]["text_normalized"], torch.tensor(rows[1]["codes"]))
+    example = build_example(
+        processor,
+        rows[0]["text_normalized"],
+        torch.tensor(rows[0]["codes"]),
+        rows[1]["text_normalized"],
+        torch.tensor(rows[1]["codes"]),
+    )
     batch = collate([example], processor.tokenizer.pad_token_id, processor.audio_stream_eos_id)
     return {k: batch[k] for k in MODEL_INPUTS}
 
@@ -58,9 +62,15 @@ def overrides_value(overrides, key):
     return next(o.split("=", 1)[1] for o in overrides if o.startswith(key + "="))
 
 
-@pytest.mark.parametrize("ds,quantization", [
-    ("zero2.json", "none"), ("zero2.json", "nf4"), ("zero3.json", "none"), ("zero3.json", "nf4"),
-])
+@pytest.mark.parametrize(
+    "ds,quantization",
+    [
+        ("zero2.json", "none"),
+        ("zero2.json", "nf4"),
+        ("zero3.json", "none"),
+        ("zero3.json", "nf4"),
+    ],
+)
 def test_two_ranks_train_and_write_a_working_adapter(demo_cache, tmp_path, ds, quantization):
     from peft import PeftModel
     from transformers import HiggsAudioV2ForConditionalGeneration
@@ -71,8 +81,11 @@ def test_two_ranks_train_and_write_a_working_adapter(demo_cache, tmp_path, ds, q
     # early or holding no pair is tested in tests/unit/eval/test_probe.py.) DNSMOS in one case only (its cost).
     dnsmos = ds == "zero2.json" and quantization == "none"
     probe = ["train.eval_samples=3", "train.eval_sample_seconds=1", f"train.eval_dnsmos={str(dnsmos).lower()}"]
-    train(out, [*demo_cache, *FAST, *probe, "train.max_steps=8", "train.save_every=4",
-                f"model.quantization={quantization}"], ds=ds)
+    train(
+        out,
+        [*demo_cache, *FAST, *probe, "train.max_steps=8", "train.save_every=4", f"model.quantization={quantization}"],
+        ds=ds,
+    )
 
     logged = metrics(out)
     assert [m["step"] for m in logged] == list(range(1, 9))
@@ -100,8 +113,9 @@ def test_two_ranks_train_and_write_a_working_adapter(demo_cache, tmp_path, ds, q
 
     # Plain PEFT on plain transformers (fp32, unquantised) loads it, and it changes the model's output.
     model_dir = overrides_value(demo_cache, "model.path")
-    batch = probe_batch(model_dir, overrides_value(demo_cache, "model.codec_path"),
-                        overrides_value(demo_cache, "data.cache_dir"))
+    batch = probe_batch(
+        model_dir, overrides_value(demo_cache, "model.codec_path"), overrides_value(demo_cache, "data.cache_dir")
+    )
     base = HiggsAudioV2ForConditionalGeneration.from_pretrained(model_dir).eval()
     with torch.no_grad():
         before = base(**batch).logits.clone()
@@ -125,8 +139,12 @@ def test_two_ranks_train_and_write_a_working_adapter(demo_cache, tmp_path, ds, q
 
 def test_checkpoints_are_complete_kept_last_k_and_carry_the_config(demo_cache, tmp_path):
     out = tmp_path / "run"
-    train(out, [*demo_cache, *FAST, "train.max_steps=6", "train.save_every=2", "train.keep_last=2"],
-          launcher="python", num_ranks=1)
+    train(
+        out,
+        [*demo_cache, *FAST, "train.max_steps=6", "train.save_every=2", "train.keep_last=2"],
+        launcher="python",
+        num_ranks=1,
+    )
     root = out / "checkpoints"
     names = sorted(p.name for p in root.iterdir() if p.is_dir())
     assert names == ["step_00000004", "step_00000006"]  # step 2 pruned, no partial directories left
@@ -149,8 +167,18 @@ def test_checkpoints_are_complete_kept_last_k_and_carry_the_config(demo_cache, t
 
 def test_text_loss_under_zero3_trains_the_text_path_too(demo_cache, tmp_path):
     out = tmp_path / "run"
-    train(out, [*demo_cache, *FAST, "train.max_steps=6", "train.save_every=6", "model.use_text_head=true",
-                "train.text_loss_weight=0.5"], ds="zero3.json")
+    train(
+        out,
+        [
+            *demo_cache,
+            *FAST,
+            "train.max_steps=6",
+            "train.save_every=6",
+            "model.use_text_head=true",
+            "train.text_loss_weight=0.5",
+        ],
+        ds="zero3.json",
+    )
     logged = metrics(out)
     assert all("text_loss" in m for m in logged)
     assert logged[-1]["text_loss"] < logged[0]["text_loss"]
@@ -163,13 +191,19 @@ def test_text_loss_under_zero3_trains_the_text_path_too(demo_cache, tmp_path):
 def test_a_pinned_budget_that_cannot_fit_stops_every_rank_before_loading(demo_cache, tmp_path):
     import subprocess
 
-    from tests.e2e.launch import free_port, launcher_command, train_env
     from tests.conftest import REPO_ROOT
+    from tests.e2e.launch import free_port, launcher_command, train_env
 
     out = tmp_path / "run"
     overrides = [f"output_dir={out}", *demo_cache, "plan.gpu_memory_gib=1", "train.micro_batch_tokens=65536"]
-    result = subprocess.run(launcher_command("torchrun", 2, "zero2.json", overrides, free_port()), cwd=REPO_ROOT,
-                            env=train_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        launcher_command("torchrun", 2, "zero2.json", overrides, free_port()),
+        cwd=REPO_ROOT,
+        env=train_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     # Both ranks report the planner's error (rank 1 gets it from rank 0), and nothing was loaded or written.
     assert result.stderr.count("does not fit 2 x 1 GiB") == 2, result.stderr[-3000:]

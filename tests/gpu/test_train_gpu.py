@@ -14,16 +14,19 @@ def test_bf16_loss_and_backward_on_cuda(tiny_checkpoint):
     import torch
 
     from higgs_lora.data.collate import build_example, collate
-    from higgs_lora.train.loss import label_counts, micro_batch_loss_sums, normalised_loss, to_device
-    from higgs_lora.model.lora import apply_lora
     from higgs_lora.model.loading import load_base_model, load_processor
+    from higgs_lora.model.lora import apply_lora
+    from higgs_lora.train.loss import label_counts, micro_batch_loss_sums, normalised_loss, to_device
 
     cfg = ModelConfig(path=str(tiny_checkpoint.model_dir), codec_path=str(tiny_checkpoint.codec_dir), dtype="bf16")
     processor = load_processor(cfg)
     model = apply_lora(load_base_model(cfg, "cuda"), LoraConfig(r=8), cfg)
     codes = lambda t: torch.randint(0, 1024, (8, t))  # noqa: E731
-    batch = collate([build_example(processor, "مرجع", codes(40), "هدف", codes(30 + i)) for i in range(2)],
-                    processor.tokenizer.pad_token_id, processor.audio_stream_eos_id)
+    batch = collate(
+        [build_example(processor, "مرجع", codes(40), "هدف", codes(30 + i)) for i in range(2)],
+        processor.tokenizer.pad_token_id,
+        processor.audio_stream_eos_id,
+    )
     sums = micro_batch_loss_sums(model, to_device(batch, "cuda"))
     loss = normalised_loss(sums, label_counts(batch)[0], 0, 0.0)
     loss.backward()

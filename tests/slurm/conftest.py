@@ -17,8 +17,10 @@ from tests.slurm.jobs import Jobs, slurm_ok
 def slurm_cluster():
     ok, why = slurm_ok()
     if not ok:
-        message = f"no SLURM cluster answers ({why}); start one with `tests/slurm/local_slurm.sh start` and " \
-                  "export the SLURM_CONF it prints"
+        message = (
+            f"no SLURM cluster answers ({why}); start one with `tests/slurm/local_slurm.sh start` and "
+            "export the SLURM_CONF it prints"
+        )
         if os.environ.get("HIGGS_LORA_REQUIRE_SLURM") == "1":
             pytest.fail(f"HIGGS_LORA_REQUIRE_SLURM=1 but {message}")
         pytest.skip(message)

@@ -14,8 +14,17 @@ from pathlib import Path
 
 from tests.conftest import REPO_ROOT
 
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
-            "DEADLINE"}
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]
 """What the scripts' GPU-cluster #SBATCH defaults become on the CPU test cluster (options on the line win)."""
 
@@ -27,8 +36,11 @@ def slurm_ok() -> tuple[bool, str]:
     except (FileNotFoundError, subprocess.TimeoutExpired) as err:
         return False, f"`scontrol ping` failed: {err}"
     if result.returncode != 0 or "UP" not in result.stdout:
-        return False, f"`scontrol ping` (SLURM_CONF={os.environ.get('SLURM_CONF', 'unset')}): " \
-                      f"{(result.stdout + result.stderr).strip()}"
+        return (
+            False,
+            f"`scontrol ping` (SLURM_CONF={os.environ.get('SLURM_CONF', 'unset')}): "
+            f"{(result.stdout + result.stderr).strip()}",
+        )
     return True, ""
 
 

@@ -13,20 +13,27 @@ from tests.slurm.jobs import read, wait_until_done
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]  # first: skip fast
 
 
-def test_an_array_job_writes_one_shard_per_task_and_the_join_writes_the_report(tiny_checkpoint, slurm_jobs,
-                                                                             tmp_path):
+def test_an_array_job_writes_one_shard_per_task_and_the_join_writes_the_report(tiny_checkpoint, slurm_jobs, tmp_path):
     # Eight demo utterances, four per shard: two shards for two tasks (the codec on CPU is the slow part).
     rows = [json.loads(line) for line in (DEMO_CORPUS / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
     manifest = tmp_path / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps({**r, "audio": str(DEMO_CORPUS / r["audio"])}, ensure_ascii=False) + "\n"
-                                for r in rows[:8]), encoding="utf-8")
+    manifest.write_text(
+        "".join(json.dumps({**r, "audio": str(DEMO_CORPUS / r["audio"])}, ensure_ascii=False) + "\n" for r in rows[:8]),
+        encoding="utf-8",
+    )
     cache = tmp_path / "cache"
     array = slurm_jobs.submit(
         "prepare.sbatch",
         ["--array=0-1", "--gpus-per-task=0", "--cpus-per-task=1", "--time=15", f"--output={tmp_path}/task-%a.log"],
-        ["configs/demo.yaml", f"model.path={tiny_checkpoint.model_dir}",
-         f"model.codec_path={tiny_checkpoint.codec_dir}", f"data.corpus={manifest}", f"data.cache_dir={cache}",
-         "prepare.shard_size=4"])
+        [
+            "configs/demo.yaml",
+            f"model.path={tiny_checkpoint.model_dir}",
+            f"model.codec_path={tiny_checkpoint.codec_dir}",
+            f"data.corpus={manifest}",
+            f"data.cache_dir={cache}",
+            "prepare.shard_size=4",
+        ],
+    )
     first_log = tmp_path / "task-0.log"
     for task in ("0", "1"):
         state = wait_until_done(f"{array}_{task}", tmp_path / f"task-{task}.log")

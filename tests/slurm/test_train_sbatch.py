@@ -28,9 +28,11 @@ def plan_ranks(log: str) -> list[str]:
 
 def test_a_submitted_job_trains_on_two_ranks_and_writes_an_adapter(demo_cache, slurm_jobs, tmp_path):
     out, log = tmp_path / "run", tmp_path / "job.log"
-    job = slurm_jobs.submit("train.sbatch", [*CPU_JOB, "--nodes=1", "--ntasks-per-node=2", f"--output={log}"],
-                            [DEMO, *demo_cache, f"output_dir={out}", "train.max_steps=4", "train.save_every=2",
-                             *QUIET])
+    job = slurm_jobs.submit(
+        "train.sbatch",
+        [*CPU_JOB, "--nodes=1", "--ntasks-per-node=2", f"--output={log}"],
+        [DEMO, *demo_cache, f"output_dir={out}", "train.max_steps=4", "train.save_every=2", *QUIET],
+    )
     state = wait_until_done(job, log)
     text = read(log)
     assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0"), text[-4000:]
@@ -42,13 +44,14 @@ def test_a_submitted_job_trains_on_two_ranks_and_writes_an_adapter(demo_cache, s
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000004"
 
 
-def test_the_warning_signal_checkpoints_requeues_and_the_job_resumes_across_two_nodes(demo_cache, slurm_jobs,
-                                                                                      tmp_path):
+def test_the_warning_signal_checkpoints_requeues_and_the_job_resumes_across_two_nodes(demo_cache, slurm_jobs, tmp_path):
     out, log = tmp_path / "run", tmp_path / "job.log"
     steps = 40  # long enough that the warning lands mid-run; no periodic checkpoint before the end
-    job = slurm_jobs.submit("train.sbatch", [*CPU_JOB, "--nodes=2", "--ntasks-per-node=1", f"--output={log}"],
-                            [DEMO, *demo_cache, f"output_dir={out}", f"train.max_steps={steps}",
-                             "train.save_every=1000", *QUIET])
+    job = slurm_jobs.submit(
+        "train.sbatch",
+        [*CPU_JOB, "--nodes=2", "--ntasks-per-node=1", f"--output={log}"],
+        [DEMO, *demo_cache, f"output_dir={out}", f"train.max_steps={steps}", "train.save_every=1000", *QUIET],
+    )
     wait_for(lambda: (out / "metrics.jsonl").exists() and metrics(out), "the first training step", job, log)
     # What `#SBATCH --signal=B:USR1@300` does 300 s before the time limit: SIGUSR1 to the batch shell only.
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, timeout=60)

@@ -47,8 +47,9 @@ def test_unknown_verb_and_no_verb_are_usage_errors(capsys):
 
 
 def test_python_dash_m_higgs_lora_is_the_cli():
-    done = subprocess.run([sys.executable, "-m", "higgs_lora", "config", "--help-keys"], capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "higgs_lora", "config", "--help-keys"], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert "train.micro_batch_tokens" in done.stdout
 

@@ -10,7 +10,6 @@ import torch
 
 from higgs_lora import tiny
 from higgs_lora.data.audio import load_audio
-
 from tests.conftest import DEMO_CORPUS
 
 
@@ -20,8 +19,15 @@ def sha256(path) -> str:
 
 def test_layout_matches_the_released_checkpoint(tiny_checkpoint):
     model_files = {p.name for p in tiny_checkpoint.model_dir.iterdir()}
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "chat_template.jinja", "processor_config.json"} <= model_files
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "processor_config.json",
+    } <= model_files
     codec_files = {p.name for p in tiny_checkpoint.codec_dir.iterdir()}
     assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= codec_files
 

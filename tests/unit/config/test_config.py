@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from higgs_lora import config as C
-from higgs_lora.config.help import main as config_main
 from higgs_lora.config import ConfigError, RunConfig, build_config, load_config, save_config
+from higgs_lora.config.help import main as config_main
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -30,8 +30,10 @@ def test_defaults_are_the_seed_design():
 
 
 def test_overrides_set_nested_values_with_types():
-    cfg = build_config({"train": {"lr": 0.1}}, ["train.lr=2e-4", "lora.r=32", "model.gradient_checkpointing=false",
-                                                 "data.scene=غرفة هادئة", "seed=7"])
+    cfg = build_config(
+        {"train": {"lr": 0.1}},
+        ["train.lr=2e-4", "lora.r=32", "model.gradient_checkpointing=false", "data.scene=غرفة هادئة", "seed=7"],
+    )
     assert cfg.train.lr == pytest.approx(2e-4) and isinstance(cfg.train.lr, float)
     assert cfg.lora.r == 32
     assert cfg.model.gradient_checkpointing is False

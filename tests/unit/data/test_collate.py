@@ -84,8 +84,10 @@ def test_example_labels_only_the_target(processor, ref_frames, target_frames):
     assert (example.input_ids == delay_id).sum().item() == 2 * 7
     reference_rows = ref_frames + 9
     assert (example.audio_labels[:reference_rows] == IGNORE_INDEX).all()
-    assert torch.equal(example.audio_labels[reference_rows:].T, target_audio_labels(
-        build_delay_pattern(target, 1024, 1025), 1025, 1024))
+    assert torch.equal(
+        example.audio_labels[reference_rows:].T,
+        target_audio_labels(build_delay_pattern(target, 1024, 1025), 1025, 1024),
+    )
     assert torch.equal(revert_delay_pattern(example.audio_input_ids[reference_rows:].T), target)
     assert torch.equal(revert_delay_pattern(example.audio_input_ids[:reference_rows].T), ref)
     text = tok.decode(example.input_ids)
@@ -101,14 +103,16 @@ def test_collate_pads_and_masks(processor):
     assert batch["attention_mask"][0].sum().item() == short.num_positions
     assert batch["attention_mask"][1].all()
     assert batch["audio_input_ids_mask"][0].sum().item() == short.audio_input_ids.shape[0]
-    assert (batch["audio_labels"][0, short.audio_input_ids.shape[0]:] == IGNORE_INDEX).all()
+    assert (batch["audio_labels"][0, short.audio_input_ids.shape[0] :] == IGNORE_INDEX).all()
     assert torch.equal(batch["audio_labels"][1], long.audio_labels)
 
 
 @settings(max_examples=25, deadline=None)
 @given(ref_frames=st.integers(1, 80), target_frames=st.integers(1, 80), seed=st.integers(0, 1000))
 def test_shifted_loss_labels_line_up_with_the_audio_labels(processor, ref_frames, target_frames, seed):
-    example = build_example(processor, "مرجع", random_codes(ref_frames, seed), "هدف", random_codes(target_frames, seed + 1))
+    example = build_example(
+        processor, "مرجع", random_codes(ref_frames, seed), "هدف", random_codes(target_frames, seed + 1)
+    )
     ids = example.input_ids
     is_audio = (ids == processor.audio_token_id) | (ids == processor.audio_delay_token_id)
     position_labels = torch.full((len(ids), K), IGNORE_INDEX)
@@ -127,8 +131,11 @@ def test_text_labels_are_the_target_turns_closing_tokens_only(processor):
     labelled = example.text_loss_labels[example.text_loss_labels != IGNORE_INDEX]
     assert tok.convert_ids_to_tokens(labelled.tolist()) == ["<|audio_eos|>", "<|eot_id|>"]
     # Shifted: the last audio position predicts <|audio_eos|>, which predicts <|eot_id|>.
-    last_audio = int(((example.input_ids == processor.audio_token_id)
-                      | (example.input_ids == processor.audio_delay_token_id)).nonzero()[-1, 0])
+    last_audio = int(
+        (
+            (example.input_ids == processor.audio_token_id) | (example.input_ids == processor.audio_delay_token_id)
+        ).nonzero()[-1, 0]
+    )
     assert example.text_loss_labels[last_audio].item() == tok.convert_tokens_to_ids("<|audio_eos|>")
     delay_id = processor.audio_delay_token_id
     assert delay_id not in example.text_loss_labels.tolist()
@@ -139,10 +146,13 @@ def test_collated_loss_targets_follow_the_masks(processor):
     b = build_example(processor, "نص أطول", random_codes(9, 3), "هدف أطول", random_codes(11, 4))
     batch = collate([a, b], pad_token_id=processor.tokenizer.pad_token_id, audio_pad_id=1025)
     assert batch["loss_labels"].shape == (int(batch["loss_mask"].sum()), K)
-    expected = torch.cat([a.loss_labels[(a.loss_labels != IGNORE_INDEX).any(-1)],
-                          b.loss_labels[(b.loss_labels != IGNORE_INDEX).any(-1)]])
+    expected = torch.cat(
+        [a.loss_labels[(a.loss_labels != IGNORE_INDEX).any(-1)], b.loss_labels[(b.loss_labels != IGNORE_INDEX).any(-1)]]
+    )
     assert torch.equal(batch["loss_labels"], expected)
-    assert batch["text_loss_labels"].tolist() == [x for e in (a, b) for x in e.text_loss_labels.tolist() if x != IGNORE_INDEX]
+    assert batch["text_loss_labels"].tolist() == [
+        x for e in (a, b) for x in e.text_loss_labels.tolist() if x != IGNORE_INDEX
+    ]
 
 
 @pytest.mark.parametrize("scene", ["", "Audio is recorded in a quiet room."])
@@ -155,8 +165,11 @@ def test_sample_length_estimate_is_exact(processor, scene):
         ref, target = random_codes(10 + i, i), random_codes(20 + 3 * i, i + 5)
         example = build_example(processor, ref_text, ref, target_text, target, scene)
         count = lambda t: len(processor.tokenizer(t, add_special_tokens=False)["input_ids"])  # noqa: E731
-        estimate = sample_positions(UtteranceInfo("s", target.shape[1], count(target_text)),
-                                    UtteranceInfo("s", ref.shape[1], count(ref_text)), overhead)
+        estimate = sample_positions(
+            UtteranceInfo("s", target.shape[1], count(target_text)),
+            UtteranceInfo("s", ref.shape[1], count(ref_text)),
+            overhead,
+        )
         assert estimate == example.num_positions
 
 

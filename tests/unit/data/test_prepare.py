@@ -15,11 +15,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from higgs_lora.data.audio import read_audio
 from higgs_lora.config import build_config
+from higgs_lora.data.audio import read_audio
 from higgs_lora.data.cache import CacheError, load_cache, read_pairs
 from higgs_lora.data.prepare import condition_for_codec, join, run_prepare
-
 from tests.conftest import DEMO_CORPUS, REPO_ROOT
 
 TEXTS = ["ذهب الولد إلى المدرسة", "الجو جميل اليوم", "قرأت كتابا مفيدا"]
@@ -46,11 +45,21 @@ def write_audio(path: Path, seconds=1.2, rate=22050, seed=0, fmt=None, channels=
 
 
 def make_cfg(tiny, corpus, cache, *overrides):
-    return build_config({}, [
-        f"model.path={tiny.model_dir}", f"model.codec_path={tiny.codec_dir}", f"data.corpus={corpus}",
-        f"data.cache_dir={cache}", "data.min_seconds=0.5", "data.max_seconds=6", "prepare.shard_size=2",
-        "prepare.num_workers=2", "prepare.device=cpu", *overrides,
-    ])
+    return build_config(
+        {},
+        [
+            f"model.path={tiny.model_dir}",
+            f"model.codec_path={tiny.codec_dir}",
+            f"data.corpus={corpus}",
+            f"data.cache_dir={cache}",
+            "data.min_seconds=0.5",
+            "data.max_seconds=6",
+            "prepare.shard_size=2",
+            "prepare.num_workers=2",
+            "prepare.device=cpu",
+            *overrides,
+        ],
+    )
 
 
 def encode_single(tiny, audio_path: str, cfg) -> torch.Tensor:
@@ -71,7 +80,9 @@ def corpus_manifest(root: Path) -> Path:
     for i, text in enumerate(TEXTS):
         write_audio(root / "audio" / f"u{i}.wav", seed=i)
         lines.append({"audio": f"audio/u{i}.wav", "text": text, "speaker": "a" if i < 2 else "b"})
-    (root / "manifest.jsonl").write_text("".join(json.dumps(l, ensure_ascii=False) + "\n" for l in lines), "utf-8")
+    (root / "manifest.jsonl").write_text(
+        "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), "utf-8"
+    )
     return root / "manifest.jsonl"
 
 
@@ -79,18 +90,34 @@ def corpus_chatml(root: Path) -> Path:
     for i in range(3):
         write_audio(root / f"{i}.wav", seed=i)
     samples = [
-        {"messages": [
-            {"role": "system", "content": "Generate audio following instruction."},
-            {"role": "user", "content": [
-                {"type": "text", "text": TEXTS[0]}, {"type": "audio", "audio_url": "0.wav"},
-                {"type": "text", "text": TEXTS[1]}]},
-            {"role": "assistant", "content": [{"type": "audio", "audio_url": "1.wav"}]},
-        ], "speaker": "a"},
-        {"messages": [  # inference-style sample: no target recording; its reference is still an utterance
-            {"role": "user", "content": [
-                {"type": "text", "text": TEXTS[2]}, {"type": "audio", "audio_url": "2.wav"},
-                {"type": "text", "text": "نص جديد"}]},
-        ], "speaker": "b"},
+        {
+            "messages": [
+                {"role": "system", "content": "Generate audio following instruction."},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": TEXTS[0]},
+                        {"type": "audio", "audio_url": "0.wav"},
+                        {"type": "text", "text": TEXTS[1]},
+                    ],
+                },
+                {"role": "assistant", "content": [{"type": "audio", "audio_url": "1.wav"}]},
+            ],
+            "speaker": "a",
+        },
+        {
+            "messages": [  # inference-style sample: no target recording; its reference is still an utterance
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": TEXTS[2]},
+                        {"type": "audio", "audio_url": "2.wav"},
+                        {"type": "text", "text": "نص جديد"},
+                    ],
+                },
+            ],
+            "speaker": "b",
+        },
     ]
     (root / "samples.json").write_text(json.dumps(samples, ensure_ascii=False), "utf-8")
     return root / "samples.json"
@@ -100,17 +127,23 @@ def corpus_boson_jsonl(root: Path) -> Path:
     for i in range(3):
         write_audio(root / f"{i}.wav", seed=i)
     conversations = [
-        {"messages": [
-            {"role": "system", "content": "Generate audio following instruction."},
-            {"role": "user", "content": TEXTS[0]},
-            {"role": "assistant", "content": {"type": "audio", "audio_url": "0.wav"}},
-            {"role": "user", "content": TEXTS[1]},
-            {"role": "assistant", "content": {"type": "audio", "audio_url": "1.wav"}},
-        ], "speaker": "a"},
-        {"messages": [
-            {"role": "user", "content": TEXTS[2]},
-            {"role": "assistant", "content": [{"type": "audio", "audio_url": "2.wav"}]},
-        ], "speaker": "b"},
+        {
+            "messages": [
+                {"role": "system", "content": "Generate audio following instruction."},
+                {"role": "user", "content": TEXTS[0]},
+                {"role": "assistant", "content": {"type": "audio", "audio_url": "0.wav"}},
+                {"role": "user", "content": TEXTS[1]},
+                {"role": "assistant", "content": {"type": "audio", "audio_url": "1.wav"}},
+            ],
+            "speaker": "a",
+        },
+        {
+            "messages": [
+                {"role": "user", "content": TEXTS[2]},
+                {"role": "assistant", "content": [{"type": "audio", "audio_url": "2.wav"}]},
+            ],
+            "speaker": "b",
+        },
     ]
     (root / "train.jsonl").write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in conversations), "utf-8")
     return root / "train.jsonl"
@@ -140,8 +173,13 @@ def corpus_hf(root: Path) -> Path:
     from datasets import Audio, Dataset
 
     paths = [str(write_audio(root / "src" / f"{i}.flac", seed=i)) for i in range(3)]
-    dataset = Dataset.from_dict({"audio": [{"path": p, "bytes": Path(p).read_bytes()} for p in paths],
-                                 "sentence": TEXTS, "speaker_id": ["a", "a", "b"]})
+    dataset = Dataset.from_dict(
+        {
+            "audio": [{"path": p, "bytes": Path(p).read_bytes()} for p in paths],
+            "sentence": TEXTS,
+            "speaker_id": ["a", "a", "b"],
+        }
+    )
     dataset = dataset.cast_column("audio", Audio(decode=False))
     dataset.save_to_disk(str(root / "hf"))
     return root / "hf"
@@ -196,8 +234,14 @@ def test_cached_codes_equal_single_codec_calls_with_batching(tiny_checkpoint, tm
         write_audio(tmp_path / f"{i}.wav", seconds=1.0, seed=10 + i)
         lines.append(json.dumps({"audio": f"{i}.wav", "text": TEXTS[i % 3], "speaker": "s"}, ensure_ascii=False))
     (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n", "utf-8")
-    cfg = make_cfg(tiny_checkpoint, tmp_path / "m.jsonl", tmp_path / "cache", "prepare.shard_size=8",
-                   "prepare.codec_batch_size=4", "audio.trim_silence=false")
+    cfg = make_cfg(
+        tiny_checkpoint,
+        tmp_path / "m.jsonl",
+        tmp_path / "cache",
+        "prepare.shard_size=8",
+        "prepare.codec_batch_size=4",
+        "audio.trim_silence=false",
+    )
     run_prepare(cfg, quiet=True)
     cache = load_cache(tmp_path / "cache")
     assert len(set(cache["num_frames"])) == 1
@@ -229,17 +273,29 @@ def test_bad_files_are_reported_with_reasons_and_good_files_cached(tiny_checkpoi
     write_audio(root / "empty_text.wav", seed=10)
     write_audio(root / "latin.wav", seed=11)
     write_audio(root / "wordy.wav", seed=12)
-    entries = [
-        (name, TEXTS[i % 3]) for i, name in enumerate(good)
-    ] + [
-        ("corrupt.wav", TEXTS[0]), ("empty.wav", TEXTS[0]), ("short.wav", TEXTS[0]), ("long.wav", TEXTS[0]),
-        ("nan.wav", TEXTS[0]), ("missing.wav", TEXTS[0]), ("silent.wav", TEXTS[0]), ("clipped.wav", TEXTS[0]),
-        ("empty_text.wav", "   "), ("latin.wav", "only latin letters here"), ("wordy.wav", "كلمة " * 40),
+    entries = [(name, TEXTS[i % 3]) for i, name in enumerate(good)] + [
+        ("corrupt.wav", TEXTS[0]),
+        ("empty.wav", TEXTS[0]),
+        ("short.wav", TEXTS[0]),
+        ("long.wav", TEXTS[0]),
+        ("nan.wav", TEXTS[0]),
+        ("missing.wav", TEXTS[0]),
+        ("silent.wav", TEXTS[0]),
+        ("clipped.wav", TEXTS[0]),
+        ("empty_text.wav", "   "),
+        ("latin.wav", "only latin letters here"),
+        ("wordy.wav", "كلمة " * 40),
         ("good.wav", TEXTS[1]),  # listed twice
     ]
     manifest = root / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps({"audio": a, "text": t, "speaker": "s" + str(i % 2)}, ensure_ascii=False)
-                                + "\n" for i, (a, t) in enumerate(entries)) + "this line is not json\n", "utf-8")
+    manifest.write_text(
+        "".join(
+            json.dumps({"audio": a, "text": t, "speaker": "s" + str(i % 2)}, ensure_ascii=False) + "\n"
+            for i, (a, t) in enumerate(entries)
+        )
+        + "this line is not json\n",
+        "utf-8",
+    )
     cfg = make_cfg(tiny_checkpoint, manifest, tmp_path / "cache", "prepare.shard_size=4")
     run_prepare(cfg, quiet=True)
     report = join(cfg)
@@ -249,10 +305,19 @@ def test_bad_files_are_reported_with_reasons_and_good_files_cached(tiny_checkpoi
         for example in entry["examples"]:
             reasons[Path(example.get("audio", example["source_id"])).name] = reason
     assert reasons == {
-        "corrupt.wav": "unreadable", "empty.wav": "unreadable", "short.wav": "too_short", "long.wav": "too_long",
-        "nan.wav": "non_finite", "missing.wav": "missing", "silent.wav": "silent", "clipped.wav": "clipped",
-        "empty_text.wav": "empty_text", "latin.wav": "no_arabic_letters", "wordy.wav": "text_too_long_for_audio",
-        "good.wav": "duplicate", f"manifest.jsonl:{len(entries) + 1}": "malformed_record",
+        "corrupt.wav": "unreadable",
+        "empty.wav": "unreadable",
+        "short.wav": "too_short",
+        "long.wav": "too_long",
+        "nan.wav": "non_finite",
+        "missing.wav": "missing",
+        "silent.wav": "silent",
+        "clipped.wav": "clipped",
+        "empty_text.wav": "empty_text",
+        "latin.wav": "no_arabic_letters",
+        "wordy.wav": "text_too_long_for_audio",
+        "good.wav": "duplicate",
+        f"manifest.jsonl:{len(entries) + 1}": "malformed_record",
     }
     assert report["kept"] == len(good)
     assert report["items_in"] == len(entries) + 1
@@ -266,8 +331,13 @@ def test_bad_files_are_reported_with_reasons_and_good_files_cached(tiny_checkpoi
 
 
 def demo_cfg_overrides(tiny, cache):
-    return [f"model.path={tiny.model_dir}", f"model.codec_path={tiny.codec_dir}",
-            f"data.corpus={DEMO_CORPUS / 'manifest.jsonl'}", f"data.cache_dir={cache}", "prepare.device=cpu"]
+    return [
+        f"model.path={tiny.model_dir}",
+        f"model.codec_path={tiny.codec_dir}",
+        f"data.corpus={DEMO_CORPUS / 'manifest.jsonl'}",
+        f"data.cache_dir={cache}",
+        "prepare.device=cpu",
+    ]
 
 
 def cache_rows(cache_dir):
@@ -323,11 +393,18 @@ def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(tiny_checkpoint, 
     overrides = demo_cfg_overrides(tiny_checkpoint, tmp_path / "killed") + ["prepare.shard_size=1"]
     command = [sys.executable, "-m", "higgs_lora.prepare", "--quiet", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_THREE_SHARDS, "--quiet", *overrides], cwd=REPO_ROOT,
-                            env=env, capture_output=True, text=True, timeout=600)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_THREE_SHARDS, "--quiet", *overrides],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert killed.returncode == -signal.SIGKILL, (
         f"prepare was not killed at the fourth shard (exit {killed.returncode}; does it still publish shards with "
-        f"os.replace?):\n{killed.stderr[-2000:]}")
+        f"os.replace?):\n{killed.stderr[-2000:]}"
+    )
     shards = tmp_path / "killed" / "shards"
     written = sorted(p.name for p in shards.iterdir() if p.name.startswith("shard-"))
     assert written == [f"shard-{k:05d}-of-00040" for k in range(3)]

@@ -26,8 +26,11 @@ from higgs_lora.data.sampler import (
 
 def corpus(num_speakers=4, per_speaker=6, seed=0):
     rng = random.Random(seed)
-    return [UtteranceInfo(f"spk{s}", rng.randint(20, 200), rng.randint(5, 40))
-            for s in range(num_speakers) for _ in range(per_speaker)]
+    return [
+        UtteranceInfo(f"spk{s}", rng.randint(20, 200), rng.randint(5, 40))
+        for s in range(num_speakers)
+        for _ in range(per_speaker)
+    ]
 
 
 def test_references_are_other_utterances_of_the_same_speaker_within_bounds():
@@ -60,8 +63,11 @@ def test_fixed_pairs_are_honoured_and_lonely_targets_counted():
 
 
 @settings(max_examples=50, deadline=None)
-@given(lengths=st.lists(st.integers(10, 500), min_size=1, max_size=200), budget=st.integers(500, 3000),
-       seed=st.integers(0, 1000))
+@given(
+    lengths=st.lists(st.integers(10, 500), min_size=1, max_size=200),
+    budget=st.integers(500, 3000),
+    seed=st.integers(0, 1000),
+)
 def test_micro_batches_respect_the_budget_and_hold_every_sample_once(lengths, budget, seed):
     samples = [Pair(i, i, n) for i, n in enumerate(lengths)]
     micro_batches = pack_micro_batches(samples, budget, random.Random(seed), pool_size=64)
@@ -87,8 +93,16 @@ def test_a_sample_longer_than_the_budget_is_an_error_naming_the_setting():
 @pytest.mark.parametrize("world_size,accumulation", [(1, 1), (2, 1), (2, 3), (4, 2)])
 def test_every_rank_gets_the_same_number_of_micro_batches_per_step(world_size, accumulation):
     utterances = corpus(num_speakers=5, per_speaker=30)
-    sampler = EpochSampler(utterances, list(range(len(utterances))), prompt_overhead=30, micro_batch_tokens=1500,
-                           reference_frames=(20, 200), seed=7, world_size=world_size, accumulation=accumulation)
+    sampler = EpochSampler(
+        utterances,
+        list(range(len(utterances))),
+        prompt_overhead=30,
+        micro_batch_tokens=1500,
+        reference_frames=(20, 200),
+        seed=7,
+        world_size=world_size,
+        accumulation=accumulation,
+    )
     plan = sampler.plan(0)
     assert plan.steps
     for s in range(len(plan.steps)):
@@ -102,8 +116,18 @@ def test_every_rank_gets_the_same_number_of_micro_batches_per_step(world_size, a
 
 def test_the_schedule_is_a_pure_function_of_seed_epoch_and_world():
     utterances = corpus()
-    make = lambda: EpochSampler(utterances, list(range(len(utterances))), 30, 1200, (20, 200), seed=3,  # noqa: E731
-                                world_size=2)
+
+    def make():
+        return EpochSampler(
+            utterances,
+            list(range(len(utterances))),
+            30,
+            1200,
+            (20, 200),
+            seed=3,
+            world_size=2,
+        )
+
     assert make().plan(4).steps == make().plan(4).steps  # a resumed run recomputes the same epoch
     assert make().plan(4).steps != make().plan(5).steps
 

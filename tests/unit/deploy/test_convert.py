@@ -14,9 +14,11 @@ from higgs_lora.deploy.convert import (
     CONVERT_MARKER,
     ConvertError,
     convert,
-    main as convert_main,
     model_config_from_original,
     transformers_name,
+)
+from higgs_lora.deploy.convert import (
+    main as convert_main,
 )
 from higgs_lora.deploy.convert_codec import (
     CodecConvertError,
@@ -27,7 +29,6 @@ from higgs_lora.deploy.convert_codec import (
 )
 from higgs_lora.errors import CheckpointError
 from higgs_lora.model.loading import inspect_checkpoint, load_base_model, load_codec
-
 from tests.conftest import REPO_ROOT
 from tests.original_layout import original_model_config, write_original_codec, write_original_model
 
@@ -56,26 +57,56 @@ def test_converted_model_gives_the_logits_of_the_transformers_model(original_mod
     with pytest.raises(CheckpointError, match=f"python -m higgs_lora.convert --src {original_model} --out"):
         load_base_model(ModelConfig(path=str(original_model)))
     out = tmp_path / "higgs-audio-v2-hf"
-    result = subprocess.run([sys.executable, "-m", "higgs_lora.deploy.convert", "--src", str(original_model), "--out",
-                             str(out), "--codec", str(tiny_checkpoint.codec_dir)],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "higgs_lora.deploy.convert",
+            "--src",
+            str(original_model),
+            "--out",
+            str(out),
+            "--codec",
+            str(tiny_checkpoint.codec_dir),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Boson's original generation model" in result.stdout
 
     info = inspect_checkpoint(out)
     assert info.layout == "transformers" and info.config["codebook_size"] == 1026
     source_config = json.loads((tiny_checkpoint.model_dir / "config.json").read_text())
-    for key in ("audio_token_id", "audio_bos_token_id", "audio_delay_token_id", "pad_token_id", "eos_token_id",
-                "num_codebooks", "rope_parameters", "head_dim", "vocab_size"):
+    for key in (
+        "audio_token_id",
+        "audio_bos_token_id",
+        "audio_delay_token_id",
+        "pad_token_id",
+        "eos_token_id",
+        "num_codebooks",
+        "rope_parameters",
+        "head_dim",
+        "vocab_size",
+    ):
         assert info.config[key] == source_config[key], key
     assert (out / "LICENSE").is_file() and (out / "chat_template.jinja").is_file()
     record = json.loads((out / CONVERT_MARKER).read_text())
-    assert sorted(record["dropped"]) == ["audio_codebook_weights", "layers.0.self_attn.rotary_emb.inv_freq",
-                                         "layers.1.self_attn.rotary_emb.inv_freq", "rotary_emb.inv_freq"]
+    assert sorted(record["dropped"]) == [
+        "audio_codebook_weights",
+        "layers.0.self_attn.rotary_emb.inv_freq",
+        "layers.1.self_attn.rotary_emb.inv_freq",
+        "rotary_emb.inv_freq",
+    ]
     # The same weights under the new names: the same logits, exactly (plain transformers on both sides).
-    torch.testing.assert_close(sample_logits(out, tiny_checkpoint, use_text_head=True),
-                               sample_logits(tiny_checkpoint.model_dir, tiny_checkpoint, use_text_head=True),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        sample_logits(out, tiny_checkpoint, use_text_head=True),
+        sample_logits(tiny_checkpoint.model_dir, tiny_checkpoint, use_text_head=True),
+        rtol=0,
+        atol=0,
+    )
     model = load_base_model(ModelConfig(path=str(out), dtype="fp32", use_text_head=True))
     source = load_base_model(ModelConfig(path=str(tiny_checkpoint.model_dir), dtype="fp32", use_text_head=True))
     source_state = source.state_dict()
@@ -124,8 +155,9 @@ def test_converted_codec_encodes_and_decodes_like_the_source(tiny_checkpoint, tm
     with torch.no_grad():
         codes = source.encode(audio).audio_codes
         assert codes.shape[1] == 8 and torch.equal(converted.eval().encode(audio).audio_codes, codes)
-        torch.testing.assert_close(converted.decode(codes).audio_values, source.decode(codes).audio_values,
-                                   rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(
+            converted.decode(codes).audio_values, source.decode(codes).audio_values, rtol=1e-5, atol=1e-8
+        )
 
 
 def test_the_cli_detects_what_it_is_given(original_model, tiny_checkpoint, tmp_path, capsys):
@@ -155,53 +187,86 @@ def test_options_the_port_lacks_are_refused_all_at_once(tiny_checkpoint):
 
 
 def test_original_config_maps_to_the_released_numbers():
-    text = {"vocab_size": 128256, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
-            "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 131072,
-            "rope_theta": 500000.0, "bos_token_id": 128000,
-            "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                             "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
+    text = {
+        "vocab_size": 128256,
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "max_position_embeddings": 131072,
+        "rope_theta": 500000.0,
+        "bos_token_id": 128000,
+        "rope_scaling": {
+            "factor": 32.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+    }
     args = model_config_from_original(
-        {"model_type": "higgs_audio", "text_config": text, "audio_adapter_type": "dual_ffn_fast_forward",
-         "audio_dual_ffn_layers": list(range(28)), "audio_num_codebooks": 8, "audio_codebook_size": 1024,
-         "audio_out_token_idx": 128016, "audio_out_bos_token_id": 128013, "pad_token_id": 128001},
-        {"<|reserved_special_token_6|>": 128014, "<|eot_id|>": 128009})
+        {
+            "model_type": "higgs_audio",
+            "text_config": text,
+            "audio_adapter_type": "dual_ffn_fast_forward",
+            "audio_dual_ffn_layers": list(range(28)),
+            "audio_num_codebooks": 8,
+            "audio_codebook_size": 1024,
+            "audio_out_token_idx": 128016,
+            "audio_out_bos_token_id": 128013,
+            "pad_token_id": 128001,
+        },
+        {"<|reserved_special_token_6|>": 128014, "<|eot_id|>": 128009},
+    )
     assert args["codebook_size"] == 1026 and args["audio_delay_token_id"] == 128014
     assert args["rope_parameters"] == {**text["rope_scaling"], "rope_theta": 500000.0}
     assert (args["audio_token_id"], args["audio_bos_token_id"], args["eos_token_id"]) == (128016, 128013, 128009)
 
 
-@pytest.mark.parametrize("original,expected", [
-    ("audio_codebook_embeddings.weight", "model.embed_audio_tokens.embed_audio_tokens.weight"),
-    ("layers.27.audio_mlp.up_proj.weight", "model.layers.27.audio_mlp.up_proj.weight"),
-    ("embed_tokens.weight", "model.embed_tokens.weight"),
-    ("norm.weight", "model.norm.weight"),
-    ("audio_decoder_proj.audio_lm_head.weight", "audio_lm_head.weight"),
-    ("audio_decoder_proj.text_lm_head.weight", "text_lm_head.weight"),
-    ("audio_codebook_weights", None),
-    ("layers.3.self_attn.rotary_emb.inv_freq", None),
-])
+@pytest.mark.parametrize(
+    "original,expected",
+    [
+        ("audio_codebook_embeddings.weight", "model.embed_audio_tokens.embed_audio_tokens.weight"),
+        ("layers.27.audio_mlp.up_proj.weight", "model.layers.27.audio_mlp.up_proj.weight"),
+        ("embed_tokens.weight", "model.embed_tokens.weight"),
+        ("norm.weight", "model.norm.weight"),
+        ("audio_decoder_proj.audio_lm_head.weight", "audio_lm_head.weight"),
+        ("audio_decoder_proj.text_lm_head.weight", "text_lm_head.weight"),
+        ("audio_codebook_weights", None),
+        ("layers.3.self_attn.rotary_emb.inv_freq", None),
+    ],
+)
 def test_model_tensor_names(original, expected):
     assert transformers_name(original) == expected
 
 
-@pytest.mark.parametrize("original,expected", [  # the released DAC has 5 blocks: Sequential indices 0..7
-    ("encoder.block.0.weight", "acoustic_encoder.conv1.weight"),
-    ("encoder.block.2.block.1.block.3.bias", "acoustic_encoder.block.1.res_unit2.conv2.bias"),
-    ("encoder.block.5.block.4.weight", "acoustic_encoder.block.4.conv1.weight"),
-    ("encoder.block.6.alpha", "acoustic_encoder.snake1.alpha"),
-    ("encoder.block.7.weight", "acoustic_encoder.conv2.weight"),
-    ("decoder_2.model.1.block.1.weight", "acoustic_decoder.block.0.conv_t1.weight"),
-    ("decoder_2.model.3.block.4.block.0.alpha", "acoustic_decoder.block.2.res_unit3.snake1.alpha"),
-    ("decoder_2.model.7.bias", "acoustic_decoder.conv2.bias"),
-    ("quantizer.vq.layers.7._codebook.embed", "quantizer.quantizers.7.codebook.embed"),
-    ("fc_post2.weight", "fc2.weight"),
-    ("encoder_semantic.conv_blocks.0.res_units.1.conv1.conv.weight",
-     "encoder_semantic.conv_blocks.0.res_units.1.conv1.weight"),
-    ("semantic_model.encoder.layers.0.attention.q_proj.weight",
-     "semantic_model.encoder.layers.0.attention.q_proj.weight"),
-    ("encoder.block.9.weight", None),
-    ("something.else", None),
-])
+@pytest.mark.parametrize(
+    "original,expected",
+    [  # the released DAC has 5 blocks: Sequential indices 0..7
+        ("encoder.block.0.weight", "acoustic_encoder.conv1.weight"),
+        ("encoder.block.2.block.1.block.3.bias", "acoustic_encoder.block.1.res_unit2.conv2.bias"),
+        ("encoder.block.5.block.4.weight", "acoustic_encoder.block.4.conv1.weight"),
+        ("encoder.block.6.alpha", "acoustic_encoder.snake1.alpha"),
+        ("encoder.block.7.weight", "acoustic_encoder.conv2.weight"),
+        ("decoder_2.model.1.block.1.weight", "acoustic_decoder.block.0.conv_t1.weight"),
+        ("decoder_2.model.3.block.4.block.0.alpha", "acoustic_decoder.block.2.res_unit3.snake1.alpha"),
+        ("decoder_2.model.7.bias", "acoustic_decoder.conv2.bias"),
+        ("quantizer.vq.layers.7._codebook.embed", "quantizer.quantizers.7.codebook.embed"),
+        ("fc_post2.weight", "fc2.weight"),
+        (
+            "encoder_semantic.conv_blocks.0.res_units.1.conv1.conv.weight",
+            "encoder_semantic.conv_blocks.0.res_units.1.conv1.weight",
+        ),
+        (
+            "semantic_model.encoder.layers.0.attention.q_proj.weight",
+            "semantic_model.encoder.layers.0.attention.q_proj.weight",
+        ),
+        ("encoder.block.9.weight", None),
+        ("something.else", None),
+    ],
+)
 def test_codec_tensor_names(original, expected):
     assert transformers_codec_name(original, num_blocks=5) == expected
 
@@ -215,17 +280,32 @@ def test_weight_norm_fold_recovers_the_weight_for_any_norm_dim():
 
 
 def test_released_codec_config_gets_hubert_base_and_eight_quantizers():
-    shapes = {"encoder.block.0.weight_v": (64, 1, 7), "decoder_2.model.0.weight_v": (1024, 256, 7),
-              "quantizer.vq.layers.0.project_in.weight": (64, 1024),
-              "semantic_model.feature_projection.projection.weight": (768, 512),
-              "semantic_model.encoder.layers.0.feed_forward.intermediate_dense.weight": (3072, 768),
-              "semantic_model.encoder.pos_conv_embed.conv.weight_v": (768, 48, 128)}
+    shapes = {
+        "encoder.block.0.weight_v": (64, 1, 7),
+        "decoder_2.model.0.weight_v": (1024, 256, 7),
+        "quantizer.vq.layers.0.project_in.weight": (64, 1024),
+        "semantic_model.feature_projection.projection.weight": (768, 512),
+        "semantic_model.encoder.layers.0.feed_forward.intermediate_dense.weight": (3072, 768),
+        "semantic_model.encoder.pos_conv_embed.conv.weight_v": (768, 48, 128),
+    }
     shapes.update({f"semantic_model.encoder.layers.{i}.attention.q_proj.weight": (768, 768) for i in range(12)})
-    shapes.update({f"semantic_model.feature_extractor.conv_layers.{i}.conv.weight": (512, 512, k)
-                   for i, k in enumerate((10, 3, 3, 3, 3, 2, 2))})
+    shapes.update(
+        {
+            f"semantic_model.feature_extractor.conv_layers.{i}.conv.weight": (512, 512, k)
+            for i, k in enumerate((10, 3, 3, 3, 3, 2, 2))
+        }
+    )
     shapes.update({f"quantizer.vq.layers.{i}._codebook.embed": (1024, 64) for i in range(8)})
-    original = {"D": 256, "target_bandwidths": [0.5, 1, 1.5, 2], "ratios": [8, 5, 4, 2, 3], "sample_rate": 24000,
-                "bins": 1024, "n_q": 8, "codebook_dim": 64, "semantic_techer": "hubert_base_general"}
+    original = {
+        "D": 256,
+        "target_bandwidths": [0.5, 1, 1.5, 2],
+        "ratios": [8, 5, 4, 2, 3],
+        "sample_rate": 24000,
+        "bins": 1024,
+        "n_q": 8,
+        "codebook_dim": 64,
+        "semantic_techer": "hubert_base_general",
+    }
     args = codec_config_from_original(original, shapes)
     semantic = args["semantic_model_config"]
     assert (semantic["hidden_size"], semantic["num_hidden_layers"], semantic["num_attention_heads"]) == (768, 12, 12)

@@ -11,7 +11,6 @@ import torch
 from higgs_lora.deploy.lora_weights import AdapterError, LoraDelta, check_targets, lora_deltas, merge_weight
 from higgs_lora.deploy.merge import merge_into_shards
 from higgs_lora.deploy.merge_plan import MERGE_MARKER, MergeError, licence_name, locate_adapter, plan_merge
-from higgs_lora.deploy.verify import logits_report
 from higgs_lora.deploy.shards import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -22,6 +21,7 @@ from higgs_lora.deploy.shards import (
     parse_size,
     weight_files,
 )
+from higgs_lora.deploy.verify import logits_report
 
 
 def random_peft_adapter(tiny, out, use_rslora=False):
@@ -30,8 +30,9 @@ def random_peft_adapter(tiny, out, use_rslora=False):
     from transformers import HiggsAudioV2ForConditionalGeneration
 
     base = HiggsAudioV2ForConditionalGeneration.from_pretrained(str(tiny.model_dir), use_text_head=True)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj"],
-                                            use_rslora=use_rslora))
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=use_rslora)
+    )
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -47,11 +48,15 @@ def test_streamed_merge_equals_peft_merge_and_unload(tiny_checkpoint, tmp_path, 
     expected = {k: v.clone() for k, v in model.merge_and_unload().state_dict().items()}
     from safetensors.torch import load_file
 
-    deltas = lora_deltas(load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")),
-                         json.loads((tmp_path / "adapter" / "adapter_config.json").read_text()))
+    deltas = lora_deltas(
+        load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")),
+        json.loads((tmp_path / "adapter" / "adapter_config.json").read_text()),
+    )
     assert sorted(deltas) == sorted(  # down_proj names both the text and the audio MLP's
-        f"model.layers.{i}.{m}.weight" for i in range(2)
-        for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj", "audio_mlp.down_proj"))
+        f"model.layers.{i}.{m}.weight"
+        for i in range(2)
+        for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj", "audio_mlp.down_proj")
+    )
     result = merge_into_shards(tiny_checkpoint.model_dir, deltas, tmp_path / "merged", "fp32", max_shard_bytes=10**6)
     merged = dict(iter_tensors(tmp_path / "merged"))
     assert set(merged) == set(expected) and result.num_merged == len(deltas)
@@ -73,26 +78,44 @@ def test_merge_weight_adds_the_scaled_update_in_float32():
     torch.testing.assert_close(merge_weight(weight.T, transposed, torch.float32), weight.T + 0.5 * (b @ a).T)
 
 
-@pytest.mark.parametrize("tensors,config,message", [
-    ({"base_model.model.x.lora_A.weight": torch.ones(2, 3)}, {"lora_alpha": 4}, "lora_B is missing"),
-    ({"base_model.model.x.lora_A.weight": torch.ones(2, 3), "base_model.model.x.lora_B.weight": torch.ones(4, 3)},
-     {"lora_alpha": 4}, "do not multiply"),
-    ({"base_model.model.x.lora_embedding_A": torch.ones(2, 3)}, {"lora_alpha": 4}, "not a LoRA A/B weight"),
-    ({"base_model.model.x.lora_A.weight": torch.full((2, 3), float("nan")),
-      "base_model.model.x.lora_B.weight": torch.ones(4, 2)}, {"lora_alpha": 4}, "NaN or inf.*earlier checkpoint"),
-    ({}, {"lora_alpha": 4, "use_dora": True}, "DoRA"),
-    ({}, {"lora_alpha": 4, "modules_to_save": ["audio_lm_head"]}, "modules_to_save"),
-    ({}, {"lora_alpha": 4}, "holds no LoRA weights"),
-    ({}, {"peft_type": "IA3", "lora_alpha": 4}, "only LoRA"),
-])
+@pytest.mark.parametrize(
+    "tensors,config,message",
+    [
+        ({"base_model.model.x.lora_A.weight": torch.ones(2, 3)}, {"lora_alpha": 4}, "lora_B is missing"),
+        (
+            {
+                "base_model.model.x.lora_A.weight": torch.ones(2, 3),
+                "base_model.model.x.lora_B.weight": torch.ones(4, 3),
+            },
+            {"lora_alpha": 4},
+            "do not multiply",
+        ),
+        ({"base_model.model.x.lora_embedding_A": torch.ones(2, 3)}, {"lora_alpha": 4}, "not a LoRA A/B weight"),
+        (
+            {
+                "base_model.model.x.lora_A.weight": torch.full((2, 3), float("nan")),
+                "base_model.model.x.lora_B.weight": torch.ones(4, 2),
+            },
+            {"lora_alpha": 4},
+            "NaN or inf.*earlier checkpoint",
+        ),
+        ({}, {"lora_alpha": 4, "use_dora": True}, "DoRA"),
+        ({}, {"lora_alpha": 4, "modules_to_save": ["audio_lm_head"]}, "modules_to_save"),
+        ({}, {"lora_alpha": 4}, "holds no LoRA weights"),
+        ({}, {"peft_type": "IA3", "lora_alpha": 4}, "only LoRA"),
+    ],
+)
 def test_unsupported_or_broken_adapters_are_refused_by_name(tensors, config, message):
     with pytest.raises(AdapterError, match=message):
         lora_deltas(tensors, config)
 
 
 def test_every_adapter_problem_is_reported_at_once():
-    tensors = {"base_model.model.x.lora_A.weight": torch.ones(2, 3),
-               "base_model.model.y.lora_B.weight": torch.ones(2, 2), "stray": torch.ones(1)}
+    tensors = {
+        "base_model.model.x.lora_A.weight": torch.ones(2, 3),
+        "base_model.model.y.lora_B.weight": torch.ones(2, 2),
+        "stray": torch.ones(1),
+    }
     with pytest.raises(AdapterError) as err:
         lora_deltas(tensors, {"lora_alpha": 4, "use_dora": True})
     text = str(err.value)
@@ -222,13 +245,16 @@ def test_nothing_to_merge_says_what_to_give(tmp_path):
         locate_adapter(tmp_path)
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("arabic-lora", "Higgs-Audio-2-arabic-lora"),
-    ("Higgs-Audio-2-demo-lora", "Higgs-Audio-2-demo-lora"),
-    ("higgs_audio_2 ar voice", "Higgs-Audio-2-ar-voice"),
-    ("my run/ä", "Higgs-Audio-2-my-run"),
-    ("Higgs-Audio-2", "Higgs-Audio-2-fine-tune"),
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("arabic-lora", "Higgs-Audio-2-arabic-lora"),
+        ("Higgs-Audio-2-demo-lora", "Higgs-Audio-2-demo-lora"),
+        ("higgs_audio_2 ar voice", "Higgs-Audio-2-ar-voice"),
+        ("my run/ä", "Higgs-Audio-2-my-run"),
+        ("Higgs-Audio-2", "Higgs-Audio-2-fine-tune"),
+    ],
+)
 def test_default_names_carry_the_licence_prefix_once(name, expected):
     assert licence_name(name) == expected
 
@@ -238,8 +264,9 @@ def test_out_must_not_clobber_inputs_or_a_non_empty_directory(tiny_checkpoint, t
     del model
     from higgs_lora.config import ModelConfig, RunConfig, save_config
 
-    cfg = RunConfig(name="ar", model=ModelConfig(path=str(tiny_checkpoint.model_dir),
-                                                 codec_path=str(tiny_checkpoint.codec_dir)))
+    cfg = RunConfig(
+        name="ar", model=ModelConfig(path=str(tiny_checkpoint.model_dir), codec_path=str(tiny_checkpoint.codec_dir))
+    )
     save_config(cfg, tmp_path / "adapter" / "higgs_lora.yaml")
     plan = plan_merge(str(tmp_path / "adapter"), device="cpu")
     assert plan.out == tmp_path / "Higgs-Audio-2-ar" and plan.base == tiny_checkpoint.model_dir

@@ -14,23 +14,39 @@ from higgs_lora.eval.scoring import compare, per_speaker, summarise
 
 def _write(folder, lines, run=None):
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "manifest.jsonl").write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines),
-                                           encoding="utf-8")
+    (folder / "manifest.jsonl").write_text(
+        "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines), encoding="utf-8"
+    )
     if run is not None:
         (folder / "run.json").write_text(run, encoding="utf-8")
     return folder
 
 
 def test_only_id_wav_and_target_text_are_required(tmp_path):
-    folder = _write(tmp_path / "out", [
-        {"id": "a", "wav": "a.wav", "target_text": "نص"},  # minimal
-        {"id": "b", "wav": "b.wav", "target_text": "نص", "reference_audio": "/abs/ref.flac", "target_audio": None,
-         "speaker": None, "duration_s": 2.0, "seconds": 1.0, "rtf": None, "first_audio_s": None, "index": 1},
-        {"id": "c", "wav": "c.wav"},  # no target_text
-        {"id": "a", "wav": "again.wav", "target_text": "x"},  # duplicate id
-        "[1, 2]",  # JSON but not an object
-        "",  # blank lines are fine
-    ], run="{broken")
+    folder = _write(
+        tmp_path / "out",
+        [
+            {"id": "a", "wav": "a.wav", "target_text": "نص"},  # minimal
+            {
+                "id": "b",
+                "wav": "b.wav",
+                "target_text": "نص",
+                "reference_audio": "/abs/ref.flac",
+                "target_audio": None,
+                "speaker": None,
+                "duration_s": 2.0,
+                "seconds": 1.0,
+                "rtf": None,
+                "first_audio_s": None,
+                "index": 1,
+            },
+            {"id": "c", "wav": "c.wav"},  # no target_text
+            {"id": "a", "wav": "again.wav", "target_text": "x"},  # duplicate id
+            "[1, 2]",  # JSON but not an object
+            "",  # blank lines are fine
+        ],
+        run="{broken",
+    )
     result = read_predictions(folder)
     assert [p.id for p in result.predictions] == ["a", "b"]
     a, b = result.predictions
@@ -50,10 +66,34 @@ def test_missing_manifest(tmp_path):
 
 
 ROWS = [
-    {"id": "1", "speaker": "x", "similarity_reference": 0.9, "seconds": 1.0, "duration_s": 2.0, "rtf": 0.5,
-     "char_edits": 1, "num_ref_chars": 10, "word_edits": 1, "num_ref_words": 2, "cer": 0.1, "wer": 0.5},
-    {"id": "2", "speaker": "x", "similarity_reference": 0.7, "seconds": 3.0, "duration_s": 2.0, "rtf": 1.5,
-     "char_edits": 0, "num_ref_chars": 30, "word_edits": 0, "num_ref_words": 6, "cer": 0.0, "wer": 0.0},
+    {
+        "id": "1",
+        "speaker": "x",
+        "similarity_reference": 0.9,
+        "seconds": 1.0,
+        "duration_s": 2.0,
+        "rtf": 0.5,
+        "char_edits": 1,
+        "num_ref_chars": 10,
+        "word_edits": 1,
+        "num_ref_words": 2,
+        "cer": 0.1,
+        "wer": 0.5,
+    },
+    {
+        "id": "2",
+        "speaker": "x",
+        "similarity_reference": 0.7,
+        "seconds": 3.0,
+        "duration_s": 2.0,
+        "rtf": 1.5,
+        "char_edits": 0,
+        "num_ref_chars": 30,
+        "word_edits": 0,
+        "num_ref_words": 6,
+        "cer": 0.0,
+        "wer": 0.0,
+    },
     {"id": "3", "speaker": None, "similarity_reference": None, "seconds": 2.0, "duration_s": 4.0, "rtf": 0.5},
 ]
 

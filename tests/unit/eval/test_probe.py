@@ -20,16 +20,19 @@ def sample(target, reference=99):
     return Pair(target=target, reference=reference, num_positions=100)
 
 
-@pytest.mark.parametrize("count,max_frames,expected", [
-    # speakers a (0, 1, 2), b (3, 4), c (5): each speaker's first pair before anyone's second
-    (3, 1000, [0, 3, 5]),
-    (5, 1000, [0, 3, 5, 1, 4]),
-    (10, 1000, [0, 3, 5, 1, 4, 2]),
-    # 0 and 3 are too long (200 frames > 150): the others first, the long ones only when nothing else is left
-    (4, 150, [1, 4, 5, 2]),
-    (6, 150, [1, 4, 5, 2, 3, 0]),
-    (0, 1000, []),
-])
+@pytest.mark.parametrize(
+    "count,max_frames,expected",
+    [
+        # speakers a (0, 1, 2), b (3, 4), c (5): each speaker's first pair before anyone's second
+        (3, 1000, [0, 3, 5]),
+        (5, 1000, [0, 3, 5, 1, 4]),
+        (10, 1000, [0, 3, 5, 1, 4, 2]),
+        # 0 and 3 are too long (200 frames > 150): the others first, the long ones only when nothing else is left
+        (4, 150, [1, 4, 5, 2]),
+        (6, 150, [1, 4, 5, 2, 3, 0]),
+        (0, 1000, []),
+    ],
+)
 def test_choose_pairs_takes_speakers_in_turn_and_short_targets_first(count, max_frames, expected):
     speakers = ["a", "a", "a", "b", "b", "c"]
     frames = [200, 100, 100, 200, 100, 100]
@@ -40,8 +43,8 @@ def test_choose_pairs_takes_speakers_in_turn_and_short_targets_first(count, max_
 
 def build_setup(overrides):
     from higgs_lora.config import load_config
-    from higgs_lora.model.lora import apply_lora
     from higgs_lora.model.loading import load_base_model, load_processor
+    from higgs_lora.model.lora import apply_lora
     from higgs_lora.train.data import build_data
 
     cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", overrides)
@@ -56,8 +59,7 @@ def build_setup(overrides):
 def held_out_pairs(data, count, max_frames=50):
     samples = [s for mb in data.eval_batches for s in mb]
     utterances = data.utterances
-    return choose_pairs(samples, [u.speaker for u in utterances], [u.num_frames for u in utterances], count,
-                        max_frames)
+    return choose_pairs(samples, [u.speaker for u in utterances], [u.num_frames for u in utterances], count, max_frames)
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +94,12 @@ def test_lockstep_keeps_a_finished_batch_stepping_until_every_rank_is_done(setup
     from higgs_lora.data.collate import build_prompt
 
     pair = [s for mb in data.eval_batches for s in mb][0]
-    prompt = build_prompt(data.processor, data.texts[pair.reference],
-                          torch.from_numpy(data.cache[pair.reference]["codes"]), data.texts[pair.target])
+    prompt = build_prompt(
+        data.processor,
+        data.texts[pair.reference],
+        torch.from_numpy(data.cache[pair.reference]["codes"]),
+        data.texts[pair.target],
+    )
     decoder = DecodeLoop(EndsEarly(model), inference_mode=False)
     params = [SamplingParams(temperature=0, max_seconds=4)]
     alone = torch.stack([c.codes for c in decoder.run([prompt], params, [None])])
@@ -109,15 +115,16 @@ def test_lockstep_keeps_a_finished_batch_stepping_until_every_rank_is_done(setup
     locked = torch.stack([c.codes for c in decoder.run([prompt], params, [None], all_done)])
     assert locked.shape[0] == alone.shape[0] + 5
     assert torch.equal(locked[: alone.shape[0]], alone)
-    assert (locked[alone.shape[0]:] == decoder.spec.eos_id).all()
+    assert (locked[alone.shape[0] :] == decoder.spec.eos_id).all()
     assert calls == [False] * (alone.shape[0] - 1) + [True] * 6
 
 
 def run_probe(setup, tmp_path, count=3, **settings):
     cfg, data, model = setup
     pairs = held_out_pairs(data, count)
-    probe = GenerationProbe(pairs, data, ProbeSettings(count=count, max_seconds=1.0, seed=7, **settings),
-                            tmp_path, rank=0, world_size=1)
+    probe = GenerationProbe(
+        pairs, data, ProbeSettings(count=count, max_seconds=1.0, seed=7, **settings), tmp_path, rank=0, world_size=1
+    )
     lines = []
     first = probe.run(model, 0, torch.device("cpu"), log=lines.append)
     second = probe.run(model, 5, torch.device("cpu"), log=lines.append)
@@ -142,8 +149,9 @@ def test_probe_generates_scores_and_writes_an_inference_folder(setup, tmp_path):
     # Same pairs, seeds and weights at both steps: the same clips and scores.
     assert first["similarity"] == second["similarity"]
     for index in range(3):
-        assert ((tmp_path / "eval_samples/step_00000000" / f"{index:02d}.wav").read_bytes()
-                == (tmp_path / "eval_samples/step_00000005" / f"{index:02d}.wav").read_bytes())
+        assert (tmp_path / "eval_samples/step_00000000" / f"{index:02d}.wav").read_bytes() == (
+            tmp_path / "eval_samples/step_00000005" / f"{index:02d}.wav"
+        ).read_bytes()
 
     folder = read_predictions(tmp_path / "eval_samples" / "step_00000005")
     assert not folder.problems and [p.id for p in folder.predictions] == ["00", "01", "02"]
@@ -151,8 +159,10 @@ def test_probe_generates_scores_and_writes_an_inference_folder(setup, tmp_path):
         assert p.wav.is_file() and p.reference_audio.is_file() and p.target_audio.is_file()
         assert p.target_text == data.texts[pair.target] and p.reference_text == data.texts[pair.reference]
         assert p.speaker == data.utterances[pair.target].speaker
-    manifest = [json.loads(line) for line in
-                (tmp_path / "eval_samples/step_00000005/manifest.jsonl").read_text(encoding="utf-8").splitlines()]
+    manifest = [
+        json.loads(line)
+        for line in (tmp_path / "eval_samples/step_00000005/manifest.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     assert [m["seed"] for m in manifest] == [7, 8, 9] and all(m["step"] == 5 for m in manifest)
     assert [m["target_source_id"] for m in manifest] == [data.source_ids[p.target] for p in pairs]
     # The references are the codec's resynthesis of the cached codes, named by source id.
@@ -228,15 +238,25 @@ def _two_rank_worker(rank, port, overrides, out_dir):
         for count in (3, 1):  # 3 pairs: 2 + 1, the second rank ends early; 1 pair: the second rank has none
             wrapped = Collective(model, ends_early=rank == 1)
             pairs = held_out_pairs(data, count)
-            probe = GenerationProbe(pairs, data, ProbeSettings(count=count, max_seconds=1.0, seed=7, temperature=0),
-                                    out_dir, rank=rank, world_size=2)
+            probe = GenerationProbe(
+                pairs,
+                data,
+                ProbeSettings(count=count, max_seconds=1.0, seed=7, temperature=0),
+                out_dir,
+                rank=rank,
+                world_size=2,
+            )
             clips = probe.generate(wrapped, torch.device("cpu"))
             from higgs_lora.distributed import gather_objects
 
             gathered = gather_objects(clips)
-            results[count] = {"forwards": wrapped.forwards, "mine": [(c.index, c.codes, c.stop) for c in clips],
-                              "gathered": None if gathered is None else
-                              [(c.index, c.codes, c.stop) for part in gathered for c in part]}
+            results[count] = {
+                "forwards": wrapped.forwards,
+                "mine": [(c.index, c.codes, c.stop) for c in clips],
+                "gathered": None
+                if gathered is None
+                else [(c.index, c.codes, c.stop) for part in gathered for c in part],
+            }
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -250,8 +270,9 @@ def test_two_ranks_decode_in_lockstep_when_one_finishes_early_or_has_no_pair(dem
 
     context = multiprocessing.get_context("spawn")
     port = free_port()
-    workers = [context.Process(target=_two_rank_worker, args=(rank, port, demo_cache, str(tmp_path)))
-               for rank in range(2)]
+    workers = [
+        context.Process(target=_two_rank_worker, args=(rank, port, demo_cache, str(tmp_path))) for rank in range(2)
+    ]
     for w in workers:
         w.start()
     for w in workers:
@@ -272,7 +293,8 @@ def test_two_ranks_decode_in_lockstep_when_one_finishes_early_or_has_no_pair(dem
     # steps change nothing (greedy; batched greedy equals unbatched on this model, see test_inference).
     _, data, model = setup
     pairs = held_out_pairs(data, 3)
-    alone = GenerationProbe(pairs, data, ProbeSettings(count=3, max_seconds=1.0, seed=7, temperature=0), tmp_path,
-                            rank=0, world_size=1).generate(model, torch.device("cpu"))
+    alone = GenerationProbe(
+        pairs, data, ProbeSettings(count=3, max_seconds=1.0, seed=7, temperature=0), tmp_path, rank=0, world_size=1
+    ).generate(model, torch.device("cpu"))
     for index, codes, _ in ranks[0][3]["mine"]:
         assert torch.equal(codes, alone[index].codes), index

@@ -19,13 +19,23 @@ def test_same_speaker_similarity_beats_cross_speaker(demo_rows, tmp_path):
     samples = []
     for speaker in speakers:
         for reference_speaker in speakers:
-            samples.append({"id": f"{speaker}<-{reference_speaker}", "generated": groups[speaker][1],
-                            "reference": groups[reference_speaker][0]})
-    rows = score_folder(read_predictions(make_prediction_folder(tmp_path / "pred", samples)),
-                        Scorers(default_embedder(), use_dnsmos=False))
+            samples.append(
+                {
+                    "id": f"{speaker}<-{reference_speaker}",
+                    "generated": groups[speaker][1],
+                    "reference": groups[reference_speaker][0],
+                }
+            )
+    rows = score_folder(
+        read_predictions(make_prediction_folder(tmp_path / "pred", samples)),
+        Scorers(default_embedder(), use_dnsmos=False),
+    )
     assert all(r["error"] is None and r["notes"] is None for r in rows)
-    same = {r["id"].split("<-")[0]: r["similarity_reference"] for r in rows if r["id"].split("<-")[0] ==
-            r["id"].split("<-")[1]}
+    same = {
+        r["id"].split("<-")[0]: r["similarity_reference"]
+        for r in rows
+        if r["id"].split("<-")[0] == r["id"].split("<-")[1]
+    }
     cross = [r for r in rows if r["id"].split("<-")[0] != r["id"].split("<-")[1]]
     assert len(same) == 5 and len(cross) == 20
     for r in cross:  # a voice is closer to its own reference than to any other voice's reference

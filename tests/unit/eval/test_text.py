@@ -20,7 +20,7 @@ SCORING_TABLE = [
     ("hamza on waw and yaa folded", "مؤمن سائل", "مومن سايل"),
     ("arabic punctuation removed", "نعم، لا؛ لماذا؟", "نعم لا لماذا"),
     ("latin punctuation removed", "مرحبا! (كيف) الحال.", "مرحبا كيف الحال"),
-    ("guillemets and quotes removed", "«قال» \"نعم\"", "قال نعم"),
+    ("guillemets and quotes removed", '«قال» "نعم"', "قال نعم"),
     ("eastern arabic digits unified", "٢٠٢٤", "2024"),
     ("persian digits unified", "۲۰۲۴", "2024"),
     ("tatweel removed", "كـــتاب", "كتاب"),
@@ -46,8 +46,11 @@ ERROR_TABLE = [
 ]
 
 
-@pytest.mark.parametrize(("reference", "hypothesis", "char_edits", "ref_chars", "word_edits", "ref_words"),
-                         [c[1:] for c in ERROR_TABLE], ids=[c[0] for c in ERROR_TABLE])
+@pytest.mark.parametrize(
+    ("reference", "hypothesis", "char_edits", "ref_chars", "word_edits", "ref_words"),
+    [c[1:] for c in ERROR_TABLE],
+    ids=[c[0] for c in ERROR_TABLE],
+)
 def test_error_counts_table(reference, hypothesis, char_edits, ref_chars, word_edits, ref_words):
     counts = error_counts(reference, hypothesis)
     assert counts == ErrorCounts(char_edits, ref_chars, word_edits, ref_words)

@@ -7,8 +7,8 @@ import torch
 
 from higgs_lora.data.audio import load_audio
 from higgs_lora.data.collate import build_prompt
-from higgs_lora.infer.decode import DecodeLoop
 from higgs_lora.infer.cloner import CloneRequest, InferenceError, VoiceCloner
+from higgs_lora.infer.decode import DecodeLoop
 from higgs_lora.infer.sampling import SamplingParams
 from higgs_lora.infer.streaming_codec import StreamingCodec, StreamSettings, decode_codes
 from higgs_lora.tiny import REPO_ROOT
@@ -34,10 +34,15 @@ def prompts(cloner):
 
 def hf_generate(model, prompt, max_new_tokens):
     audio_mask = torch.ones(1, prompt.audio_input_ids.shape[0], dtype=torch.bool)
-    out = model.generate(input_ids=prompt.input_ids[None], attention_mask=torch.ones_like(prompt.input_ids)[None],
-                         audio_input_ids=prompt.audio_input_ids[None], audio_input_ids_mask=audio_mask,
-                         max_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, prompt.audio_input_ids.shape[0]:]
+    out = model.generate(
+        input_ids=prompt.input_ids[None],
+        attention_mask=torch.ones_like(prompt.input_ids)[None],
+        audio_input_ids=prompt.audio_input_ids[None],
+        audio_input_ids_mask=audio_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+    )
+    return out[0, prompt.audio_input_ids.shape[0] :]
 
 
 def run_columns(decoder, prompts, params):
@@ -70,7 +75,7 @@ def test_streamed_chunks_join_to_the_whole_decode(cloner):
     joined = np.concatenate(chunks)
     assert len(joined) == len(whole) == 83 * 960
     assert np.abs(joined - whole).max() < 1e-3 * np.abs(whole).max()
-    naive = np.concatenate([decode_codes(cloner.codec, codes[:, s: s + 25]) for s in range(0, 83, 25)])
+    naive = np.concatenate([decode_codes(cloner.codec, codes[:, s : s + 25]) for s in range(0, 83, 25)])
     assert np.abs(naive - whole).max() > 10 * np.abs(joined - whole).max()  # without context the seams differ
 
 
@@ -125,9 +130,8 @@ def two_adapters(tiny_checkpoint, tmp_path_factory):
     """Two random LoRA adapters on the tiny base, saved in PEFT format with a run config beside them."""
     from peft import LoraConfig, get_peft_model
 
-    from higgs_lora.config import RunConfig, save_config
+    from higgs_lora.config import ModelConfig, RunConfig, save_config
     from higgs_lora.model.loading import load_base_model
-    from higgs_lora.config import ModelConfig
 
     root = tmp_path_factory.mktemp("adapters")
     paths = {}
@@ -152,8 +156,10 @@ def test_adapters_are_switched_per_request_without_reloading(tiny_checkpoint, tw
     both = VoiceCloner.load(tiny_checkpoint.model_dir, adapters=two_adapters, device="cpu", dtype="fp32")
     assert both.adapters == ["voice_a", "voice_b"]
     params = SamplingParams(temperature=0, max_seconds=2)
-    requests = [both.request(REFERENCE, REFERENCE_TEXT, "مرحبا بكم", params, adapter=a)
-                for a in ("voice_a", None, "voice_b", "voice_a")]
+    requests = [
+        both.request(REFERENCE, REFERENCE_TEXT, "مرحبا بكم", params, adapter=a)
+        for a in ("voice_a", None, "voice_b", "voice_a")
+    ]
     results = both.clone_batch(requests)
     only_a = VoiceCloner.load(two_adapters["voice_a"], device="cpu", dtype="fp32")  # adapter dir: base from config
     expected_a = only_a.clone(REFERENCE, REFERENCE_TEXT, "مرحبا بكم", params, adapter="voice_a")

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from higgs_lora.text.arabic import split_sentences
 from higgs_lora.infer.decode import columns_to_codes
 from higgs_lora.infer.sampling import DelayConstraints, SamplingParams, choose_codes, filter_logits, make_generator
+from higgs_lora.text.arabic import split_sentences
 
 BOS, EOS, K, V = 1024, 1025, 8, 1026
 
@@ -56,7 +56,10 @@ def test_sampling_is_reproducible_per_seed_and_greedy_is_argmax():
     constraints.step = K + 1  # past the BOS phase
     logits = torch.randn(1, K, V, generator=torch.Generator().manual_seed(0))
     params = [SamplingParams(temperature=1.0, top_k=0, top_p=1.0)]
-    draw = lambda seed: choose_codes(logits, constraints, params, [make_generator(seed, torch.device("cpu"))], None)
+
+    def draw(seed):
+        return choose_codes(logits, constraints, params, [make_generator(seed, torch.device("cpu"))], None)
+
     assert torch.equal(draw(1), draw(1))
     assert not torch.equal(draw(1), draw(2))
     greedy = choose_codes(logits, constraints, [SamplingParams(temperature=0)], [None], None)
@@ -74,8 +77,9 @@ def test_repetition_aware_sampling_redraws_a_code_repeated_in_the_window():
     generators = [make_generator(0, torch.device("cpu"))]
     redrawn = choose_codes(logits, constraints, params, generators, history)
     assert (redrawn != 7).any()  # code 7 occurs 7 times in the window: it is re-drawn from the plain softmax
-    plain = choose_codes(logits, constraints, [SamplingParams(temperature=0.1, top_k=1, ras_window=0)],
-                         generators, history)
+    plain = choose_codes(
+        logits, constraints, [SamplingParams(temperature=0.1, top_k=1, ras_window=0)], generators, history
+    )
     assert (plain == 7).all()
 
 
@@ -100,14 +104,17 @@ def test_columns_to_codes_reverts_the_delay_pattern_and_repairs_stray_ids():
     assert torch.equal(partial, codes[:, :7])  # 15 columns hold 7 complete frames
 
 
-@pytest.mark.parametrize("text, max_chars, expected", [
-    ("مرحبا بكم. كيف حالكم؟", 200, ["مرحبا بكم. كيف حالكم؟"]),
-    ("مرحبا بكم. كيف حالكم؟", 12, ["مرحبا بكم.", "كيف حالكم؟"]),
-    ("أولا، ثانيا؛ ثالثا! رابعا", 14, ["أولا، ثانيا؛", "ثالثا! رابعا"]),
-    ("سطر أول\nسطر ثان", 200, ["سطر أول سطر ثان"]),
-    ("سطر أول\nسطر ثان", 8, ["سطر أول", "سطر ثان"]),
-    ("كلمة " * 10, 20, ["كلمة كلمة كلمة كلمة", "كلمة كلمة كلمة كلمة", "كلمة كلمة"]),
-    ("   ", 200, []),
-])
+@pytest.mark.parametrize(
+    "text, max_chars, expected",
+    [
+        ("مرحبا بكم. كيف حالكم؟", 200, ["مرحبا بكم. كيف حالكم؟"]),
+        ("مرحبا بكم. كيف حالكم؟", 12, ["مرحبا بكم.", "كيف حالكم؟"]),
+        ("أولا، ثانيا؛ ثالثا! رابعا", 14, ["أولا، ثانيا؛", "ثالثا! رابعا"]),
+        ("سطر أول\nسطر ثان", 200, ["سطر أول سطر ثان"]),
+        ("سطر أول\nسطر ثان", 8, ["سطر أول", "سطر ثان"]),
+        ("كلمة " * 10, 20, ["كلمة كلمة كلمة كلمة", "كلمة كلمة كلمة كلمة", "كلمة كلمة"]),
+        ("   ", 200, []),
+    ],
+)
 def test_split_sentences(text, max_chars, expected):
     assert split_sentences(text, max_chars) == expected

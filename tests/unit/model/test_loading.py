@@ -10,8 +10,8 @@ import torch
 
 from higgs_lora.config import LoraConfig, ModelConfig
 from higgs_lora.errors import CheckpointError
-from higgs_lora.model.lora import apply_lora
 from higgs_lora.model.loading import inspect_checkpoint, load_base_model, load_processor, resolve_codec_path
+from higgs_lora.model.lora import apply_lora
 
 
 def model_cfg(tiny, **kw) -> ModelConfig:
@@ -68,8 +68,9 @@ def test_processor_from_local_parts_matches_autoprocessor(tiny_checkpoint):
         {"role": "system", "content": "Generate audio following instruction."},
         {"role": "user", "content": "اقرأ هذا"},
     ]
-    assert ours.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True) == \
-        plain.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    assert ours.apply_chat_template(
+        conversation, tokenize=False, add_generation_prompt=True
+    ) == plain.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
     assert ours.audio_token_id == plain.audio_token_id and ours.audio_delay_token_id == plain.audio_delay_token_id
 
 
@@ -79,9 +80,18 @@ def test_base_is_frozen_and_lora_hits_attention_and_both_mlps(tiny_checkpoint):
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     for layer in range(2):
-        for module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                       "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-                       "audio_mlp.gate_proj", "audio_mlp.up_proj", "audio_mlp.down_proj"):
+        for module in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+            "audio_mlp.gate_proj",
+            "audio_mlp.up_proj",
+            "audio_mlp.down_proj",
+        ):
             assert any(f"layers.{layer}.{module}.lora_A" in n for n in trainable), (layer, module)
     assert not any("audio_lm_head" in n or "codebook" in n for n in trainable)
 
@@ -106,8 +116,13 @@ def test_bf16_load_casts_weights(tiny_checkpoint):
 def test_nf4_quantises_the_layers_but_not_heads_or_embeddings(tiny_checkpoint):
     import bitsandbytes as bnb
 
-    cfg = ModelConfig(path=str(tiny_checkpoint.model_dir), codec_path=str(tiny_checkpoint.codec_dir),
-                      dtype="fp32", quantization="nf4", gradient_checkpointing=False)
+    cfg = ModelConfig(
+        path=str(tiny_checkpoint.model_dir),
+        codec_path=str(tiny_checkpoint.codec_dir),
+        dtype="fp32",
+        quantization="nf4",
+        gradient_checkpointing=False,
+    )
     base = load_base_model(cfg)
     assert isinstance(base.model.layers[0].audio_mlp.gate_proj, bnb.nn.Linear4bit)
     assert isinstance(base.model.layers[1].self_attn.q_proj, bnb.nn.Linear4bit)

@@ -13,7 +13,6 @@ import sys
 import pytest
 
 from higgs_lora.plan import COEFFICIENTS
-
 from tests.conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "bench"))

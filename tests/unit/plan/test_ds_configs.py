@@ -7,8 +7,15 @@ import json
 import pytest
 
 from higgs_lora.config import load_config
-from higgs_lora.plan import GIB, RELEASED_MODEL_CONFIG, Hardware, PlanError, load_ds_config, make_plan, resolve_ds_config
-
+from higgs_lora.plan import (
+    GIB,
+    RELEASED_MODEL_CONFIG,
+    Hardware,
+    PlanError,
+    load_ds_config,
+    make_plan,
+    resolve_ds_config,
+)
 from tests.conftest import REPO_ROOT
 
 DS_CONFIGS = sorted((REPO_ROOT / "ds_configs").glob("*.json"))
@@ -44,8 +51,9 @@ def test_resolved_ds_config_loads_into_deepspeed(spec, dtype, world, gib, ds_con
     DeepSpeedConfig = ds_config_class
 
     raw = load_ds_config(spec)
-    cfg = load_config(REPO_ROOT / "configs" / "arabic_lora.yaml",
-                      [f"model.dtype={dtype}", "train.global_batch_tokens=65536"])
+    cfg = load_config(
+        REPO_ROOT / "configs" / "arabic_lora.yaml", [f"model.dtype={dtype}", "train.global_batch_tokens=65536"]
+    )
     hardware = Hardware(world, 1, int(gib * GIB) if gib else None, "GPU", "test")
     plan = make_plan(cfg, raw, hardware, RELEASED_MODEL_CONFIG)
     resolved = resolve_ds_config(raw, cfg, plan, RELEASED_MODEL_CONFIG)

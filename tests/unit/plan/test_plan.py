@@ -8,8 +8,21 @@ import json
 import pytest
 
 from higgs_lora.config import LoraConfig, ModelConfig, load_config
-from higgs_lora.plan import GIB, RELEASED_MODEL_CONFIG, Hardware, MemoryModel, PlanError, detect_hardware, load_ds_config, lora_parameter_count, make_plan, model_sizes, parse_memory, read_model_config, sequence_stats
-
+from higgs_lora.plan import (
+    GIB,
+    RELEASED_MODEL_CONFIG,
+    Hardware,
+    MemoryModel,
+    PlanError,
+    detect_hardware,
+    load_ds_config,
+    lora_parameter_count,
+    make_plan,
+    model_sizes,
+    parse_memory,
+    read_model_config,
+    sequence_stats,
+)
 from tests.conftest import FULL_SIZE_CONFIG, REPO_ROOT
 
 ZERO2 = load_ds_config(REPO_ROOT / "ds_configs" / "zero2.json")
@@ -31,12 +44,15 @@ def gpus(per_node: int, gib: float, nodes: int = 1) -> Hardware:
 
 
 def test_lora_count_matches_peft_on_the_tiny_model(tiny_checkpoint):
-    from higgs_lora.model.lora import apply_lora, count_parameters
     from higgs_lora.model.loading import load_base_model
+    from higgs_lora.model.lora import apply_lora, count_parameters
 
     model_cfg = ModelConfig(path=str(tiny_checkpoint.model_dir), dtype="fp32", gradient_checkpointing=False)
-    for lora in (LoraConfig(r=8), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
-                 LoraConfig(r=2, target_modules=["q_proj", "audio_lm_head"])):
+    for lora in (
+        LoraConfig(r=8),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+        LoraConfig(r=2, target_modules=["q_proj", "audio_lm_head"]),
+    ):
         trainable, _ = count_parameters(apply_lora(load_base_model(model_cfg), lora, model_cfg))
         assert lora_parameter_count(read_model_config(model_cfg.path), lora.target_modules, lora.r) == trainable
 
@@ -54,8 +70,11 @@ def test_model_sizes_match_the_tiny_model(tiny_checkpoint, text_head):
     model = load_base_model(ModelConfig(path=str(tiny_checkpoint.model_dir), dtype="fp32", use_text_head=text_head))
     sizes = model_sizes(read_model_config(tiny_checkpoint.model_dir), text_head=text_head)
     assert sizes.total == sum(p.numel() for p in model.parameters())
-    layer = model.model.layers[0] if hasattr(model.model, "layers") else next(
-        m for m in model.modules() if type(m).__name__ == "HiggsAudioV2DecoderLayer")
+    layer = (
+        model.model.layers[0]
+        if hasattr(model.model, "layers")
+        else next(m for m in model.modules() if type(m).__name__ == "HiggsAudioV2DecoderLayer")
+    )
     linear = sum(m.weight.numel() for m in layer.modules() if isinstance(m, __import__("torch").nn.Linear))
     assert sizes.layer_linear == linear and sizes.layer == sum(p.numel() for p in layer.parameters())
 
@@ -92,9 +111,11 @@ SCENARIOS = [
 ]
 
 
-@pytest.mark.parametrize("name,ds,overrides,hardware,expected", SCENARIOS,
-                         ids=[f"{s[0]}-{s[1]}-{s[3].world_size}x{s[3].gpu_memory_bytes // GIB}G-{i}"
-                              for i, s in enumerate(SCENARIOS)])
+@pytest.mark.parametrize(
+    "name,ds,overrides,hardware,expected",
+    SCENARIOS,
+    ids=[f"{s[0]}-{s[1]}-{s[3].world_size}x{s[3].gpu_memory_bytes // GIB}G-{i}" for i, s in enumerate(SCENARIOS)],
+)
 def test_choice_table(name, ds, overrides, hardware, expected):
     config = cfg("train.global_batch_tokens=65536", *overrides, base=name)
     plan = make_plan(config, DS[ds], hardware, RELEASED_MODEL_CONFIG)
@@ -111,8 +132,18 @@ def test_choice_table(name, ds, overrides, hardware, expected):
 def test_memory_table_lists_every_term_and_the_margin():
     plan = make_plan(cfg(), AUTO, gpus(1, 24), RELEASED_MODEL_CONFIG)
     text = plan.describe()
-    for term in ("frozen base", "LoRA weights", "fp32 master + Adam", "activations", "audio logits", "CUDA context",
-                 "sum", "GPU memory", "margin (10%)", "headroom"):
+    for term in (
+        "frozen base",
+        "LoRA weights",
+        "fp32 master + Adam",
+        "activations",
+        "audio logits",
+        "CUDA context",
+        "sum",
+        "GPU memory",
+        "margin (10%)",
+        "headroom",
+    ):
         assert term in text
     assert f"{plan.micro_batch_tokens:,} positions per rank" in text
     frozen = dict(plan.memory)["frozen base"]
@@ -131,9 +162,15 @@ def test_nf4_base_is_about_a_third_of_bf16():
 MEMORIES = [12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 141]
 
 
-@pytest.mark.parametrize("name,overrides", [("arabic_lora", ()), ("arabic_qlora_16gb", ()),
-                                            ("arabic_lora", ("train.global_batch_tokens=65536",)),
-                                            ("arabic_lora", ("lora.dropout=0", "train.global_batch_tokens=262144"))])
+@pytest.mark.parametrize(
+    "name,overrides",
+    [
+        ("arabic_lora", ()),
+        ("arabic_qlora_16gb", ()),
+        ("arabic_lora", ("train.global_batch_tokens=65536",)),
+        ("arabic_lora", ("lora.dropout=0", "train.global_batch_tokens=262144")),
+    ],
+)
 @pytest.mark.parametrize("ds", ["auto", "zero2", "zero3"])
 @pytest.mark.parametrize("world", [1, 8])
 def test_more_memory_never_gives_a_smaller_budget(name, overrides, ds, world):
@@ -154,9 +191,17 @@ def test_zero3_static_memory_never_grows_with_more_gpus(quantization, offload):
     for world in (1, 2, 4, 8, 16, 32, 64):
         plan = make_plan(config, ZERO3, gpus(world, 80), RELEASED_MODEL_CONFIG)
         assert plan.zero_stage == 3
-        memory = MemoryModel(sizes=model_sizes(RELEASED_MODEL_CONFIG, False), trainable=plan.trainable_parameters,
-                             world_size=world, dtype="bf16", quantization=quantization, lora_dropout=0.1,
-                             seq=sequence_stats(config), hidden=3072, intermediate=8192)
+        memory = MemoryModel(
+            sizes=model_sizes(RELEASED_MODEL_CONFIG, False),
+            trainable=plan.trainable_parameters,
+            world_size=world,
+            dtype="bf16",
+            quantization=quantization,
+            lora_dropout=0.1,
+            seq=sequence_stats(config),
+            hidden=3072,
+            intermediate=8192,
+        )
         from higgs_lora.plan import Candidate
 
         static.append(sum(t.fixed for t in memory.terms(Candidate(3, offload, True))))
@@ -171,8 +216,9 @@ def test_batch_identity_and_global_batch(world, global_tokens):
     if global_tokens:
         assert plan.global_batch_tokens >= global_tokens
         # Trimmed: one micro-batch less per step would miss the target, and no rank holds a needless extra step.
-        assert (plan.micro_batch_tokens - 64) * plan.accumulation * world < global_tokens or \
-            plan.micro_batch_tokens - 64 < sequence_stats(config).longest
+        assert (
+            plan.micro_batch_tokens - 64
+        ) * plan.accumulation * world < global_tokens or plan.micro_batch_tokens - 64 < sequence_stats(config).longest
     else:
         assert plan.accumulation == 1
 
@@ -190,8 +236,12 @@ def test_pinned_budget_is_respected_and_the_rest_planned_around_it():
 
 def test_pinned_budget_that_cannot_fit_says_what_would():
     with pytest.raises(PlanError) as err:
-        make_plan(cfg("train.micro_batch_tokens=16384", "model.gradient_checkpointing=false"), ZERO2, gpus(1, 24),
-                  RELEASED_MODEL_CONFIG)
+        make_plan(
+            cfg("train.micro_batch_tokens=16384", "model.gradient_checkpointing=false"),
+            ZERO2,
+            gpus(1, 24),
+            RELEASED_MODEL_CONFIG,
+        )
     message = str(err.value)
     assert "does not fit 1 x 24 GiB" in message
     assert "train.micro_batch_tokens=" in message and "checkpointing" in message
@@ -204,15 +254,25 @@ def test_infeasible_run_lists_qlora_more_gpus_and_shorter_samples():
     assert "model.quantization=nf4" in message
     assert "GPUs of this size with ZeRO-3" in message
     with pytest.raises(PlanError) as err:
-        make_plan(cfg("model.quantization=nf4", "data.max_seconds=30", "data.reference_max_seconds=20",
-                      "model.gradient_checkpointing=false"), ZERO2, gpus(1, 16), RELEASED_MODEL_CONFIG)
+        make_plan(
+            cfg(
+                "model.quantization=nf4",
+                "data.max_seconds=30",
+                "data.reference_max_seconds=20",
+                "model.gradient_checkpointing=false",
+            ),
+            ZERO2,
+            gpus(1, 16),
+            RELEASED_MODEL_CONFIG,
+        )
     assert "data.max_seconds=" in str(err.value)
 
 
 def test_conflicting_pins_are_reported_together_with_what_to_do():
     with pytest.raises(PlanError) as err:
-        make_plan(cfg("plan.zero_stage=3", "plan.offload=none", "model.quantization=nf4"), ZERO3_OFFLOAD, 1,
-                  FULL_SIZE_CONFIG)
+        make_plan(
+            cfg("plan.zero_stage=3", "plan.offload=none", "model.quantization=nf4"), ZERO3_OFFLOAD, 1, FULL_SIZE_CONFIG
+        )
     message = str(err.value)
     assert "plan.offload=none" in message and "QLoRA" in message
     with pytest.raises(PlanError, match="zero3.json"):
@@ -220,23 +280,28 @@ def test_conflicting_pins_are_reported_together_with_what_to_do():
 
 
 def test_without_a_gpu_memory_is_not_planned():
-    plan = make_plan(cfg("train.micro_batch_tokens=8192", "train.global_batch_tokens=32768"), ZERO2, 1,
-                     FULL_SIZE_CONFIG)
+    plan = make_plan(
+        cfg("train.micro_batch_tokens=8192", "train.global_batch_tokens=32768"), ZERO2, 1, FULL_SIZE_CONFIG
+    )
     assert (plan.zero_stage, plan.offload, plan.accumulation, plan.memory) == (2, "none", 4, ())
     assert "memory not planned" in plan.describe()
 
 
 def test_cache_lengths_tighten_the_longest_sample():
     config = cfg()
-    assert sequence_stats(config, longest_target_frames=250, longest_text_letters=100).longest < \
-        sequence_stats(config).longest
+    assert (
+        sequence_stats(config, longest_target_frames=250, longest_text_letters=100).longest
+        < sequence_stats(config).longest
+    )
 
 
 # --------------------------------------------------------------------------------------------- hardware
 
 
-@pytest.mark.parametrize("text,expected", [("24GiB", 24 * GIB), ("80GB", 80 * 10 ** 9), ("16", 16 * GIB),
-                                           ("40 gib", 40 * GIB), ("1.5TiB", int(1.5 * 1024 ** 4))])
+@pytest.mark.parametrize(
+    "text,expected",
+    [("24GiB", 24 * GIB), ("80GB", 80 * 10**9), ("16", 16 * GIB), ("40 gib", 40 * GIB), ("1.5TiB", int(1.5 * 1024**4))],
+)
 def test_parse_memory(text, expected):
     assert parse_memory(text) == expected
 
@@ -261,8 +326,9 @@ def test_detect_hardware_from_slurm_launcher_and_overrides():
     bound = {"SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "8", "SLURM_TASKS_PER_NODE": "8(x2)"}
     job = detect_hardware(cfg(), env=bound, cuda=(1, 141 * GIB, "NVIDIA H200"), world_size=16)
     assert (job.gpus_per_node, job.nodes) == (8, 2)
-    given = detect_hardware(cfg("plan.gpus_per_node=8", "plan.nodes=2", "plan.gpu_memory_gib=40"), env={},
-                            cuda=(0, 0, ""))
+    given = detect_hardware(
+        cfg("plan.gpus_per_node=8", "plan.nodes=2", "plan.gpu_memory_gib=40"), env={}, cuda=(0, 0, "")
+    )
     assert (given.world_size, given.gpu_memory_bytes) == (16, 40 * GIB)
     assert detect_hardware(cfg(), env={}, cuda=(0, 0, "")).gpu_memory_bytes is None  # CPU: nothing to plan
 
@@ -278,8 +344,23 @@ def test_command_prints_the_plan_and_writes_json(tmp_path, capsys):
     from higgs_lora.plan.cli import main
 
     out = tmp_path / "plan.json"
-    code = main(["--config", str(REPO_ROOT / "configs" / "arabic_lora.yaml"), "--model", "released", "--gpus", "8",
-                 "--gpu-mem", "40GiB", "--nodes", "2", "--json", str(out), "--show-ds"])
+    code = main(
+        [
+            "--config",
+            str(REPO_ROOT / "configs" / "arabic_lora.yaml"),
+            "--model",
+            "released",
+            "--gpus",
+            "8",
+            "--gpu-mem",
+            "40GiB",
+            "--nodes",
+            "2",
+            "--json",
+            str(out),
+            "--show-ds",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "2 node(s) x 8 x GPU 40.0 GiB" in printed and "predicted peak per GPU" in printed
@@ -294,6 +375,20 @@ def test_command_errors_are_exit_2_with_the_fix(capsys):
 
     assert main(["--config", str(REPO_ROOT / "configs" / "arabic_lora.yaml"), "model.path=/nonexistent"]) == 2
     assert "--model released" in capsys.readouterr().err
-    assert main(["--config", str(REPO_ROOT / "configs" / "arabic_lora.yaml"), "--model", "released", "--gpus", "1",
-                 "--gpu-mem", "6GiB", "plan.offload=none"]) == 2
+    assert (
+        main(
+            [
+                "--config",
+                str(REPO_ROOT / "configs" / "arabic_lora.yaml"),
+                "--model",
+                "released",
+                "--gpus",
+                "1",
+                "--gpu-mem",
+                "6GiB",
+                "plan.offload=none",
+            ]
+        )
+        == 2
+    )
     assert "What would fit" in capsys.readouterr().err

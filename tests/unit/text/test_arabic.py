@@ -96,10 +96,18 @@ NORMALIZE_CASES = [
     ("number inside latin text", "mp3 player", {}, "mp ثلاثة player"),
     ("minus sign not read", "-5", {}, "-خمسة"),
     ("two millions", "2000000 و 1000000", {}, "مليونان و مليون"),
-    ("tanween from num2words kept", "123456789", {}, "مائة و ثلاثة و عشرون مليوناً و أربعمائة و ستة و خمسون ألفاً"
-     " و سبعمائة و تسعة و ثمانون"),
-    ("num2words tanween stripped", "123456789", STRIP, "مائة و ثلاثة و عشرون مليونا و أربعمائة و ستة و خمسون ألفا"
-     " و سبعمائة و تسعة و ثمانون"),
+    (
+        "tanween from num2words kept",
+        "123456789",
+        {},
+        "مائة و ثلاثة و عشرون مليوناً و أربعمائة و ستة و خمسون ألفاً و سبعمائة و تسعة و ثمانون",
+    ),
+    (
+        "num2words tanween stripped",
+        "123456789",
+        STRIP,
+        "مائة و ثلاثة و عشرون مليونا و أربعمائة و ستة و خمسون ألفا و سبعمائة و تسعة و ثمانون",
+    ),
     ("num2words words folded", "3 4", FOLD, "ثلاثه اربعه"),
     ("too large for num2words left as digits", "1" + "0" * 60, {}, "1" + "0" * 60),
     ("longer than int() accepts left as digits", "9" * 5000, {}, "9" * 5000),

@@ -12,11 +12,16 @@ from higgs_lora.train.loss import label_counts, micro_batch_loss_sums, normalise
 
 @pytest.fixture(scope="module")
 def parts(tiny_checkpoint):
-    from higgs_lora.model.lora import apply_lora
     from higgs_lora.model.loading import load_base_model, load_processor
+    from higgs_lora.model.lora import apply_lora
 
-    cfg = ModelConfig(path=str(tiny_checkpoint.model_dir), codec_path=str(tiny_checkpoint.codec_dir), dtype="fp32",
-                      gradient_checkpointing=False, use_text_head=True)
+    cfg = ModelConfig(
+        path=str(tiny_checkpoint.model_dir),
+        codec_path=str(tiny_checkpoint.codec_dir),
+        dtype="fp32",
+        gradient_checkpointing=False,
+        use_text_head=True,
+    )
     processor = load_processor(cfg)
     torch.manual_seed(0)
     model = apply_lora(load_base_model(cfg), LoraConfig(r=4, alpha=8, dropout=0.0), cfg)
@@ -26,8 +31,9 @@ def parts(tiny_checkpoint):
                 p.normal_(0, 0.02)
     gen = torch.Generator().manual_seed(0)
     codes = lambda t: torch.randint(0, 1024, (8, t), generator=gen)  # noqa: E731
-    examples = [build_example(processor, f"مرجع {i}", codes(10 + 3 * i), f"هدف {i}", codes(5 + 7 * i))
-                for i in range(4)]
+    examples = [
+        build_example(processor, f"مرجع {i}", codes(10 + 3 * i), f"هدف {i}", codes(5 + 7 * i)) for i in range(4)
+    ]
     return processor, model, examples
 
 
@@ -42,8 +48,9 @@ def test_equals_the_models_own_loss_on_one_micro_batch(parts):
         own = model(**{k: batch[k] for k in MODEL_INPUTS}, audio_labels=batch["audio_labels"]).loss
         sums = micro_batch_loss_sums(model, batch)
     audio_positions, _ = label_counts(batch)
-    assert audio_positions == sum(e.audio_labels.shape[0] - e.audio_labels.eq(-100).all(-1).sum().item() - 7
-                                  for e in examples[:3])  # T + 1 labelled positions per codebook per target
+    assert audio_positions == sum(
+        e.audio_labels.shape[0] - e.audio_labels.eq(-100).all(-1).sum().item() - 7 for e in examples[:3]
+    )  # T + 1 labelled positions per codebook per target
     assert normalised_loss(sums, audio_positions, 0, 0.0).item() == pytest.approx(own.item(), rel=1e-5)
 
 
@@ -91,6 +98,10 @@ def test_split_micro_batches_give_the_gradient_of_the_whole_batch(parts):
 def test_world_size_undoes_data_parallel_averaging():
     from higgs_lora.train.loss import LossSums
 
-    sums = LossSums(audio=torch.tensor([2.0, 4.0]), audio_counts=torch.tensor([3, 3]), text=torch.tensor(6.0),
-                    text_count=torch.tensor(2))
+    sums = LossSums(
+        audio=torch.tensor([2.0, 4.0]),
+        audio_counts=torch.tensor([3, 3]),
+        text=torch.tensor(6.0),
+        text_count=torch.tensor(2),
+    )
     assert normalised_loss(sums, 10, 4, 0.5, world_size=4).item() == pytest.approx((6 / 10 + 0.5 * 6 / 4) * 4)

@@ -7,12 +7,11 @@ import math
 
 import pytest
 
-from higgs_lora.run_folder import latest_checkpoint, list_checkpoints
-from higgs_lora.train.checkpoint import ResumeError, resolve_resume
 from higgs_lora.config import load_config
 from higgs_lora.distributed import cuda_index, first_slurm_host, launcher_environment
+from higgs_lora.run_folder import latest_checkpoint, list_checkpoints
+from higgs_lora.train.checkpoint import ResumeError, resolve_resume
 from higgs_lora.train.flops import FlopCounter, peak_flops
-
 from tests.conftest import FULL_SIZE_CONFIG, REPO_ROOT
 
 
@@ -21,8 +20,15 @@ def test_launcher_variables_are_kept():
 
 
 def test_slurm_variables_are_mapped():
-    env = launcher_environment({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
-                                "SLURM_JOB_NODELIST": "gpu[03-04]", "SLURM_JOB_ID": "1234"})
+    env = launcher_environment(
+        {
+            "SLURM_PROCID": "5",
+            "SLURM_NTASKS": "8",
+            "SLURM_LOCALID": "1",
+            "SLURM_JOB_NODELIST": "gpu[03-04]",
+            "SLURM_JOB_ID": "1234",
+        }
+    )
     assert env == {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "gpu03", "MASTER_PORT": "29734"}
 
 
@@ -32,8 +38,9 @@ def test_a_plain_process_is_a_single_rank():
     assert 0 < int(env["MASTER_PORT"]) < 65536
 
 
-@pytest.mark.parametrize("nodelist,first", [("gpu[03-05,07],cpu1", "gpu03"), ("a1,a2", "a1"), ("n[7]", "n7"),
-                                             ("single", "single")])
+@pytest.mark.parametrize(
+    "nodelist,first", [("gpu[03-05,07],cpu1", "gpu03"), ("a1,a2", "a1"), ("n[7]", "n7"), ("single", "single")]
+)
 def test_first_slurm_host(nodelist, first):
     assert first_slurm_host(nodelist) == first
 
@@ -91,8 +98,7 @@ def test_flops_per_position_of_the_released_size():
     per_position = counter.step_flops(1, 1, 0)
     assert per_position == pytest.approx(4 * (counter.path_parameters + counter.head_parameters))
     assert 11.2e9 < per_position < 11.6e9  # docs/PERFORMANCE: ~11.4 GFLOP per position
-    assert math.isclose(counter.step_flops(2, 0, 2 * 100**2) - counter.step_flops(2, 0, 0),
-                        12 * 28 * 3072 * 2 * 100**2)
+    assert math.isclose(counter.step_flops(2, 0, 2 * 100**2) - counter.step_flops(2, 0, 0), 12 * 28 * 3072 * 2 * 100**2)
 
 
 def test_peak_flops_only_for_measured_or_configured():
@@ -110,8 +116,12 @@ def test_pruning_never_touches_the_new_checkpoint_or_newer_ones(tmp_path):
     make_step(tmp_path, "step_00000007")
     deleted = prune(tmp_path, newest_step=7, keep_last=2)
     assert [p.name for p in deleted] == ["step_00000003"]
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000006", "step_00000007", "step_00000009",
-                                                             "step_00000012"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "step_00000006",
+        "step_00000007",
+        "step_00000009",
+        "step_00000012",
+    ]
 
 
 def test_resume_never_refuses_a_directory_with_checkpoints(tmp_path):
@@ -124,10 +134,10 @@ def test_resume_never_refuses_a_directory_with_checkpoints(tmp_path):
 def test_resume_checks_ranks_and_adapter_settings_before_loading(tmp_path):
     import json
 
+    from higgs_lora.config import save_config
+    from higgs_lora.constants import RUN_CONFIG
     from higgs_lora.run_folder import ADAPTER
     from higgs_lora.train.checkpoint import check_compatible
-    from higgs_lora.constants import RUN_CONFIG
-    from higgs_lora.config import save_config
 
     cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", [f"output_dir={tmp_path}"])
     step = make_step(tmp_path, "step_00000010")
@@ -136,8 +146,9 @@ def test_resume_checks_ranks_and_adapter_settings_before_loading(tmp_path):
     assert check_compatible(step, cfg, world_size=2)["step"] == 10
     with pytest.raises(ResumeError, match="written by 2 ranks and this run has 4"):
         check_compatible(step, cfg, world_size=4)
-    changed = load_config(REPO_ROOT / "configs" / "demo.yaml", [f"output_dir={tmp_path}", "lora.r=16",
-                                                                 "model.quantization=nf4"])
+    changed = load_config(
+        REPO_ROOT / "configs" / "demo.yaml", [f"output_dir={tmp_path}", "lora.r=16", "model.quantization=nf4"]
+    )
     with pytest.raises(ResumeError, match=r"r, model.quantization"):
         check_compatible(step, changed, world_size=2)
 
@@ -147,9 +158,11 @@ def test_a_stop_signal_is_recorded_and_a_second_one_is_left_to_kill():
     import subprocess
     import sys
 
-    code = ("import os, signal; from higgs_lora import stop; stop.catch(); os.kill(os.getpid(), signal.SIGUSR1); "
-            "assert stop.received() == signal.SIGUSR1; assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL; "
-            "stop.catch(); assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL; print('ok')")
+    code = (
+        "import os, signal; from higgs_lora import stop; stop.catch(); os.kill(os.getpid(), signal.SIGUSR1); "
+        "assert stop.received() == signal.SIGUSR1; assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL; "
+        "stop.catch(); assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL; print('ok')"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stdout.strip()) == (0, "ok"), result.stderr
 
@@ -157,27 +170,44 @@ def test_a_stop_signal_is_recorded_and_a_second_one_is_left_to_kill():
 def test_metrics_records_up_to_the_resumed_step_drop_later_and_cut_lines():
     from higgs_lora.train.metrics_log import records_up_to
 
-    text = "".join(json.dumps({"kind": k, "step": n}) + "\n" for k, n in
-                   [("eval", 0), ("train", 1), ("train", 2), ("eval", 2), ("train", 3)])
+    text = "".join(
+        json.dumps({"kind": k, "step": n}) + "\n"
+        for k, n in [("eval", 0), ("train", 1), ("train", 2), ("eval", 2), ("train", 3)]
+    )
     text += '{"kind": "train", "st'  # the line a SIGKILL cut
     kept, dropped = records_up_to(text, 2)
     assert [json.loads(line) for line in kept] == [
-        {"kind": "eval", "step": 0}, {"kind": "train", "step": 1}, {"kind": "train", "step": 2},
-        {"kind": "eval", "step": 2}]
+        {"kind": "eval", "step": 0},
+        {"kind": "train", "step": 1},
+        {"kind": "train", "step": 2},
+        {"kind": "eval", "step": 2},
+    ]
     assert dropped == 2 and all(line.endswith("\n") for line in kept)
 
 
 def test_step_totals_round_trip_through_one_tensor_and_give_the_logged_losses():
     import torch
 
-    from higgs_lora.train.loop import StepTotals
+    from higgs_lora.train.step_totals import StepTotals
     from higgs_lora.train.loss import LossSums
 
     totals = StepTotals.zeros(3)
-    totals.add_loss(LossSums(audio=torch.tensor([6.0, 9.0, 12.0]), audio_counts=torch.tensor([3, 3, 3]),
-                             text=torch.tensor(5.0), text_count=torch.tensor(2)))
-    totals.add_loss(LossSums(audio=torch.tensor([2.0, 3.0, 4.0]), audio_counts=torch.tensor([1, 1, 1]),
-                             text=torch.tensor(1.0), text_count=torch.tensor(1)))
+    totals.add_loss(
+        LossSums(
+            audio=torch.tensor([6.0, 9.0, 12.0]),
+            audio_counts=torch.tensor([3, 3, 3]),
+            text=torch.tensor(5.0),
+            text_count=torch.tensor(2),
+        )
+    )
+    totals.add_loss(
+        LossSums(
+            audio=torch.tensor([2.0, 3.0, 4.0]),
+            audio_counts=torch.tensor([1, 1, 1]),
+            text=torch.tensor(1.0),
+            text_count=torch.tensor(1),
+        )
+    )
     totals.add_work(positions=40.0, target_frames=7.0, flops=1e9)
     totals.mark_finiteness()
     tensor = totals.to_tensor()
@@ -194,8 +224,14 @@ def test_step_totals_round_trip_through_one_tensor_and_give_the_logged_losses():
     assert back.text_loss() == pytest.approx(6.0 / 3.0)
     # Two ranks: the all-reduce sums the tensors; one rank's NaN is counted once.
     other = StepTotals.zeros(3)
-    other.add_loss(LossSums(audio=torch.tensor([float("nan"), 0.0, 0.0]), audio_counts=torch.tensor([2, 2, 2]),
-                            text=torch.tensor(0.0), text_count=torch.tensor(0)))
+    other.add_loss(
+        LossSums(
+            audio=torch.tensor([float("nan"), 0.0, 0.0]),
+            audio_counts=torch.tensor([2, 2, 2]),
+            text=torch.tensor(0.0),
+            text_count=torch.tensor(0),
+        )
+    )
     other.mark_finiteness()
     both = StepTotals.from_tensor(tensor + other.to_tensor(), 3)
     assert both.nonfinite_ranks == 1.0 and both.audio_counts.tolist() == [6.0, 6.0, 6.0]
