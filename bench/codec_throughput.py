@@ -48,11 +48,15 @@ def main() -> int:
     print(f"codec: {label} ({params / 1e6:.1f}M parameters) on {where}; torch {torch.__version__}")
     print(f"input: {args.batch} x {args.seconds:.1f} s -> codes {tuple(codes.shape)}")
     print(f"encode: median {median * 1000:.0f} ms over {len(times)} calls (min {min(times) * 1000:.0f} ms)")
-    print(f"throughput: {audio_seconds / median:.1f} s of audio per second = {audio_seconds / median:.1f} h of audio "
-          f"per hour of compute")
+    print(
+        f"throughput: {audio_seconds / median:.1f} s of audio per second = {audio_seconds / median:.1f} h of audio "
+        f"per hour of compute"
+    )
     decode = statistics.median(decode_times)
-    print(f"decode: median {decode * 1000:.0f} ms over {len(decode_times)} calls (min {min(decode_times) * 1000:.0f} "
-          f"ms) = {audio_seconds / decode:.1f} s of audio per second")
+    print(
+        f"decode: median {decode * 1000:.0f} ms over {len(decode_times)} calls (min {min(decode_times) * 1000:.0f} "
+        f"ms) = {audio_seconds / decode:.1f} s of audio per second"
+    )
     return 0
 
 

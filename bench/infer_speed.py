@@ -38,8 +38,12 @@ def build_model(size: str, workdir: Path):
 
     from higgs_lora.plan import RELEASED_MODEL_CONFIG
 
-    config = HiggsAudioV2Config(**{**json.loads((tiny.model_dir / "config.json").read_text()),
-                                   **{k: v for k, v in RELEASED_MODEL_CONFIG.items() if not k.endswith("_id")}})
+    config = HiggsAudioV2Config(
+        **{
+            **json.loads((tiny.model_dir / "config.json").read_text()),
+            **{k: v for k, v in RELEASED_MODEL_CONFIG.items() if not k.endswith("_id")},
+        }
+    )
     config.vocab_size = json.loads((tiny.model_dir / "config.json").read_text())["vocab_size"]
     out = workdir / "full"
     if not (out / "config.json").is_file():
@@ -74,7 +78,6 @@ def main() -> int:
     if args.codec_seams:
         return codec_seams()
     from higgs_lora.data.collate import build_prompt
-    from higgs_lora.infer.decode import DecodeLoop
     from higgs_lora.infer.cloner import VoiceCloner
     from higgs_lora.infer.sampling import SamplingParams
 
@@ -82,15 +85,23 @@ def main() -> int:
     model_dir = build_model(args.size, workdir)
     cloner = VoiceCloner.load(model_dir, device=args.device)
     reference = Path(__file__).resolve().parents[1] / "examples/demo_corpus/spk_f1/spk_f1_01.flac"
-    request = cloner.request(reference, "تشرب الجدة الشاي في الحديقة", "الطقس اليوم معتدل مع رياح خفيفة",
-                             SamplingParams(temperature=0, max_seconds=args.seconds))
+    request = cloner.request(
+        reference,
+        "تشرب الجدة الشاي في الحديقة",
+        "الطقس اليوم معتدل مع رياح خفيفة",
+        SamplingParams(temperature=0, max_seconds=args.seconds),
+    )
     ref = cloner.reference(request.reference_audio, request.reference_rate, request.reference_text)
     prompt = build_prompt(cloner.processor, ref.text, ref.codes, cloner.normalize(request.target_text))
     eos = cloner.decoder.spec.eos_id
     # Fixed work: EOS never allowed, so every run decodes max_columns frames.
     cloner.model.audio_lm_head.register_forward_hook(
-        lambda m, i, out: out.view(*out.shape[:-1], -1, cloner.decoder.spec.codebook_size)
-        .index_fill_(-1, torch.tensor([eos], device=out.device), -1e4).view(out.shape))
+        lambda m, i, out: (
+            out.view(*out.shape[:-1], -1, cloner.decoder.spec.codebook_size)
+            .index_fill_(-1, torch.tensor([eos], device=out.device), -1e4)
+            .view(out.shape)
+        )
+    )
     params = request.params
     frames = params.max_columns() - 9
     audio_seconds = frames / 25
@@ -106,7 +117,9 @@ def main() -> int:
             attention_mask=torch.ones(batch, len(prompt.input_ids), dtype=torch.long, device=args.device),
             audio_input_ids=prompt.audio_input_ids[None].repeat(batch, 1, 1).to(args.device),
             audio_input_ids_mask=torch.ones(batch, n, dtype=torch.bool, device=args.device),
-            max_new_tokens=params.max_columns(), do_sample=False)
+            max_new_tokens=params.max_columns(),
+            do_sample=False,
+        )
 
     def first_chunk():
         for chunk in cloner.events([request], stream=True):
@@ -117,14 +130,23 @@ def main() -> int:
     hf(1)
     results = {}
     for name, fn in [("ours", ours), ("transformers", hf)]:
-        single = min(timed(lambda: fn(1), args.device) for _ in range(args.repeats))
-        batched = min(timed(lambda: fn(args.batch), args.device) for _ in range(args.repeats))
-        results[name] = {"rtf_batch1": single / audio_seconds,
-                         f"audio_s_per_s_batch{args.batch}": args.batch * audio_seconds / batched}
+        single = min(timed(lambda fn=fn: fn(1), args.device) for _ in range(args.repeats))
+        batched = min(timed(lambda fn=fn: fn(args.batch), args.device) for _ in range(args.repeats))
+        results[name] = {
+            "rtf_batch1": single / audio_seconds,
+            f"audio_s_per_s_batch{args.batch}": args.batch * audio_seconds / batched,
+        }
     first_chunk()
     results["ours"]["first_audio_s"] = min(timed(first_chunk, args.device) for _ in range(args.repeats))
-    header = {"size": args.size, "device": args.device, "decoder": cloner.describe(), "frames": frames,
-              "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}
+    header = {
+        "size": args.size,
+        "device": args.device,
+        "decoder": cloner.describe(),
+        "frames": frames,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
     print(json.dumps({**header, "results": results}, indent=1))
     return 0
 

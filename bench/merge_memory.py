@@ -37,8 +37,14 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-FULL = {"hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 24, "num_key_value_heads": 8,
-        "head_dim": 128, "vocab_size": 128256}
+FULL = {
+    "hidden_size": 3072,
+    "intermediate_size": 8192,
+    "num_attention_heads": 24,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 128256,
+}
 CHILD = """
 import sys
 from higgs_lora.deploy.merge import main
@@ -72,8 +78,13 @@ def write_random_base(tiny_model: Path, out: Path, num_layers: int) -> int:
         total += tensor.numel()
     writer.close()
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                 "processor_config.json"):
+    for name in (
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "processor_config.json",
+    ):
         shutil.copy2(tiny_model / name, out / name)
     return total
 
@@ -90,18 +101,36 @@ def write_random_adapter(base: Path, codec: Path, out: Path, quantization: str, 
     for name, shape in tensor_shapes(base).items():
         if name.startswith("model.layers.") and name.split(".")[-2] in TARGETS:
             module = name.removesuffix(".weight")
-            tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, shape[1], generator=generator) \
-                / shape[1] ** 0.5
-            tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(shape[0], rank, generator=generator) \
-                * 0.01
+            tensors[f"base_model.model.{module}.lora_A.weight"] = (
+                torch.randn(rank, shape[1], generator=generator) / shape[1] ** 0.5
+            )
+            tensors[f"base_model.model.{module}.lora_B.weight"] = (
+                torch.randn(shape[0], rank, generator=generator) * 0.01
+            )
     out.mkdir(parents=True)
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(TARGETS), "bias": "none",
-        "lora_dropout": 0.0, "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-        "base_model_name_or_path": str(base), "task_type": None, "inference_mode": True}))
-    cfg = RunConfig(name="bench-merge", model=ModelConfig(path=str(base), codec_path=str(codec), dtype="bf16",
-                                                          quantization=quantization))
+    (out / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": rank,
+                "lora_alpha": 2 * rank,
+                "target_modules": list(TARGETS),
+                "bias": "none",
+                "lora_dropout": 0.0,
+                "fan_in_fan_out": False,
+                "use_rslora": False,
+                "use_dora": False,
+                "base_model_name_or_path": str(base),
+                "task_type": None,
+                "inference_mode": True,
+            }
+        )
+    )
+    cfg = RunConfig(
+        name="bench-merge",
+        model=ModelConfig(path=str(base), codec_path=str(codec), dtype="bf16", quantization=quantization),
+    )
     cfg.lora.r, cfg.lora.alpha = rank, 2 * rank
     save_config(cfg, out / "higgs_lora.yaml")
 
@@ -109,8 +138,12 @@ def write_random_adapter(base: Path, codec: Path, out: Path, quantization: str, 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=28, help="decoder layers (28 = the released model)")
-    parser.add_argument("--quantization", choices=("none", "nf4"), default="none",
-                        help="record the adapter as trained on an NF4 base (the check then also runs the 4-bit model)")
+    parser.add_argument(
+        "--quantization",
+        choices=("none", "nf4"),
+        default="none",
+        help="record the adapter as trained on an NF4 base (the check then also runs the 4-bit model)",
+    )
     parser.add_argument("--no-verify", action="store_true", help="merge only, no logits check")
     parser.add_argument("--work", help="working directory (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
@@ -125,8 +158,17 @@ def main() -> int:
         num_params = write_random_base(tiny.model_dir, work / "base", args.layers)
         write_random_adapter(work / "base", tiny.codec_dir, work / "adapter", args.quantization)
         built = time.perf_counter() - started
-        command = [sys.executable, "-c", CHILD, "--adapter", str(work / "adapter"),
-                   "--out", str(work / "Higgs-Audio-2-bench"), "--device", "cpu"]
+        command = [
+            sys.executable,
+            "-c",
+            CHILD,
+            "--adapter",
+            str(work / "adapter"),
+            "--out",
+            str(work / "Higgs-Audio-2-bench"),
+            "--device",
+            "cpu",
+        ]
         if args.no_verify:
             command.append("--no-verify")
         started = time.perf_counter()
@@ -138,18 +180,27 @@ def main() -> int:
             return result.returncode
         peak_gib = int(re.search(r"VmHWM:\s+(\d+) kB", result.stderr).group(1)) / 2**20
         record = {
-            "date": datetime.date.today().isoformat(), "layers": args.layers, "parameters": num_params,
-            "base_gib": num_params * 2 / 2**30, "verify": not args.no_verify, "quantization": args.quantization,
-            "merge_seconds": round(seconds, 1), "peak_rss_gib": round(peak_gib, 2), "build_seconds": round(built, 1),
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(),
+            "layers": args.layers,
+            "parameters": num_params,
+            "base_gib": num_params * 2 / 2**30,
+            "verify": not args.no_verify,
+            "quantization": args.quantization,
+            "merge_seconds": round(seconds, 1),
+            "peak_rss_gib": round(peak_gib, 2),
+            "build_seconds": round(built, 1),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+            "torch": torch.__version__,
         }
         print(json.dumps(record))
-        print(f"| {record['date']} | merge, {args.layers} layers of full width ({num_params / 1e9:.2f}B parameters, "
-              f"{record['base_gib']:.1f} GiB bf16), {'with' if record['verify'] else 'no'} logits check"
-              f"{', NF4 comparison' if args.quantization == 'nf4' else ''} | `python bench/merge_memory.py --layers "
-              f"{args.layers}{' --no-verify' if args.no_verify else ''}"
-              f"{' --quantization nf4' if args.quantization == 'nf4' else ''}` | | | "
-              f"{seconds:.0f} s, peak RSS {peak_gib:.2f} GiB |")
+        print(
+            f"| {record['date']} | merge, {args.layers} layers of full width ({num_params / 1e9:.2f}B parameters, "
+            f"{record['base_gib']:.1f} GiB bf16), {'with' if record['verify'] else 'no'} logits check"
+            f"{', NF4 comparison' if args.quantization == 'nf4' else ''} | `python bench/merge_memory.py --layers "
+            f"{args.layers}{' --no-verify' if args.no_verify else ''}"
+            f"{' --quantization nf4' if args.quantization == 'nf4' else ''}` | | | "
+            f"{seconds:.0f} s, peak RSS {peak_gib:.2f} GiB |"
+        )
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

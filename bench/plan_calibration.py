@@ -133,10 +133,13 @@ def saved_tensor_method(args) -> dict:
         for hidden, intermediate in shapes:
             value = per_layer_bytes(model_dir, processor, hidden, intermediate, dropout, batch, vocab)
             rows.append((hidden, intermediate, value))
-            result["rows"].append({"hidden": hidden, "intermediate": intermediate, "dropout": dropout,
-                                   "bytes_per_position_layer": value})
-            print(f"dropout {dropout}: hidden {hidden}, intermediate {intermediate}: {value:,.1f} B/position/layer",
-                  flush=True)
+            result["rows"].append(
+                {"hidden": hidden, "intermediate": intermediate, "dropout": dropout, "bytes_per_position_layer": value}
+            )
+            print(
+                f"dropout {dropout}: hidden {hidden}, intermediate {intermediate}: {value:,.1f} B/position/layer",
+                flush=True,
+            )
         a_h, a_i, a_0 = fit(rows)
         result[f"fit_dropout_{dropout}"] = {"act_h": a_h, "act_i": a_i, "act_0": a_0}
         print(f"  fit: {a_h:.5f} * hidden + {a_i:.5f} * intermediate + {a_0:.1f}", flush=True)
@@ -156,34 +159,68 @@ def gpu_method(args) -> dict:
     items = tt.synthetic_corpus(processor, 256, args.seed)
     result: dict = {"runs": [], "sweeps": []}
     for quantization in args.quantizations:
-        cfg = load_config(Path(args.config), [f"model.quantization={quantization}", "model.path=released",
-                                              "train.global_batch_tokens=0"])
+        cfg = load_config(
+            Path(args.config),
+            [f"model.quantization={quantization}", "model.path=released", "train.global_batch_tokens=0"],
+        )
         # Slopes: peak at several budgets, checkpointing on and off, no cap; fitted as fixed + per-position bytes.
         for checkpointing in (False, True):
             peaks = []
             for budget in args.sweep:
-                peak = _measure(model_dir, processor, items, quantization, cfg.lora.dropout, checkpointing, budget,
-                                3, device)
+                peak = _measure(
+                    model_dir, processor, items, quantization, cfg.lora.dropout, checkpointing, budget, 3, device
+                )
                 peaks.append((budget, peak))
-                print(json.dumps({"sweep": quantization, "checkpointing": checkpointing, "budget": budget,
-                                  "peak_gb": None if peak is None else peak / 1e9}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "sweep": quantization,
+                            "checkpointing": checkpointing,
+                            "budget": budget,
+                            "peak_gb": None if peak is None else peak / 1e9,
+                        }
+                    ),
+                    flush=True,
+                )
             good = [(b, p) for b, p in peaks if p is not None]
             if len(good) >= 2:
                 fixed, slope = _line(good)
-                result["sweeps"].append({"quantization": quantization, "checkpointing": checkpointing,
-                                         "fixed_gb": fixed / 1e9, "bytes_per_position": slope, "points": good})
+                result["sweeps"].append(
+                    {
+                        "quantization": quantization,
+                        "checkpointing": checkpointing,
+                        "fixed_gb": fixed / 1e9,
+                        "bytes_per_position": slope,
+                        "points": good,
+                    }
+                )
         for cap in args.caps:
             hardware = Hardware(1, 1, int(cap * GIB), torch.cuda.get_device_name(device), "cap")
             plan = make_plan(cfg, load_ds_config("auto"), hardware, RELEASED_MODEL_CONFIG, sequence_stats(cfg))
-            row = {"cap_gib": cap, "quantization": quantization, "checkpointing": plan.gradient_checkpointing,
-                   "zero_stage": plan.zero_stage, "offload": plan.offload, "budget": plan.micro_batch_tokens,
-                   "predicted_gb": plan.predicted_peak / 1e9}
+            row = {
+                "cap_gib": cap,
+                "quantization": quantization,
+                "checkpointing": plan.gradient_checkpointing,
+                "zero_stage": plan.zero_stage,
+                "offload": plan.offload,
+                "budget": plan.micro_batch_tokens,
+                "predicted_gb": plan.predicted_peak / 1e9,
+            }
             if plan.zero_stage != 2 or plan.offload != "none":
                 row["skipped"] = "needs DeepSpeed ZeRO-3/offload (not on this machine)"
             else:
                 torch.cuda.set_per_process_memory_fraction(min(1.0, cap * GIB / total), device)
-                peak = _measure(model_dir, processor, items, quantization, cfg.lora.dropout,
-                                plan.gradient_checkpointing, plan.micro_batch_tokens, args.steps, device)
+                peak = _measure(
+                    model_dir,
+                    processor,
+                    items,
+                    quantization,
+                    cfg.lora.dropout,
+                    plan.gradient_checkpointing,
+                    plan.micro_batch_tokens,
+                    args.steps,
+                    device,
+                )
                 torch.cuda.set_per_process_memory_fraction(1.0, device)
                 context = dict(plan.memory)["CUDA context"] / 1e9
                 if peak is None:
@@ -248,8 +285,8 @@ def _released_model(model_dir, processor, quantization, dropout, checkpointing, 
     import tempfile
 
     from higgs_lora.config import LoraConfig, ModelConfig
-    from higgs_lora.model.lora import apply_lora
     from higgs_lora.model.loading import load_base_model
+    from higgs_lora.model.lora import apply_lora
 
     config = layer_config(model_dir, processor, 3072, 8192, 28)
     if quantization == "none":
@@ -287,17 +324,22 @@ def main() -> int:
     parser.add_argument("--quantizations", nargs="+", default=["none"], choices=["none", "nf4"])
     parser.add_argument("--config", default="configs/arabic_lora.yaml")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--sweep", type=int, nargs="+", default=[1024, 2048, 4096],
-                        help="budgets for the slope fit (no cap)")
+    parser.add_argument(
+        "--sweep", type=int, nargs="+", default=[1024, 2048, 4096], help="budgets for the slope fit (no cap)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny-dir", type=Path, default=Path("build/tiny"))
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     result = saved_tensor_method(args) if args.method == "saved-tensors" else gpu_method(args)
-    result["meta"] = {"method": args.method, "date": started, "machine": platform.node() and platform.machine(),
-                      "torch": torch.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available()
-                      else platform.processor() or "cpu"}
+    result["meta"] = {
+        "method": args.method,
+        "date": started,
+        "machine": platform.node() and platform.machine(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+    }
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0

@@ -52,10 +52,19 @@ import torch
 from higgs_lora.constants import FRAMES_PER_SECOND, HOP_SAMPLES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FULL_DIMS = {"hidden_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 24, "num_key_value_heads": 8,
-             "head_dim": 128, "intermediate_size": 8192, "vocab_size": 128256}
-DEFAULTS = {"tiny": {"micro_batch_tokens": 1024, "baseline_batch_size": 2},
-            "full": {"micro_batch_tokens": 16384, "baseline_batch_size": 4}}
+FULL_DIMS = {
+    "hidden_size": 3072,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 24,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "intermediate_size": 8192,
+    "vocab_size": 128256,
+}
+DEFAULTS = {
+    "tiny": {"micro_batch_tokens": 1024, "baseline_batch_size": 2},
+    "full": {"micro_batch_tokens": 16384, "baseline_batch_size": 4},
+}
 
 
 @dataclass
@@ -164,8 +173,8 @@ def lora_model(setup: Setup):
     The base is the tiny checkpoint, or the full-size model materialised from meta with random weights (linear and
     embedding N(0, 0.02), norms 1, rotary tables and codebook offsets recomputed by transformers' initialiser)."""
     from higgs_lora.config import LoraConfig, ModelConfig
-    from higgs_lora.model.lora import apply_lora
     from higgs_lora.model.loading import load_base_model
+    from higgs_lora.model.lora import apply_lora
 
     args, device, dtype = setup.args, setup.device, setup.dtype
     if args.size == "tiny":
@@ -191,8 +200,9 @@ def collate_items(processor, items: list[Item]) -> dict:
     """Build the examples of `items` and collate them (right padding)."""
     from higgs_lora.data.collate import build_example, collate
 
-    examples = [build_example(processor, i.reference_text, i.reference_codes, i.target_text, i.target_codes)
-                for i in items]
+    examples = [
+        build_example(processor, i.reference_text, i.reference_codes, i.target_text, i.target_codes) for i in items
+    ]
     return collate(examples, processor.tokenizer.pad_token_id, processor.audio_stream_eos_id)
 
 
@@ -200,9 +210,12 @@ def batch_work(batch: dict, items: list[Item], counter) -> dict:
     """Work in a collated batch: real and padded positions, target frames, model FLOPs of the real positions."""
     real = batch["attention_mask"].sum(1)
     loss_positions = sum(i.num_loss_positions for i in items)
-    return {"real": int(real.sum()), "padded": batch["input_ids"].numel(),
-            "target_frames": sum(i.target_codes.shape[1] for i in items),
-            "flops": counter.step_flops(int(real.sum()), loss_positions, int((real ** 2).sum()))}
+    return {
+        "real": int(real.sum()),
+        "padded": batch["input_ids"].numel(),
+        "target_frames": sum(i.target_codes.shape[1] for i in items),
+        "flops": counter.step_flops(int(real.sum()), loss_positions, int((real**2).sum())),
+    }
 
 
 def run_ours(model, setup: Setup) -> tuple[list[float], list[dict]]:
@@ -266,14 +279,25 @@ def run_baseline(model, setup: Setup) -> tuple[list[float], list[dict]]:
 
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as output_dir:
         training_args = TrainingArguments(
-            output_dir=output_dir, max_steps=args.warmup + args.steps, seed=args.seed,
-            per_device_train_batch_size=args.baseline_batch_size, learning_rate=TrainConfig().lr,
-            lr_scheduler_type="constant", bf16=device.type == "cuda", use_cpu=device.type == "cpu",
-            save_strategy="no", eval_strategy="no", logging_strategy="no", report_to=[], disable_tqdm=True,
-            dataloader_num_workers=0, remove_unused_columns=False,
+            output_dir=output_dir,
+            max_steps=args.warmup + args.steps,
+            seed=args.seed,
+            per_device_train_batch_size=args.baseline_batch_size,
+            learning_rate=TrainConfig().lr,
+            lr_scheduler_type="constant",
+            bf16=device.type == "cuda",
+            use_cpu=device.type == "cpu",
+            save_strategy="no",
+            eval_strategy="no",
+            logging_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
         )
-        Trainer(model=model, args=training_args, train_dataset=setup.items, data_collator=collator,
-                callbacks=[StepClock()]).train()
+        Trainer(
+            model=model, args=training_args, train_dataset=setup.items, data_collator=collator, callbacks=[StepClock()]
+        ).train()
     return [b - a for a, b in zip(stamps, stamps[1:])], works[: len(stamps) - 1]
 
 
@@ -289,19 +313,25 @@ def measure(name: str, run, setup: Setup, peak: float | None) -> dict:
     print(f"[{name}] {warmup} warm-up + {setup.args.steps} timed steps", flush=True)
     seconds, works = run(lora_model(setup), setup)
     if device.type == "cuda":
-        memory = {"allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-                  "reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+        memory = {
+            "allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+        }
     else:
         memory = {"max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     seconds, works = seconds[warmup:], works[warmup:]
     total = sum(seconds)
     sums = {key: sum(w[key] for w in works) for key in works[0]}
     return {
-        "timed_steps": len(seconds), "median_step_s": statistics.median(seconds), "min_step_s": min(seconds),
-        "real_positions_per_s": sums["real"] / total, "padded_positions_per_s": sums["padded"] / total,
+        "timed_steps": len(seconds),
+        "median_step_s": statistics.median(seconds),
+        "min_step_s": min(seconds),
+        "real_positions_per_s": sums["real"] / total,
+        "padded_positions_per_s": sums["padded"] / total,
         "padding_fraction": 1 - sums["real"] / sums["padded"],
         "target_audio_s_per_s": sums["target_frames"] / FRAMES_PER_SECOND / total,
-        "mfu": sums["flops"] / total / peak if peak else None, "memory": memory,
+        "mfu": sums["flops"] / total / peak if peak else None,
+        "memory": memory,
     }
 
 
@@ -310,20 +340,36 @@ def report(results: dict, meta: dict, args) -> None:
     rows = [("pipeline", "s/step", "real pos/s", "padded pos/s", "padding", "audio s/s", "MFU", "peak memory")]
     for name, r in results.items():
         memory = r["memory"]
-        rows.append((name, f"{r['median_step_s']:.3f}", f"{r['real_positions_per_s']:,.0f}",
-                     f"{r['padded_positions_per_s']:,.0f}", f"{r['padding_fraction']:.1%}",
-                     f"{r['target_audio_s_per_s']:.1f}", "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}",
-                     f"{memory['allocated_gib']:.1f}/{memory['reserved_gib']:.1f} GiB alloc/reserved"
-                     if "allocated_gib" in memory else f"{memory['max_rss_gib']:.2f} GiB max RSS"))
+        rows.append(
+            (
+                name,
+                f"{r['median_step_s']:.3f}",
+                f"{r['real_positions_per_s']:,.0f}",
+                f"{r['padded_positions_per_s']:,.0f}",
+                f"{r['padding_fraction']:.1%}",
+                f"{r['target_audio_s_per_s']:.1f}",
+                "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}",
+                f"{memory['allocated_gib']:.1f}/{memory['reserved_gib']:.1f} GiB alloc/reserved"
+                if "allocated_gib" in memory
+                else f"{memory['max_rss_gib']:.2f} GiB max RSS",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    print(f"\n{meta['date']}  {meta['device']} ({meta['torch_threads']} torch threads)  torch {meta['torch']}, "
-          f"transformers {meta['transformers']}, peft {meta['peft']}")
+    print(
+        f"\n{meta['date']}  {meta['device']} ({meta['torch_threads']} torch threads)  torch {meta['torch']}, "
+        f"transformers {meta['transformers']}, peft {meta['peft']}"
+    )
     print(f"command: {meta['command']}")
-    baseline = "skipped" if args.skip_baseline else (
-        f"{args.baseline_batch_size} samples/step, codec in loader {'on' if args.baseline_codec else 'off'}")
-    print(f"size {args.size} ({meta['dtype']}), checkpointing {args.gradient_checkpointing}, {args.num_samples} "
-          f"samples; ours: {args.micro_batch_tokens} positions/micro-batch; baseline: {baseline}; "
-          f"{args.steps} timed steps after {args.warmup} warm-up")
+    baseline = (
+        "skipped"
+        if args.skip_baseline
+        else (f"{args.baseline_batch_size} samples/step, codec in loader {'on' if args.baseline_codec else 'off'}")
+    )
+    print(
+        f"size {args.size} ({meta['dtype']}), checkpointing {args.gradient_checkpointing}, {args.num_samples} "
+        f"samples; ours: {args.micro_batch_tokens} positions/micro-batch; baseline: {baseline}; "
+        f"{args.steps} timed steps after {args.warmup} warm-up"
+    )
     for row in rows:
         print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
     if meta["ratio"] is not None:
@@ -337,9 +383,9 @@ def main() -> int:
     import transformers
 
     from higgs_lora.config import LoraConfig, ModelConfig
-    from higgs_lora.train.flops import FlopCounter, peak_flops
     from higgs_lora.model.loading import load_codec, load_processor
     from higgs_lora.tiny import ensure_tiny
+    from higgs_lora.train.flops import FlopCounter, peak_flops
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -351,13 +397,17 @@ def main() -> int:
     counter = FlopCounter.from_model_config(config.to_dict(), LoraConfig().target_modules, LoraConfig().r)
     items = synthetic_corpus(processor, args.num_samples, args.seed)
     positions = sum(i.num_positions for i in items)
-    corpus_flops = sum(counter.step_flops(i.num_positions, i.num_loss_positions, i.num_positions ** 2) for i in items)
-    print(f"corpus: {len(items)} samples, {positions / len(items):.0f} positions on average (max "
-          f"{max(i.num_positions for i in items)}); model FLOPs {corpus_flops / positions / 1e9:.3f} GFLOP/position")
+    corpus_flops = sum(counter.step_flops(i.num_positions, i.num_loss_positions, i.num_positions**2) for i in items)
+    print(
+        f"corpus: {len(items)} samples, {positions / len(items):.0f} positions on average (max "
+        f"{max(i.num_positions for i in items)}); model FLOPs {corpus_flops / positions / 1e9:.3f} GFLOP/position"
+    )
     if args.dry_run:
         model = build_on_meta(config, dtype)
-        print(f"{args.size} model on meta: {sum(p.numel() for p in model.parameters()):,} parameters "
-              f"(text head included); {counter.path_parameters:,} frozen parameters on a position's path")
+        print(
+            f"{args.size} model on meta: {sum(p.numel() for p in model.parameters()):,} parameters "
+            f"(text head included); {counter.path_parameters:,} frozen parameters on a position's path"
+        )
         return 0
     if args.size == "full" and device.type == "cpu":
         raise SystemExit("--size full trains only on a GPU (use --dry-run on a CPU)")
@@ -367,12 +417,20 @@ def main() -> int:
     results = {"ours": measure("ours", run_ours, setup, peak)}
     if not args.skip_baseline:
         results["baseline"] = measure("baseline", run_baseline, setup, peak)
-    meta = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "device": device_name,
-            "torch_threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."),
-            "command": " ".join([sys.executable, *sys.argv]), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "args": vars(args),
-            "ratio": results["ours"]["target_audio_s_per_s"] / results["baseline"]["target_audio_s_per_s"]
-            if "baseline" in results else None}
+    meta = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": device_name,
+        "torch_threads": torch.get_num_threads(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "command": " ".join([sys.executable, *sys.argv]),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "args": vars(args),
+        "ratio": results["ours"]["target_audio_s_per_s"] / results["baseline"]["target_audio_s_per_s"]
+        if "baseline" in results
+        else None,
+    }
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n", encoding="utf-8")
     report(results, meta, args)

@@ -223,17 +223,21 @@ def synthesise(program: str, speaker: Speaker, text: str, wav_path: Path) -> Non
     """
     command = [
         program,
-        "-v", speaker.voice,
-        "-p", str(speaker.pitch),
-        "-s", str(speaker.speed),
-        "-a", str(speaker.amplitude),
-        "-b", "1",
-        "-w", str(wav_path),
+        "-v",
+        speaker.voice,
+        "-p",
+        str(speaker.pitch),
+        "-s",
+        str(speaker.speed),
+        "-a",
+        str(speaker.amplitude),
+        "-b",
+        "1",
+        "-w",
+        str(wav_path),
         "--stdin",
     ]
-    result = subprocess.run(
-        command, input=text.encode("utf-8"), capture_output=True, check=False
-    )
+    result = subprocess.run(command, input=text.encode("utf-8"), capture_output=True, check=False)
     if result.returncode != 0 or not wav_path.is_file():
         raise RuntimeError(
             f"espeak-ng failed for {speaker.speaker_id} ({text!r}), exit code "
@@ -281,9 +285,7 @@ def to_pcm16(samples: np.ndarray) -> np.ndarray:
     return np.clip(np.round(samples * 32767.0), -32768, 32767).astype(np.int16)
 
 
-def render_speaker(
-    program: str, speaker: Speaker, corpus_dir: Path, scratch_dir: Path
-) -> list[Utterance]:
+def render_speaker(program: str, speaker: Speaker, corpus_dir: Path, scratch_dir: Path) -> list[Utterance]:
     """Synthesise, trim, normalise and write every sentence of one speaker as FLAC."""
     speaker_dir = corpus_dir / speaker.speaker_id
     speaker_dir.mkdir(parents=True)

@@ -188,8 +188,8 @@ def test_metrics_records_up_to_the_resumed_step_drop_later_and_cut_lines():
 def test_step_totals_round_trip_through_one_tensor_and_give_the_logged_losses():
     import torch
 
-    from higgs_lora.train.step_totals import StepTotals
     from higgs_lora.train.loss import LossSums
+    from higgs_lora.train.step_totals import StepTotals
 
     totals = StepTotals.zeros(3)
     totals.add_loss(
