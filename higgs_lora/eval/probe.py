@@ -51,26 +51,6 @@ FOLDER = "eval_samples"
 _UNCHECKED = object()
 
 
-class _Lines:
-    """Where the probe's lines go: the `eval` logger; or, while a caller still passes one, a `sink` callable that
-    takes whole lines as they used to be printed (`[eval] ...`, `[eval] warning: ...`)."""
-
-    def __init__(self, sink: Callable[[str], None] | None = None):
-        self.sink = sink
-
-    def info(self, message: str) -> None:
-        if self.sink is None:
-            log.info(message)
-        else:
-            self.sink(f"[eval] {message}")
-
-    def warning(self, message: str) -> None:
-        if self.sink is None:
-            log.warning(message)
-        else:
-            self.sink(f"[eval] warning: {message}")
-
-
 @dataclass(frozen=True)
 class ProbeSettings:
     """What the probe generates and how it scores it (from `train.eval_samples`, `eval_sample_seconds`,
@@ -179,17 +159,10 @@ class GenerationProbe:
 
     # ------------------------------------------------------------------------------------------ one step
 
-    def run(
-        self, model, step: int, device: torch.device, writer=None, log: Callable[[str], None] | None = None
-    ) -> dict:
+    def run(self, model, step: int, device: torch.device, writer=None) -> dict:
         """Generate (all ranks), then decode, score, write and log on rank 0. Returns rank 0's metrics ({} on the
-        other ranks, and on rank 0 when scoring failed).
-
-        Lines go to the `eval` logger; `log`, when given, gets them instead as whole `[eval] ...` lines (the
-        trainer's former way; to be removed)."""
+        other ranks, and on rank 0 when scoring failed)."""
         from higgs_lora.distributed import gather_objects
-
-        lines = _Lines(log)
 
         started = time.perf_counter()
         was_training = model.training
@@ -204,14 +177,14 @@ class GenerationProbe:
         clips = sorted((c for part in gathered for c in part), key=lambda c: c.index)
         generate_seconds = time.perf_counter() - started
         try:
-            return self._score_and_write(clips, step, generate_seconds, writer, lines)
+            return self._score_and_write(clips, step, generate_seconds, writer)
         except Exception as err:  # noqa: BLE001 - writing or decoding trouble (a full disk...) must not cost the run
-            lines.warning(
+            log.warning(
                 f"the evaluation clips of step {step} could not be decoded or written: {type(err).__name__}: {err}"
             )
             return {}
 
-    def _score_and_write(self, clips: list[_Clip], step: int, generate_seconds: float, writer, lines: _Lines) -> dict:
+    def _score_and_write(self, clips: list[_Clip], step: int, generate_seconds: float, writer) -> dict:
         from higgs_lora.infer.streaming_codec import decode_codes
 
         started = time.perf_counter()
@@ -239,12 +212,12 @@ class GenerationProbe:
             f"step {step} | {len(clips)} clips generated in {generate_seconds:.1f} s, "
             f"{sum(c.stop == 'eos' for c in clips)} ended by the model"
         ]
-        use_dnsmos = self._scorable(lines)
+        use_dnsmos = self._scorable()
         if use_dnsmos is not None:
             try:
                 scores, truth = self._score(references, waveforms, targets, use_dnsmos)
             except Exception as err:  # noqa: BLE001 - a scoring problem must never cost a training run
-                lines.warning(f"scoring the clips of step {step} failed: {type(err).__name__}: {err}")
+                log.warning(f"scoring the clips of step {step} failed: {type(err).__name__}: {err}")
                 scores = {"num_scored": 0.0, "num_failed": float(len(clips))}
                 truth = self._ground_truth or {}
             metrics.update({**scores, **truth})
@@ -260,7 +233,7 @@ class GenerationProbe:
                 parts.append(f"{int(scores['num_failed'])} too short or silent to score")
         metrics["score_seconds"] = time.perf_counter() - started
         parts.append(f"decoded, written and scored in {metrics['score_seconds']:.1f} s")
-        lines.info(" | ".join(parts) + f" | {self.root / STEP_NAME.format(step)}")
+        log.info(" | ".join(parts) + f" | {self.root / STEP_NAME.format(step)}")
         return metrics
 
     def _score(self, references, waveforms, targets, use_dnsmos: bool) -> tuple[dict, dict]:
@@ -277,7 +250,7 @@ class GenerationProbe:
             self._ground_truth = {f"{k}_ground_truth": v for k, v in truth.items() if not k.startswith("num_")}
         return scores, self._ground_truth
 
-    def _scorable(self, lines: _Lines) -> bool | None:
+    def _scorable(self) -> bool | None:
         """None when the speaker encoder is not installed (the clips are then only written), else whether DNSMOS
         is to be used (asked for and installed). Checked once; what is missing is said once."""
         if self._scoring is _UNCHECKED:
@@ -286,14 +259,14 @@ class GenerationProbe:
             missing_speaker = find_spec("resemblyzer") is None
             missing_dnsmos = [n for n in ("speechmos", "onnxruntime") if find_spec(n) is None]
             if missing_speaker:
-                lines.warning(
+                log.warning(
                     f"resemblyzer is not installed (pip install 'higgs-lora[eval]'): the evaluation "
                     f"clips are written to {self.root} but not scored"
                 )
                 self._scoring = None
             else:
                 if self.settings.dnsmos and missing_dnsmos:
-                    lines.warning(
+                    log.warning(
                         f"{', '.join(missing_dnsmos)} not installed (pip install 'higgs-lora[eval]'): "
                         "the evaluation clips are scored for similarity only, without DNSMOS"
                     )

@@ -3,7 +3,9 @@ model; the two-rank ZeRO-2/3 runs are in tests/e2e/test_train.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -125,10 +127,31 @@ def run_probe(setup, tmp_path, count=3, **settings):
     probe = GenerationProbe(
         pairs, data, ProbeSettings(count=count, max_seconds=1.0, seed=7, **settings), tmp_path, rank=0, world_size=1
     )
-    lines = []
-    first = probe.run(model, 0, torch.device("cpu"), log=lines.append)
-    second = probe.run(model, 5, torch.device("cpu"), log=lines.append)
+    with eval_lines() as lines:
+        first = probe.run(model, 0, torch.device("cpu"))
+        second = probe.run(model, 5, torch.device("cpu"))
     return probe, pairs, first, second, lines
+
+
+@contextlib.contextmanager
+def eval_lines():
+    """The `eval` logger's lines as the user sees them (`[eval] ...`, `[eval] warning: ...`), collected."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            prefix = "[eval] warning: " if record.levelno >= logging.WARNING else "[eval] "
+            lines.append(prefix + record.getMessage())
+
+    logger, handler = logging.getLogger("higgs_lora.eval"), Collect()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 @pytest.mark.slow
