@@ -1,4 +1,4 @@
-"""`higgs-lora convert` (also `python -m higgs_lora.convert`): Boson's original checkpoints into the transformers layout.
+"""`higgs-lora convert` (also `python -m higgs_lora.convert`): original checkpoints into the transformers layout.
 
     python -m higgs_lora.convert --src /models/higgs-audio-v2-generation-3B-base --out /models/higgs-v2-hf \\
         --codec /models/higgs-v2-tokenizer-hf

@@ -10,23 +10,16 @@ import pytest
 import torch
 
 from higgs_lora.config import ModelConfig
-from higgs_lora.deploy.convert import (
-    CONVERT_MARKER,
-    ConvertError,
-    convert,
-    model_config_from_original,
-    transformers_name,
-)
-from higgs_lora.deploy.convert import (
-    main as convert_main,
-)
-from higgs_lora.deploy.convert_codec import (
+from higgs_lora.deploy.convert import CONVERT_MARKER, convert
+from higgs_lora.deploy.convert import main as convert_main
+from higgs_lora.deploy.original_codec import (
     CodecConvertError,
     codec_config_from_original,
     convert_codec,
     fold_weight_norm,
     transformers_codec_name,
 )
+from higgs_lora.deploy.original_model import ConvertError, model_config_from_original, transformers_name
 from higgs_lora.errors import CheckpointError
 from higgs_lora.model.loading import inspect_checkpoint, load_base_model, load_codec
 from tests.conftest import REPO_ROOT
