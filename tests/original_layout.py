@@ -2,10 +2,10 @@
 
 The original names are spelled out here from the structure of Boson's code, as lists in module order, not by
 inverting the rules of higgs_lora.deploy.original_model and original_codec: the model's from the table of original
-and transformers tensor names in docs/deploy.md ("Tensor names"), the codec's from the original xcodec/DAC modules (`nn.Sequential` indices,
-weight-norm pairs, wrapped semantic convolutions). The tests then compare what the converted checkpoints compute with
-what the source checkpoints compute, so a wrong rule on either side shows up as different logits or codes, not as a
-tautology.
+and transformers tensor names in docs/deploy.md ("Tensor names"), the codec's from the original xcodec/DAC modules
+(`nn.Sequential` indices, weight-norm pairs, wrapped semantic convolutions). The tests then compare what the
+converted checkpoints compute with what the source checkpoints compute, so a wrong rule on either side shows up as
+different logits or codes, not as a tautology.
 """
 
 from __future__ import annotations
