@@ -97,7 +97,7 @@ def test_flops_per_position_of_the_released_size():
     assert counter.head_parameters == 3072 * 8208
     per_position = counter.step_flops(1, 1, 0)
     assert per_position == pytest.approx(4 * (counter.path_parameters + counter.head_parameters))
-    assert 11.2e9 < per_position < 11.6e9  # docs/PERFORMANCE: ~11.4 GFLOP per position
+    assert 11.2e9 < per_position < 11.6e9  # docs/benchmarks.md: ~11.4 GFLOP per position
     assert math.isclose(counter.step_flops(2, 0, 2 * 100**2) - counter.step_flops(2, 0, 0), 12 * 28 * 3072 * 2 * 100**2)
 
 
