@@ -289,7 +289,7 @@ def partition_problems(name: str, request: Request, values: dict[str, str], grou
         return [Problem(f"there is no partition {name!r}; --partition= one of {names} (* the default)")]
     found = []
     if not all(g.up for g in groups):
-        found.append(Problem(f"partition {name} is not up (jobs pend with Reason=PartitionDown or PartitionInactive)"))
+        found.append(Problem(f"partition {name} is not up (jobs are refused or pend with Reason=PartitionDown)"))
     most_gpus = max(g.gpus for g in groups)
     most_cpus = max(g.cpus for g in groups)
     per_task = "gpus-per-node" not in values and "gpus-per-task" in values
@@ -345,8 +345,8 @@ def partition_problems(name: str, request: Request, values: dict[str, str], grou
         flag = f"--time={_clock(limit)}"
         found.append(
             Problem(
-                f"the time limit of {name} is {_clock(limit)}, the job asks for {_clock(request.minutes)} (it would "
-                f"pend with Reason=PartitionTimeLimit): {flag}",
+                f"the time limit of {name} is {_clock(limit)}, the job asks for {_clock(request.minutes)} (sbatch "
+                f"refuses it, or it pends for ever with Reason=PartitionTimeLimit): {flag}",
                 (flag,),
             )
         )

@@ -79,7 +79,7 @@ def test_each_thing_a_partition_cannot_give_is_named_with_its_flag():
     assert "at most 1 GPUs, the job asks for 8 per node: --gpus-per-node=1 --ntasks-per-node=1" in small[0]
     assert "at most 16 CPUs, the job asks for 64 per node (8 task(s) x 8): --cpus-per-task=2" in small[1]
     assert "time limit of small is 0-04:00:00, the job asks for 1-00:00:00" in small[2]
-    assert "Reason=PartitionTimeLimit): --time=0-04:00:00" in small[2]
+    assert "with Reason=PartitionTimeLimit): --time=0-04:00:00" in small[2]
     assert "has 4 node(s) with 64 CPUs and 8 GPUs, the job asks for 5" in check("--nodes=5", TRAIN)[2][0]
     assert "partition old is not up" in check("-p", "old", TRAIN)[2][0]
     assert check("-p", "a100", TRAIN)[2] == ["there is no partition 'a100'; --partition= one of gpu*, small, cpu, old "
