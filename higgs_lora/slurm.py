@@ -107,17 +107,22 @@ def script_options(text: str) -> list[str]:
 
 
 def split_command_line(argv: list[str]) -> tuple[list[str], Path, list[str]]:
-    """(sbatch options, script, script arguments). The script is the first argument that names an existing file and
-    is no option's value (the value of a known option, or of any `--opt value` before it that is not a flag)."""
+    """(sbatch options, script, script arguments). The script is the first argument that is no known option's value
+    and names a file starting with `#!` (sbatch demands that line), so that `--output old.log` is not taken for it."""
     for position, arg in enumerate(argv):
-        if arg.startswith("-"):
+        if arg.startswith("-") or (position and argv[position - 1] in VALUE_OPTIONS):
             continue
-        previous = argv[position - 1] if position else ""
-        if previous in VALUE_OPTIONS:
-            continue
-        if Path(arg).is_file():
+        if _is_script(Path(arg)):
             return argv[:position], Path(arg), argv[position + 1 :]
     raise RequestError("no batch script among the arguments: slurm/submit [sbatch options] SCRIPT [arguments]")
+
+
+def _is_script(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(2) == b"#!"
+    except OSError:
+        return False
 
 
 def _option_at(options: list[str], position: int) -> tuple[str | None, int]:

@@ -310,7 +310,10 @@ def _join(args: argparse.Namespace) -> int:
     shards.claim_plan(out, shards.shard_plan(input_path, len(samples) + len(problems), plan["shards"], vars(args)))
     record = shards.join(out)
     _summary(record, out, record["slowest_task_seconds"], [])
-    log.info(f"joined {plan['shards']} shards; the slowest task took {record['slowest_task_seconds']:.1f} s")
+    log.info(
+        f"joined {plan['shards']} shards: {record['task_seconds']:.1f} s of task time, the slowest task "
+        f"{record['slowest_task_seconds']:.1f} s"
+    )
     return 0 if record["samples"] else 1
 
 

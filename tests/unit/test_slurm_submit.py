@@ -40,6 +40,13 @@ def test_the_scripts_requests_are_read_as_sbatch_reads_them():
     assert (given.gpus_per_node, given.cpus_per_node, given.minutes) == (0, 2, 30)
 
 
+def test_the_script_is_the_first_batch_script_among_the_arguments(tmp_path):
+    log = tmp_path / "old.log"
+    log.write_text("not a script\n")
+    options, script, args = slurm.split_command_line(["--output", str(log), "-p", "gpu", TRAIN, "c.yaml", "x=1"])
+    assert (options, str(script), args) == (["--output", str(log), "-p", "gpu"], TRAIN, ["c.yaml", "x=1"])
+
+
 def test_script_options_stop_at_the_first_command():
     text = "#!/bin/bash\n# about\n#SBATCH --nodes=2  # two\n\n#SBATCH -p gpu\nset -e\n#SBATCH --nodes=9\n"
     assert slurm.script_options(text) == ["--nodes=2", "-p", "gpu"]
