@@ -217,9 +217,9 @@ def run(
     return record
 
 
-def _run(args: argparse.Namespace) -> int:
-    """Exit codes: 0 when at least one sample was generated, 1 when none was, 2 (a UserError) for unusable input."""
-    from higgs_lora.infer.cloner import InferenceError
+def _inputs(args: argparse.Namespace) -> tuple[SamplingParams, Path, list[Sample], list[dict]]:
+    """The sampling settings, the samples file, its samples and its malformed records; UserErrors for bad input."""
+    from higgs_lora.infer.requests import InferenceError  # not cloner's: a skipped shard or the join needs no torch
 
     params = sampling_from_args(args)
     if params.problems():
@@ -231,18 +231,90 @@ def _run(args: argparse.Namespace) -> int:
         samples, problems = read_samples(input_path)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise SampleError(f"{input_path} is not valid JSON: {err}") from err
+    return params, input_path, samples, problems
+
+
+def _load(args: argparse.Namespace):
+    """(cloner, the adapter to use) as the model options say."""
+    from higgs_lora.infer.cloner import InferenceError
+
     try:
         cloner = load_cloner(args)
     except OSError as err:  # transformers' "not a model directory" and unreadable files: the input's problem too
         raise InferenceError(str(err)) from err
-    adapter = args.use_adapter or (cloner.adapters[0] if cloner.adapters else None)
-    record = run(cloner, samples, problems, Path(args.out), params, adapter, progress=not args.quiet)
+    return cloner, args.use_adapter or (cloner.adapters[0] if cloner.adapters else None)
+
+
+def _summary(record: dict, out, seconds: float | None, problems: list[dict]) -> None:
+    taken = f" in {seconds:.1f} s" if seconds is not None else ""
     log.info(
-        f"{record['samples']} samples -> {args.out} ({record['audio_seconds']:.1f} s of audio in "
-        f"{record['seconds']:.1f} s); {record['failed']} failed" + (" (see errors.jsonl)" if record["failed"] else "")
+        f"{record['samples']} samples -> {out} ({record['audio_seconds']:.1f} s of audio{taken}); "
+        f"{record['failed']} failed" + (" (see errors.jsonl)" if record["failed"] else "")
     )
     for problem in problems:
         log.warning(f"sample {problem['id']}: {problem['error']}")
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Exit codes: 0 when at least one sample was generated, 1 when none was, 2 (a UserError) for unusable input."""
+    params, _, samples, problems = _inputs(args)
+    cloner, adapter = _load(args)
+    record = run(cloner, samples, problems, Path(args.out), params, adapter, progress=not args.quiet)
+    _summary(record, args.out, record["seconds"], problems)
+    return 0 if record["samples"] else 1
+
+
+class _NoModel:
+    """Stands in for the cloner of a shard with nothing to generate (more tasks than samples, or only malformed
+    records): `run` then writes its manifest and errors without a model being loaded."""
+
+    adapters: list[str] = []
+
+    def batches(self, indices, adapters) -> list[list[int]]:
+        return []
+
+    def describe(self) -> dict:
+        return {}
+
+
+def _run_shard(args: argparse.Namespace) -> int:
+    """One array task: generate shard I of N into out/shards/ (docs/inference.md#on-a-slurm-cluster).
+
+    Exit 0 once the shard is in place, even when some or all of its samples failed (errors.jsonl says which; the
+    join reports them), or at once when an earlier run finished it. The model is loaded only for real work."""
+    from higgs_lora.infer import shards
+
+    shard = shards.parse_shard(args.shard)
+    params, input_path, samples, problems = _inputs(args)
+    out = Path(args.out)
+    shards.claim_plan(out, shards.shard_plan(input_path, len(samples) + len(problems), shard.count, vars(args)))
+    if shards.done(out, shard):
+        log.info(f"shard {shard.index}/{shard.count} already done ({out / shards.SHARDS / shard.name}): skipped")
+        return 0
+    mine = [sample for sample in samples if shard.owns(sample.index)]
+    my_problems = [problem for problem in problems if shard.owns(problem["index"])]
+    cloner, adapter = _load(args) if mine else (_NoModel(), args.use_adapter)
+    record = shards.write_shard(
+        out, shard, lambda folder: run(cloner, mine, my_problems, folder, params, adapter, progress=not args.quiet)
+    )
+    _summary(record, out / shards.SHARDS / shard.name, record["seconds"], my_problems)
+    return 0
+
+
+def _join(args: argparse.Namespace) -> int:
+    """The array's last step: every shard of --out joined into --out; exit codes as for one unsharded run."""
+    from higgs_lora.infer import shards
+
+    out = Path(args.out)
+    plan, _ = shards.missing_shards(out)
+    _, input_path, samples, problems = _inputs(args)
+    shards.claim_plan(out, shards.shard_plan(input_path, len(samples) + len(problems), plan["shards"], vars(args)))
+    record = shards.join(out)
+    _summary(record, out, None, [])  # the tasks ran side by side: no one figure is "the time it took"
+    log.info(
+        f"joined {plan['shards']} shards: {record['task_seconds']:.1f} s of task time, the slowest task "
+        f"{record['slowest_task_seconds']:.1f} s"
+    )
     return 0 if record["samples"] else 1
 
 
@@ -255,9 +327,18 @@ def main(argv: list[str] | None = None) -> int:
     add_model_arguments(parser)
     add_sampling_arguments(parser)
     parser.add_argument("--use-adapter", default=None, help="name of the loaded adapter to use (default: the first)")
+    sharded = parser.add_mutually_exclusive_group()
+    sharded.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="generate only shard I of N (samples I, I+N, ...) into OUT/shards/, e.g. from an array task; a "
+        "finished shard is skipped",
+    )
+    sharded.add_argument("--join", action="store_true", help="join the N finished shards of OUT/shards/ into OUT")
     startup.add_common_arguments(parser)
     args = parser.parse_args(argv)
-    return startup.run_command(args, lambda: _run(args))
+    work = _join if args.join else _run_shard if args.shard else _run
+    return startup.run_command(args, lambda: work(args))
 
 
 if __name__ == "__main__":
