@@ -230,7 +230,9 @@ class VoiceCloner:
         per request with its `CloneResult`.
 
         Long texts are spoken piece by piece: each round generates the next piece of every request that has one
-        left, so a batch of requests with several pieces stays batched. With `stream=False` a piece is decoded once
+        left, so a batch of requests with several pieces stays batched; each piece's prompt holds the pieces of its
+        own request spoken before it (`_Job.spoken`, docs/inference.md#long-texts), so a request's rounds depend on
+        nothing but its own earlier rounds. With `stream=False` a piece is decoded once
         it is complete (exactly the non-streamed waveform); with `stream=True` it is decoded in chunks as frames
         arrive.
         """

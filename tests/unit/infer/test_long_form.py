@@ -132,7 +132,7 @@ def test_the_budget_keeps_the_newest_pieces_that_fit(prompt, pieces, max_pieces,
 
 def test_the_budget_drops_the_oldest_piece_first(cloner):
     reference = cloner.reference(*read_audio(REFERENCE), REFERENCE_TEXT)
-    full, prompts, columns = recorded(cloner, THREE_PIECES, SamplingParams(temperature=0, max_seconds=0.6))
+    full, prompts, columns = recorded(cloner, THREE_PIECES, SamplingParams(temperature=0, max_seconds=0.4))
     assert len(full.pieces) == 3 and full.context_pieces == [0, 1, 2]
     num_reference = prompts[0].audio_input_ids.shape[0]
     spoken = [build_delay_pattern(decoded_codes(cloner, c), *bos_eos(cloner)).T for c in columns[:2]]
@@ -140,7 +140,7 @@ def test_the_budget_drops_the_oldest_piece_first(cloner):
     assert torch.equal(prompts[2].input_ids, rendered(cloner, texts, [num_reference, *(len(s) for s in spoken)]))
     assert torch.equal(prompts[2].audio_input_ids, torch.cat([prompts[0].audio_input_ids, *spoken]))
     # A budget one position short of piece 3's prompt: piece 1 (the oldest) is dropped, piece 2 kept.
-    short = SamplingParams(temperature=0, max_seconds=0.6, context_positions=full.prompt_positions[2] - 1)
+    short = SamplingParams(temperature=0, max_seconds=0.4, context_positions=full.prompt_positions[2] - 1)
     cut, cut_prompts, _ = recorded(cloner, THREE_PIECES, short)
     assert cut.context_pieces == [0, 1, 1] and cut.prompt_positions[:2] == full.prompt_positions[:2]
     expected = rendered(cloner, [reference.text, *full.pieces[1:]], [num_reference, len(spoken[1])])
@@ -151,7 +151,7 @@ def test_the_budget_drops_the_oldest_piece_first(cloner):
 def test_no_context_pieces_is_todays_prompt(cloner):
     """K = 0: every piece is prompted with the reference alone, token for token as `build_prompt` (today's)."""
     reference = cloner.reference(*read_audio(REFERENCE), REFERENCE_TEXT)
-    params = SamplingParams(temperature=0, max_seconds=0.6, context_pieces=0)
+    params = SamplingParams(temperature=0, max_seconds=0.4, context_pieces=0)
     alone, alone_prompts, _ = recorded(cloner, TWO_PIECES, params)
     assert alone.context_pieces == [0, 0]
     for piece, prompt in zip(alone.pieces, alone_prompts):
