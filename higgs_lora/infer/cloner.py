@@ -232,9 +232,8 @@ class VoiceCloner:
         Long texts are spoken piece by piece: each round generates the next piece of every request that has one
         left, so a batch of requests with several pieces stays batched; each piece's prompt holds the pieces of its
         own request spoken before it (`_Job.spoken`, docs/inference.md#long-texts), so a request's rounds depend on
-        nothing but its own earlier rounds. With `stream=False` a piece is decoded once
-        it is complete (exactly the non-streamed waveform); with `stream=True` it is decoded in chunks as frames
-        arrive.
+        nothing but its own earlier rounds. With `stream=False` a piece is decoded once it is complete (exactly the
+        non-streamed waveform); with `stream=True` it is decoded in chunks as frames arrive.
         """
         if len({r.adapter for r in requests}) > 1:
             raise InferenceError("one batch runs one adapter: group requests by adapter (VoiceCloner.batches)")
