@@ -228,3 +228,71 @@ def build_prompt(
     cut = int((example.input_ids == audio_out_bos).nonzero()[-1, 0]) + 1
     num_reference_positions = reference_codes.shape[1] + reference_codes.shape[0] + 1
     return Prompt(input_ids=example.input_ids[:cut], audio_input_ids=example.audio_input_ids[:num_reference_positions])
+
+
+# ------------------------------------------------------------------------------------------ long texts
+
+
+@dataclass
+class SpokenPiece:
+    """An earlier piece of a long text, as context of the pieces after it: its user turn (the text) and its
+    assistant turn (the audio), in the layout of a training sample's target turns."""
+
+    input_ids: torch.Tensor
+    """(L,) tokens from the user turn's header to the `<|eot_id|>` that closes the assistant audio turn."""
+    audio_input_ids: torch.Tensor
+    """(T + K + 1, K) the piece's delayed codes, one row per audio position of the turn."""
+
+    @property
+    def num_positions(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def _end_of_reference_turns(processor, input_ids: torch.Tensor) -> int:
+    """The index just after the `<|eot_id|>` that closes the reference's assistant (audio) turn."""
+    audio_out_bos = processor.tokenizer.convert_tokens_to_ids(processor.audio_bos_token)
+    eot_id = processor.tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    first_audio = int((input_ids == audio_out_bos).nonzero()[0, 0])
+    return first_audio + int((input_ids[first_audio:] == eot_id).nonzero()[0, 0]) + 1
+
+
+def spoken_piece(processor, text: str, codes: torch.Tensor) -> SpokenPiece:
+    """`text` spoken as the (K, T) codes `codes`, as turns to put before the next piece of the same long text.
+
+    The turns are cut out of a training example whose target is this text and audio (`build_example`), so a piece
+    is fed back exactly as training lays out a target: its text as a user turn, its codes in the delay pattern as
+    the assistant turn. The turns after the reference do not depend on what comes before them (every text sits
+    between special tokens), so the example is built around an empty reference.
+
+    `codes` are the frames the codec decoded (`columns_to_codes`: what the listener heard), so each code sits at
+    the column and codebook where the model generated it, after the BOS triangle it generated. What the model
+    generated past the end of codebook 0 (codebooks still running while the EOS countdown reaches them, or a
+    stream cut at `max_seconds`) is no audio and is not fed back: the EOS triangle closes the turn as in training.
+    Boson AI's long-form generation likewise re-delays the codes it keeps.
+    """
+    empty_reference = torch.zeros((codes.shape[0], 0), dtype=torch.long)
+    example = build_example(processor, "", empty_reference, text, codes, scene="")
+    start = _end_of_reference_turns(processor, example.input_ids)
+    return SpokenPiece(example.input_ids[start:], example.audio_input_ids[codes.shape[0] + 1 :])
+
+
+def context_that_fits(prompt_positions: int, piece_positions: list[int], max_pieces: int, max_positions: int) -> int:
+    """How many of the most recent earlier pieces a prompt takes as context: at most `max_pieces`, and the oldest
+    dropped first until the prompt (`prompt_positions` without context, plus each piece kept) fits in
+    `max_positions`. The reference is never dropped: a prompt over the budget on its own gets no context."""
+    kept = min(max_pieces, len(piece_positions))
+    while kept and prompt_positions + sum(piece_positions[len(piece_positions) - kept :]) > max_positions:
+        kept -= 1
+    return kept
+
+
+def build_long_form_prompt(prompt: Prompt, processor, context: list[SpokenPiece]) -> Prompt:
+    """`prompt` (a piece's `build_prompt`) with the earlier pieces `context`, oldest first, between the reference
+    turns and the piece's own text: the reference stays first, as in Boson AI's long-form generation, and the
+    pieces follow in the order they were spoken. No context gives `prompt` itself."""
+    if not context:
+        return prompt
+    cut = _end_of_reference_turns(processor, prompt.input_ids)
+    input_ids = torch.cat([prompt.input_ids[:cut], *(p.input_ids for p in context), prompt.input_ids[cut:]])
+    audio_input_ids = torch.cat([prompt.audio_input_ids, *(p.audio_input_ids for p in context)])
+    return Prompt(input_ids=input_ids, audio_input_ids=audio_input_ids)

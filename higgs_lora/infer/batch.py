@@ -194,6 +194,8 @@ def run(
                     "batch_size": len(group),
                     "adapter": adapter,
                     "seed": result.seed,
+                    "context_pieces": result.context_pieces,
+                    "prompt_positions": result.prompt_positions,
                 }
             )
     bar.close()

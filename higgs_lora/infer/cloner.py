@@ -13,7 +13,9 @@ layers over `VoiceCloner.events`, which runs a batch of requests (`infer.request
 2. texts are normalised as the training run normalised its transcripts (the run config saved with the adapter or
    merged model says how); a long target text is cut at sentence ends (`arabic.split_sentences`) and its pieces are
    spoken one after another, each prompted with the same reference, so the voice stays the same;
-3. each piece's prompt is the training sample's layout cut where the target audio begins (`collate.build_prompt`);
+3. each piece's prompt is the training sample's layout cut where the target audio begins (`collate.build_prompt`),
+   with the last `SamplingParams.context_pieces` pieces already spoken (text and codes) between the reference and
+   its text (`collate.build_long_form_prompt`), so one long text is one continuous voice;
 4. `generation.Decoder` produces delay-pattern columns; they are reverted into codec frames and decoded, either all
    at once when the piece ends, or in chunks as frames arrive (`infer.streaming_codec.StreamingCodec`).
 
@@ -34,7 +36,14 @@ import torch
 
 from higgs_lora.config import ModelConfig, RunConfig, load_config
 from higgs_lora.constants import FRAMES_PER_SECOND, RUN_CONFIG, SAMPLE_RATE
-from higgs_lora.data.collate import build_prompt
+from higgs_lora.data.collate import (
+    Prompt,
+    SpokenPiece,
+    build_long_form_prompt,
+    build_prompt,
+    context_that_fits,
+    spoken_piece,
+)
 from higgs_lora.infer.decode import DecodeLoop, columns_to_codes, stop_reason
 from higgs_lora.infer.reference import Reference, ReferenceCache, normalize_text
 from higgs_lora.infer.requests import Chunk, CloneRequest, CloneResult, InferenceError
@@ -61,6 +70,12 @@ class _Job:
     frames: int = 0
     repaired: int = 0
     first_audio: float | None = None
+    spoken: list[SpokenPiece] = field(default_factory=list)
+    """The last `context_pieces` pieces spoken, oldest first: the context of the next piece."""
+    context_used: list[int] = field(default_factory=list)
+    """Per piece: how many earlier pieces its prompt held."""
+    prompt_positions: list[int] = field(default_factory=list)
+    """Per piece: positions of its prompt."""
 
 
 class VoiceCloner:
@@ -215,9 +230,10 @@ class VoiceCloner:
         per request with its `CloneResult`.
 
         Long texts are spoken piece by piece: each round generates the next piece of every request that has one
-        left, so a batch of requests with several pieces stays batched. With `stream=False` a piece is decoded once
-        it is complete (exactly the non-streamed waveform); with `stream=True` it is decoded in chunks as frames
-        arrive.
+        left, so a batch of requests with several pieces stays batched; each piece's prompt holds the pieces of its
+        own request spoken before it (`_Job.spoken`, docs/inference.md#long-texts), so a request's rounds depend on
+        nothing but its own earlier rounds. With `stream=False` a piece is decoded once it is complete (exactly the
+        non-streamed waveform); with `stream=True` it is decoded in chunks as frames arrive.
         """
         if len({r.adapter for r in requests}) > 1:
             raise InferenceError("one batch runs one adapter: group requests by adapter (VoiceCloner.batches)")
@@ -243,21 +259,18 @@ class VoiceCloner:
         prompts, params, generators = [], [], []
         for i in active:
             job = jobs[i]
-            prompts.append(
-                build_prompt(
-                    self.processor,
-                    job.reference.text,
-                    job.reference.codes,
-                    job.pieces[job.piece],
-                    self.run_config.data.scene,
-                )
-            )
+            prompts.append(self._prompt(job))
             params.append(job.request.params)
             generators.append(
                 make_generator(job.seed + job.piece, self.decoder.device)
                 if job.request.params.temperature > 0
                 else None
             )
+        for i in active:
+            # The pause before a piece goes out before any of its audio: streamed chunks of a piece leave while it is
+            # generated, so a pause sent when the piece ends would land inside it.
+            if jobs[i].piece > 0:
+                yield self._audio(jobs[i], i, np.zeros(int(PAUSE_SECONDS * SAMPLE_RATE), dtype=np.float32))
         columns: list[list[torch.Tensor]] = [[] for _ in active]
         decoders = [StreamingCodec(self.codec, self.stream_settings) for _ in active]
         done = [False] * len(active)
@@ -274,6 +287,26 @@ class VoiceCloner:
                     for samples in decoders[row].push(codes):
                         yield self._audio(jobs[i], i, samples)
 
+    def _prompt(self, job: _Job) -> Prompt:
+        """The prompt of `job`'s current piece: reference, the earlier pieces that fit the request's context
+        settings (oldest dropped first), then the piece's text; what it holds is recorded on `job`."""
+        prompt = build_prompt(
+            self.processor, job.reference.text, job.reference.codes, job.pieces[job.piece], self.run_config.data.scene
+        )
+        params = job.request.params
+        sizes = [piece.num_positions for piece in job.spoken]
+        kept = context_that_fits(len(prompt.input_ids), sizes, params.context_pieces, params.context_positions)
+        prompt = build_long_form_prompt(prompt, self.processor, job.spoken[len(job.spoken) - kept :])
+        job.context_used.append(kept)
+        job.prompt_positions.append(len(prompt.input_ids))
+        return prompt
+
+    def _remember(self, job: _Job, codes: torch.Tensor) -> None:
+        """Keep the piece just spoken as context of the next ones (only the last `context_pieces`)."""
+        wanted = job.request.params.context_pieces
+        if wanted and job.piece + 1 < len(job.pieces):
+            job.spoken = [*job.spoken, spoken_piece(self.processor, job.pieces[job.piece], codes)][-wanted:]
+
     def _end_piece(
         self, job: _Job, index: int, columns: torch.Tensor, decoder: StreamingCodec, stream: bool, spec
     ) -> Iterator[Chunk]:
@@ -281,8 +314,7 @@ class VoiceCloner:
         job.frames += codes.shape[1]
         job.repaired += repaired
         job.stops.append(stop_reason(columns, spec.eos_id))
-        if job.piece > 0:
-            yield self._audio(job, index, np.zeros(int(PAUSE_SECONDS * SAMPLE_RATE), dtype=np.float32))
+        self._remember(job, codes)
         if stream:
             for samples in decoder.push(codes):
                 yield self._audio(job, index, samples)
@@ -308,6 +340,8 @@ class VoiceCloner:
             pieces=job.pieces,
             seed=job.seed,
             repaired_codes=job.repaired,
+            context_pieces=job.context_used,
+            prompt_positions=job.prompt_positions,
         )
 
     def _job(self, request: CloneRequest, started: float) -> _Job:

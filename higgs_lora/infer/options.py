@@ -12,18 +12,37 @@ from higgs_lora.infer.sampling import SamplingParams
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """--temperature, --top-k, --top-p, --seed, --max-seconds with the SamplingParams defaults."""
+    """--temperature, --top-k, --top-p, --seed, --max-seconds, --context-pieces, --context-positions with the
+    SamplingParams defaults."""
     defaults = SamplingParams()
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=defaults.top_k)
     parser.add_argument("--top-p", type=float, default=defaults.top_p)
     parser.add_argument("--seed", type=int, default=0, help="seed of sample 0 (sample i uses seed + i)")
     parser.add_argument("--max-seconds", type=float, default=defaults.max_seconds, help="per piece of text")
+    parser.add_argument(
+        "--context-pieces",
+        type=int,
+        default=defaults.context_pieces,
+        help="long texts: earlier pieces (text + audio) each piece sees after the reference; 0 = the reference alone",
+    )
+    parser.add_argument(
+        "--context-positions",
+        type=int,
+        default=defaults.context_positions,
+        help="long texts: most positions of a piece's prompt; the oldest earlier pieces are dropped first to fit",
+    )
 
 
 def sampling_from_args(args) -> SamplingParams:
     return SamplingParams(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_seconds=args.max_seconds
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        max_seconds=args.max_seconds,
+        context_pieces=args.context_pieces,
+        context_positions=args.context_positions,
     )
 
 

@@ -51,6 +51,10 @@ class CloneResult:
     seed: int
     repaired_codes: int = 0
     """Stray BOS/EOS ids inside the audio that had to be replaced (see generation.columns_to_codes)."""
+    context_pieces: list[int] = field(default_factory=list)
+    """Per piece of text: how many earlier pieces its prompt held as context (`SamplingParams.context_pieces`)."""
+    prompt_positions: list[int] = field(default_factory=list)
+    """Per piece of text: positions of its prompt (reference, context, its text)."""
 
     @property
     def duration(self) -> float:

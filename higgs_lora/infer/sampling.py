@@ -31,7 +31,8 @@ from higgs_lora.constants import DELAY_POSITIONS, FRAMES_PER_SECOND
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request's audio codes are drawn. Defaults follow Boson's advice for voice cloning."""
+    """How one request's audio codes are drawn, and what each piece of a long text sees. Defaults follow Boson's
+    advice for voice cloning."""
 
     temperature: float = 0.3
     """Softmax temperature per codebook; 0 means greedy (argmax). Boson recommends 0.3 for cloning."""
@@ -47,6 +48,15 @@ class SamplingParams:
     """Repetition-aware sampling: how many recent frames of a codebook to look back at; 0 disables RAS."""
     ras_max_repeats: int = 2
     """Repetition-aware sampling: re-draw a code that already occurs this many times in the window."""
+    context_pieces: int = 2
+    """Long texts: how many of the pieces spoken before (their text and generated audio) each piece sees after the
+    reference, so voice and prosody carry on from one sentence to the next; 0 = the reference alone. 2 is what Boson
+    AI's long-form example uses (`--generation_chunk_buffer_size 2`). docs/inference.md#long-texts."""
+    context_positions: int = 4096
+    """Long texts: most positions a piece's prompt may take (reference, earlier pieces, its text); the oldest
+    earlier pieces are dropped first to fit, the reference never. 4096 keeps 2 pieces of up to 30 s (759
+    positions each) after a 30 s reference, and a prompt this long plus a 30 s piece stays inside 8192 positions,
+    the largest KV cache Boson's serving engine sets up."""
 
     def problems(self) -> list[str]:
         """What is wrong with these settings, one sentence each (empty when they are valid)."""
@@ -61,6 +71,11 @@ class SamplingParams:
             found.append(f"max_seconds={self.max_seconds} must be within (0, 600]")
         if self.ras_window < 0 or self.ras_max_repeats < 1:
             found.append("ras_window must be >= 0 and ras_max_repeats >= 1")
+        if self.context_pieces < 0 or self.context_positions < 0:
+            found.append(
+                f"context_pieces={self.context_pieces} and context_positions={self.context_positions} must be >= 0 "
+                "(0 pieces = each piece sees the reference alone)"
+            )
         if self.seed is not None and not 0 <= self.seed < 2**63:
             found.append(f"seed={self.seed} must be within [0, 2**63)")
         return found

@@ -103,11 +103,11 @@ def _audio_from_json(body: dict, settings: ServeSettings) -> tuple[np.ndarray, i
 
 
 def _params(body: dict) -> SamplingParams:
-    known = {f.name for f in fields(SamplingParams)}
+    known = {f.name: str(f.type) for f in fields(SamplingParams)}  # "int", "int | None", "float"
     values = {}
     for name, value in body.items():
         if name in known and value not in (None, ""):
-            kind = int if name in ("top_k", "seed", "ras_window", "ras_max_repeats") else float
+            kind = int if known[name].startswith("int") else float
             try:
                 values[name] = kind(value)
             except (TypeError, ValueError):
@@ -244,6 +244,7 @@ def create_app(cloner: VoiceCloner, settings: ServeSettings = ServeSettings()):
                             "real_time_factor": round(item.real_time_factor, 4),
                             "seed": item.seed,
                             "stops": item.stops,
+                            "context_pieces": item.context_pieces,
                         }
                     )
             await websocket.close()

@@ -34,7 +34,7 @@ def test_cli_writes_wavs_and_manifest_and_reports_bad_samples(tiny_checkpoint, t
         ),
         sample("missing/ref.wav", "نص"),  # a reference that does not exist: reported, skipped
         {"messages": "not a list"},  # malformed: reported, skipped
-        sample(str(CORPUS / "spk_m1" / "spk_m1_01.flac"), "مرحبا بكم. كيف حالكم؟"),
+        sample(str(CORPUS / "spk_m1" / "spk_m1_01.flac"), "مرحبا بكم، كيف حالكم؟ " * 10),  # two pieces
     ]
     source = tmp_path / "samples.json"
     source.write_text(json.dumps(samples, ensure_ascii=False), encoding="utf-8")
@@ -54,6 +54,8 @@ def test_cli_writes_wavs_and_manifest_and_reports_bad_samples(tiny_checkpoint, t
             "1.5",
             "--seed",
             "5",
+            "--context-pieces",
+            "1",
         ],
         capture_output=True,
         text=True,
@@ -71,8 +73,11 @@ def test_cli_writes_wavs_and_manifest_and_reports_bad_samples(tiny_checkpoint, t
         assert line["reference_text"] == "نص التسجيل المرجعي"
     assert lines[0]["target_audio"] == str(CORPUS / "spk_f1" / "spk_f1_02.flac") and lines[0]["speaker"] == "spk_f1"
     assert lines[0]["seed"] == 5 and lines[1]["seed"] == 8  # sample i uses seed + i
+    assert lines[0]["context_pieces"] == [0] and lines[1]["context_pieces"] == [0, 1]  # piece 2 saw piece 1
+    assert lines[1]["prompt_positions"][1] > lines[1]["prompt_positions"][0]
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [e["index"] for e in errors] == [1, 2]
     assert "file not found" in errors[0]["error"] and "messages" in errors[1]["error"]
     record = json.loads((out / "run.json").read_text())
     assert record["samples"] == 2 and record["failed"] == 2 and record["params"]["temperature"] == 0.3
+    assert record["params"]["context_pieces"] == 1 and record["params"]["context_positions"] == 4096
