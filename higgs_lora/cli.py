@@ -18,6 +18,7 @@ VERBS = {
     "infer": ("higgs_lora.infer.batch", "batch voice cloning from a ChatML/JSONL file of samples"),
     "serve": ("higgs_lora.serve.app", "REST + WebSocket cloning server"),
     "evaluate": ("higgs_lora.eval.cli", "score an inference output folder: similarity, CER, DNSMOS, speed"),
+    "report": ("higgs_lora.eval.run_report", "a training run's curves as report.html, from its metrics.jsonl"),
     "tiny": ("higgs_lora.tiny", "write the tiny random model + codec used by the demo and the tests"),
     "demo": ("higgs_lora.demo", "the whole pipeline on the bundled demo corpus and tiny model (CPU)"),
     "config": ("higgs_lora.config.help", "print a resolved run config, or every key with its help"),

@@ -185,8 +185,9 @@ class TrainConfig:
     """A step whose loss is NaN/inf is skipped with a warning; this many in a row stop the run with an error."""
     peak_tflops: float = 0.0
     """Peak dense bf16 TFLOP/s of one accelerator, for MFU. 0: a measured value for known GPUs, else no MFU."""
-    tensorboard: bool = True
-    """Write the logged metrics to <output_dir>/tensorboard as well."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Trackers that get the logged metrics besides metrics.jsonl: any of tensorboard (<output_dir>/tensorboard),
+    wandb, mlflow (optional extras: pip install 'higgs-lora[wandb]' / '[mlflow]'); [] for metrics.jsonl only."""
     resume: str = "auto"
     """'auto' resumes from the newest complete checkpoint in output_dir if there is one, 'never' starts afresh,
     anything else is a checkpoint directory to resume from."""

@@ -14,6 +14,9 @@ from higgs_lora.constants import DELAY_POSITIONS, FRAMES_PER_SECOND
 if TYPE_CHECKING:
     from higgs_lora.config.schema import DataConfig, RunConfig
 
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+"""What `train.report_to` may name (higgs_lora.train.trackers implements each)."""
+
 
 def max_sample_audio_positions(data: DataConfig) -> int:
     """Model positions taken by the audio of the longest possible sample: target plus reference, delay included.
@@ -63,6 +66,11 @@ def validate_run(cfg: RunConfig) -> list[str]:
     non_negative("data.num_eval_speakers", data.num_eval_speakers)
     for key in ("log_every", "save_every", "keep_last", "max_nonfinite_steps"):
         positive(f"train.{key}", getattr(train, key))
+    unknown = [name for name in train.report_to if name not in TRACKERS]
+    if unknown:
+        problems.append(f"train.report_to: unknown tracker {', '.join(unknown)}; choose from {', '.join(TRACKERS)} (or [] for metrics.jsonl only)")
+    if len(set(train.report_to)) != len(train.report_to):
+        problems.append(f"train.report_to={train.report_to} names a tracker twice")
     if train.max_steps == 0 and train.epochs == 0:
         problems.append("train.max_steps=0 and train.epochs=0: nothing to train; set one of them")
     if train.text_loss_weight > 0 and not model.use_text_head:

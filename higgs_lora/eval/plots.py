@@ -12,13 +12,15 @@ import numpy as np
 
 WIDTH, HEIGHT = 420, 230
 MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 44, 12, 40, 40
-SERIES_COLOURS = ("#3b6ea5", "#d08a2e", "#5b9a5b", "#a5475b")
+SERIES_COLOURS = ("#3b6ea5", "#d08a2e", "#5b9a5b", "#a5475b", "#7b5ea7", "#3a9aa0", "#8c6d31", "#666666")
 
 
 def _figure(name: str, title: str, body: list[str], legend: list[tuple[str, str]] | None = None) -> str:
-    # The legend is one line under the title, left to right, so long titles never run into it.
+    # The legend is one line under the title, left to right, so long titles never run into it; short labels (up to
+    # 8 series, e.g. one per codebook) get narrower slots so they fit.
+    slot = 90 if len(legend or []) <= 4 else (WIDTH - MARGIN_LEFT) // max(1, len(legend))
     legend_items = "".join(
-        f'<text x="{MARGIN_LEFT + 90 * i}" y="30" font-size="11">'
+        f'<text x="{MARGIN_LEFT + slot * i}" y="30" font-size="11">'
         f'<tspan fill="{colour}">&#9632;</tspan> {escape(label)}</text>'
         for i, (label, colour) in enumerate(legend or [])
     )
@@ -113,3 +115,67 @@ def bar_chart(name: str, title: str, series: dict[str, dict[str, float]], y_max:
     ticks = [(MARGIN_LEFT + group_width * (c + 0.5), category) for c, category in enumerate(categories)]
     legend = [(label, SERIES_COLOURS[s % len(SERIES_COLOURS)]) for s, label in enumerate(series)]
     return _figure(name, title, _axes(y_max, ticks) + body, legend if len(series) > 1 else None)
+
+
+def nice_range(values: list[float]) -> tuple[float, float]:
+    """A y range that starts and ends where the data does, padded by 5% (a flat series gets +-0.5 or +-5%)."""
+    low, high = min(values), max(values)
+    if high <= low:
+        pad = abs(low) * 0.05 or 0.5
+        return low - pad, high + pad
+    pad = (high - low) * 0.05
+    return low - pad, high + pad
+
+
+def line_chart(name: str, title: str, series: dict[str, list[tuple[float, float]]], x_label: str = "step") -> str:
+    """One polyline (`<polyline class="line">`) per series of (x, y) points, e.g. a loss over steps.
+
+    Both axes span the data (padded 5%), not zero: a loss going from 7.2 to 6.9 is visible. A series of one point
+    is drawn as a dot (`<circle class="point">`).
+    """
+    points = [p for values in series.values() for p in values]
+    if not points:
+        return _figure(name, title, [])
+    x_low, x_high = min(p[0] for p in points), max(p[0] for p in points)
+    if x_high <= x_low:
+        x_low, x_high = x_low - 1, x_high + 1
+    y_low, y_high = nice_range([p[1] for p in points])
+    left, right = MARGIN_LEFT, WIDTH - MARGIN_RIGHT
+    top, bottom = MARGIN_TOP, HEIGHT - MARGIN_BOTTOM
+
+    def xy(x: float, y: float) -> tuple[float, float]:
+        return (
+            left + (right - left) * (x - x_low) / (x_high - x_low),
+            bottom - (bottom - top) * (y - y_low) / (y_high - y_low),
+        )
+
+    body = [
+        f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="#333"/>',
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" stroke="#333"/>',
+    ]
+    for i in range(5):
+        value = y_low + (y_high - y_low) * i / 4
+        y = bottom - (bottom - top) * i / 4
+        body.append(f'<text x="{left - 4}" y="{y + 4:.1f}" font-size="10" text-anchor="end">{value:.3g}</text>')
+        x_value = x_low + (x_high - x_low) * i / 4
+        x = left + (right - left) * i / 4
+        body.append(f'<text x="{x:.1f}" y="{bottom + 14}" font-size="10" text-anchor="middle">{x_value:.4g}</text>')
+    body.append(
+        f'<text x="{(left + right) / 2:.1f}" y="{bottom + 28}" font-size="10" text-anchor="middle">'
+        f"{escape(x_label)}</text>"
+    )
+    legend = []
+    for s, (label, values) in enumerate(series.items()):
+        colour = SERIES_COLOURS[s % len(SERIES_COLOURS)]
+        legend.append((label, colour))
+        coordinates = [xy(x, y) for x, y in sorted(values)]
+        if len(coordinates) == 1:
+            (cx, cy) = coordinates[0]
+            body.append(f'<circle class="point" cx="{cx:.1f}" cy="{cy:.1f}" r="3" fill="{colour}"/>')
+        elif coordinates:
+            path = " ".join(f"{x:.1f},{y:.1f}" for x, y in coordinates)
+            body.append(
+                f'<polyline class="line" points="{path}" fill="none" stroke="{colour}" stroke-width="1.5">'
+                f"<title>{escape(label)}</title></polyline>"
+            )
+    return _figure(name, title, body, legend if len(series) > 1 else None)

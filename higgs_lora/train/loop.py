@@ -7,6 +7,7 @@ other train/ modules. What a step does and how resume works: docs/training.md.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -73,7 +74,9 @@ class Trainer:
         self.stopped = False
         """Set when a stop signal ended `train()` early (after a checkpoint)."""
         self.output = Path(cfg.output_dir)
-        self.metrics_log = MetricsLog(self.output, cfg.train.tensorboard, enabled=topology.is_main)
+        self.metrics_log = MetricsLog(
+            self.output, cfg.train.report_to, enabled=topology.is_main, config=dataclasses.asdict(cfg)
+        )
         self.window = RateWindow()
         self.eval_enabled = bool(cfg.train.eval_every and data.eval_batches)
         self.probe = self._build_probe()

@@ -1,4 +1,4 @@
-"""What rank 0 records of a run: `<output_dir>/metrics.jsonl`, TensorBoard, and the `[train] step ...` line.
+"""What rank 0 records of a run: `<output_dir>/metrics.jsonl`, the trackers (TensorBoard, ...), and the `[train] step ...` line.
 
 Also the work done between two logging steps (`RateWindow`: positions/s, audio s/s, MFU, memory), and log lines
 written above the progress bar. Imports torch (TensorBoard when enabled). See docs/training.md (What rank 0 prints).
@@ -18,26 +18,37 @@ import torch
 from higgs_lora.constants import FRAMES_PER_SECOND
 from higgs_lora.files import atomic_write_text
 from higgs_lora.logs import ROOT, get_logger
+from higgs_lora.train import trackers
 
 METRICS = "metrics.jsonl"
 log = get_logger("train")
 
 
 class MetricsLog:
-    """metrics.jsonl and TensorBoard of a run; writes nothing unless `enabled` (rank 0)."""
+    """metrics.jsonl and the trackers of `train.report_to` (TensorBoard by default); writes nothing unless
+    `enabled` (rank 0)."""
 
-    def __init__(self, output: Path, tensorboard: bool, enabled: bool):
-        self.output, self.tensorboard, self.enabled = output, tensorboard, enabled
-        self.writer = None
-        """The TensorBoard SummaryWriter once started (None: not rank 0, or train.tensorboard=false)."""
+    def __init__(
+        self, output: Path, report_to: list[str], enabled: bool, run_name: str = "", config: dict | None = None
+    ):
+        self.output, self.enabled = output, enabled
+        self.run_name, self.config = run_name or output.name, config or {}
+        self.trackers = trackers.build(report_to, output) if enabled else []
+
+    @property
+    def writer(self):
+        """The TensorBoard SummaryWriter once started (None: not rank 0, or tensorboard not in train.report_to);
+        the evaluation adds its clips' audio to it."""
+        return next((t.writer for t in self.trackers if t.name == "tensorboard"), None)
 
     def start(self, step: int, resumed: bool) -> None:
-        """Make metrics.jsonl and TensorBoard show this run only.
+        """Make metrics.jsonl and the trackers show this run only.
 
         A run resumed from step S keeps what was logged up to S (the checkpoint was written after S's logs) and
         drops what a killed attempt logged after it, which the resumed run logs again: TensorBoard hides those
-        events (`purge_step`), metrics.jsonl is rewritten without them (and without a line cut by the kill). A run
-        starting from scratch moves an old metrics.jsonl aside to metrics.jsonl.old and hides old TensorBoard events.
+        events (`purge_step`), metrics.jsonl is rewritten without them (and without a line cut by the kill); W&B
+        and MLflow continue the same run (its id is kept in the run folder). A run starting from scratch moves an
+        old metrics.jsonl aside to metrics.jsonl.old and hides old TensorBoard events.
         """
         if not self.enabled:
             return
@@ -54,28 +65,24 @@ class MetricsLog:
             else:
                 path.replace(path.with_name(path.name + ".old"))
                 log.info(f"starting from scratch: the previous metrics.jsonl is now {path.name}.old")
-        if self.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.output / "tensorboard"), purge_step=step + 1 if resumed else 0)
+        for tracker in self.trackers:
+            tracker.start(step, resumed, self.run_name, self.config)
+        if self.trackers:
+            log.info(f"reporting to {', '.join(t.name for t in self.trackers)} besides {path}")
 
     def record(self, kind: str, metrics: dict) -> None:
-        """Append one record to metrics.jsonl and TensorBoard."""
+        """Append one record to metrics.jsonl and hand its numbers to every tracker."""
         if not self.enabled:
             return
         with open(self.output / METRICS, "a", encoding="utf-8") as f:
             f.write(json.dumps({"kind": kind, **metrics}) + "\n")
-        if self.writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and key != "step" and value is not None:
-                    self.writer.add_scalar(f"{kind}/{key}", value, metrics["step"])
-                elif isinstance(value, list):
-                    for k, v in enumerate(value):
-                        self.writer.add_scalar(f"{kind}/{key}/{k}", v, metrics["step"])
+        values = trackers.flatten(kind, metrics)
+        for tracker in self.trackers:
+            tracker.log(values, metrics["step"])
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for tracker in self.trackers:
+            tracker.finish()
 
 
 def records_up_to(text: str, step: int) -> tuple[list[str], int]:

@@ -14,8 +14,10 @@ from higgs_lora import stop
 from higgs_lora.config import RunConfig, save_config
 from higgs_lora.data.cache import cache_dir_of
 from higgs_lora.distributed import Topology
+from higgs_lora.eval.run_report import write_run_report
 from higgs_lora.logs import get_logger
 from higgs_lora.plan import Plan
+from higgs_lora.train import trackers
 from higgs_lora.train.data import build_data, describe
 from higgs_lora.train.loop import Trainer
 
@@ -27,6 +29,7 @@ def run(cfg: RunConfig, ds_config_path: str) -> dict:
     from higgs_lora.distributed import init_distributed
 
     stop.catch()  # before the (long) model load: see higgs_lora/stop.py
+    trackers.check_installed(cfg.train.report_to)  # a tracker that is not installed fails now, not after loading
     topology = init_distributed()
     cfg, plan, ds_config, model_config = plan_run(cfg, ds_config_path, topology)
     if topology.is_main:
@@ -35,6 +38,9 @@ def run(cfg: RunConfig, ds_config_path: str) -> dict:
     metrics = trainer.train()
     if not trainer.stopped:  # a stopped run is resumed later; its adapter comes at its real end
         trainer.export_final()
+    if topology.is_main:
+        report = write_run_report(cfg.output_dir)
+        log.info(f"run report: {report.resolve().as_uri()}")
     return metrics
 
 
