@@ -68,7 +68,10 @@ def validate_run(cfg: RunConfig) -> list[str]:
         positive(f"train.{key}", getattr(train, key))
     unknown = [name for name in train.report_to if name not in TRACKERS]
     if unknown:
-        problems.append(f"train.report_to: unknown tracker {', '.join(unknown)}; choose from {', '.join(TRACKERS)} (or [] for metrics.jsonl only)")
+        problems.append(
+            f"train.report_to: unknown tracker {', '.join(unknown)}; choose from {', '.join(TRACKERS)} "
+            "(or [] for metrics.jsonl only)"
+        )
     if len(set(train.report_to)) != len(train.report_to):
         problems.append(f"train.report_to={train.report_to} names a tracker twice")
     if train.max_steps == 0 and train.epochs == 0:

@@ -57,16 +57,21 @@ def histogram(
     title: str,
     series: dict[str, list[float]],
     bins: int = 10,
-    value_range: tuple[float, float] | None = None,
+    bounds: tuple[float, float] | None = None,
 ) -> str:
-    """Histogram of one or more series (e.g. fine-tuned vs base) over the same bins, bars side by side."""
+    """Histogram of one or more series (e.g. fine-tuned vs base) over the same bins, bars side by side.
+
+    The x axis spans the data, not the metric's possible range: similarities between 0.62 and 0.81 fill the plot
+    instead of a fifth of a 0-1 axis. `bounds` (the possible range, e.g. DNSMOS 1-5) only clips the axis.
+    """
     all_values = [v for values in series.values() for v in values]
-    if value_range is None:
-        low, high = (min(all_values), max(all_values)) if all_values else (0.0, 1.0)
-        if high <= low:
-            low, high = low - 0.5, high + 0.5
-    else:
-        low, high = value_range
+    low, high = (min(all_values), max(all_values)) if all_values else (0.0, 1.0)
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    if high <= low:
+        low, high = low - 0.5, high + 0.5
+        if bounds is not None:
+            low, high = max(low, bounds[0]), min(high, bounds[1])
     edges = np.linspace(low, high, bins + 1)
     counts = {label: np.histogram(np.clip(values, low, high), bins=edges)[0] for label, values in series.items()}
     highest = max([1, *[int(c.max()) for c in counts.values() if len(c)]])

@@ -69,12 +69,15 @@ def write_samples_csv(path: Path, rows: list[dict]) -> Path:
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1400px}
-table{border-collapse:collapse;margin:0.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 8px;text-align:left;
-vertical-align:top}th{background:#f0f0f0}td.num{text-align:right;font-variant-numeric:tabular-nums}
+table{border-collapse:collapse;margin:0.5em 0 1.5em;max-width:100%}th,td{border:1px solid #ccc;padding:3px 8px;
+text-align:left;vertical-align:top}th{background:#f0f0f0}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .better{color:#1d7a1d}.worse{color:#b22}.note{color:#666;font-size:90%}.plots{display:flex;flex-wrap:wrap;gap:1em}
-figure.plot{margin:0}figcaption{display:none}audio{width:220px;height:32px}
-td.text{direction:rtl;min-width:12em;max-width:22em}
+figure.plot{margin:0}figcaption{display:none}audio{width:170px;height:30px;display:block}
+td.text{direction:rtl;min-width:8em;max-width:18em;overflow-wrap:anywhere}td.note{max-width:14em;
+overflow-wrap:anywhere}.players span{display:block;font-size:80%;color:#666}
 """
+"""The page's CSS. The samples table fits a 1280 px window: the players of a sample are stacked in one cell and
+the Arabic text wraps (tests/e2e/test_evaluate.py renders it at that width)."""
 
 
 def _number(value, digits: int = 3) -> str:
@@ -101,7 +104,9 @@ def _table(table_id: str, header: list[str], rows: list[str]) -> str:
 
 def _summary_table(metrics: dict) -> str:
     comparison = metrics.get("compare")
-    header = ["metric", "value", "mean", "median", "p10", "p90", "n"]
+    # "value" is the mean, except CER/WER (the corpus rate) and RTF (total time / total audio), whose per-sample
+    # mean is shown under it: no column repeats another.
+    header = ["metric", "value", "median", "p10", "p90", "n"]
     if comparison:
         header += ["fine-tuned (common ids)", "base (common ids)", "delta"]
     rows = []
@@ -111,7 +116,11 @@ def _summary_table(metrics: dict) -> str:
             continue
         stats = stats or {}
         cells = [f"<td>{escape(METRIC_LABELS.get(metric, metric))}</td>"]
-        cells += [f'<td class="num">{_number(stats.get(k))}</td>' for k in ("value", "mean", "median", "p10", "p90")]
+        value = _number(stats.get("value"))
+        if metric in ("cer", "wer", "rtf") and stats.get("mean") is not None:
+            value += f'<br><span class="note">mean {_number(stats["mean"])}</span>'
+        cells.append(f'<td class="num">{value}</td>')
+        cells += [f'<td class="num">{_number(stats.get(k))}</td>' for k in ("median", "p10", "p90")]
         cells.append(f'<td class="num">{_number(stats.get("n"))}</td>')
         if comparison:
             cells.append(f'<td class="num">{_number(comparison["summary"].get(metric))}</td>')
@@ -166,19 +175,22 @@ def _samples_table(metrics: dict, rows: list[dict], pred: Path, out: Path) -> st
     comparison = metrics.get("compare")
     base_wavs = {e["id"]: e.get("base_wav") for e in comparison["per_sample"]} if comparison else {}
     base_folder = Path(comparison["pred"]) if comparison else None
-    header = ["id", "speaker", "reference", "generated", "target"]
-    header += ["base generated"] if comparison else []
-    header += ["target text", "ASR", "similarity", "CER", "OVRL", "duration ratio", "RTF", "problems"]
+    header = ["id", "speaker", "audio", "target text", "ASR", "similarity", "CER", "OVRL", "duration ratio", "RTF"]
+    header.append("problems")
     html_rows = []
     for row in rows:
-        cells = [
-            f"<td>{escape(str(row['id']))}</td><td>{escape(str(row.get('speaker') or '-'))}</td>",
-            f"<td>{_audio(row.get('reference_audio'), pred, out)}</td>",
-            f"<td>{_audio(row.get('wav'), pred, out)}</td>",
-            f"<td>{_audio(row.get('target_audio'), pred, out)}</td>",
+        players = [
+            ("reference", _audio(row.get("reference_audio"), pred, out)),
+            ("generated", _audio(row.get("wav"), pred, out)),
+            ("target", _audio(row.get("target_audio"), pred, out)),
         ]
         if comparison:
-            cells.append(f"<td>{_audio(base_wavs.get(row['id']), base_folder, out)}</td>")
+            players.append(("base generated", _audio(base_wavs.get(row["id"]), base_folder, out)))
+        stacked = "".join(f"<span>{escape(label)}</span>{player}" for label, player in players)
+        cells = [
+            f"<td>{escape(str(row['id']))}</td><td>{escape(str(row.get('speaker') or '-'))}</td>",
+            f'<td class="players">{stacked}</td>',
+        ]
         cells += [
             f'<td class="text">{escape(row.get("target_text") or "")}</td>',
             f'<td class="text">{escape(row.get("asr_text") or "-")}</td>',
@@ -206,16 +218,16 @@ def _plots(metrics: dict, rows: list[dict], base_rows: list[dict] | None) -> str
 
     figures = []
     specs = [
-        ("similarity_reference", "speaker similarity to reference", (0.0, 1.0)),
+        ("similarity_reference", "speaker similarity to reference", (-1.0, 1.0)),
         ("dnsmos_ovrl", "DNSMOS OVRL", (1.0, 5.0)),
         ("cer", "CER per sample", None),
         ("duration_ratio", "duration / expected", None),
         ("rtf", "real-time factor per sample", None),
     ]
-    for column, title, value_range in specs:
+    for column, title, bounds in specs:
         data = series(column)
         if any(data.values()):
-            figures.append(plots.histogram(column, f"distribution: {title}", data, value_range=value_range))
+            figures.append(plots.histogram(column, f"distribution: {title}", data, bounds=bounds))
     speaker_similarity = {
         "generated": {
             s: v["similarity_reference"] for s, v in metrics["per_speaker"].items() if "similarity_reference" in v

@@ -1,4 +1,5 @@
-"""What rank 0 records of a run: `<output_dir>/metrics.jsonl`, the trackers (TensorBoard, ...), and the `[train] step ...` line.
+"""What rank 0 records of a run: `<output_dir>/metrics.jsonl`, the trackers (TensorBoard, ...), and the
+`[train] step ...` line.
 
 Also the work done between two logging steps (`RateWindow`: positions/s, audio s/s, MFU, memory), and log lines
 written above the progress bar. Imports torch (TensorBoard when enabled). See docs/training.md (What rank 0 prints).

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -308,3 +309,43 @@ def test_report_screenshot_shows_the_plots(folders, tmp_path):
     image = Image.open(shot).convert("RGB")
     bar_blue = sum(count for count, colour in image.getcolors(maxcolors=1 << 20) if colour == (0x3B, 0x6E, 0xA5))
     assert bar_blue > 2000, "no plot bars visible in the rendered page"
+
+
+@pytest.mark.slow
+def test_report_fits_a_1280_px_window(folders, tmp_path):
+    """No sideways scrolling at 1280 px: the page's widest element fits, Arabic text wraps in its cells.
+
+    The report has no script of its own; a copy gets one line that writes the page's scroll width into the DOM,
+    which Chromium's --dump-dom then shows (layout is computed at the --window-size given)."""
+    chromium = _chromium()
+    report = folders["compared"] / "report.html"
+    probe = report.with_name("report_width_probe.html")
+    script = (
+        "<script>document.body.setAttribute('data-width', document.documentElement.scrollWidth + ' '"
+        " + document.getElementById('samples').scrollWidth)</script>"
+    )
+    probe.write_text(report.read_text(encoding="utf-8").replace("</body>", script + "</body>"), encoding="utf-8")
+    try:
+        dom = subprocess.run(
+            [
+                chromium,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={tmp_path / 'profile'}",
+                "--window-size=1280,900",
+                "--dump-dom",
+                probe.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env={**os.environ, "HOME": str(tmp_path)},
+            check=True,
+        ).stdout
+    finally:
+        probe.unlink()
+    page_width, table_width = map(int, re.search(r'data-width="(\d+) (\d+)"', dom).groups())
+    assert page_width <= 1280 and table_width <= 1280 - 2 * 16, (page_width, table_width)
+    summary = _DomSummary()
+    summary.feed(dom)
+    assert len(summary.headers) == len(set(summary.headers)), summary.headers  # no column twice
+    assert "mean" not in summary.headers  # "value" is the mean (CER/WER/RTF: the corpus figure, mean beneath)

@@ -4,6 +4,7 @@ hand-made rows."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -119,9 +120,16 @@ def test_compare_matches_ids_and_subtracts():
 
 
 def test_plots_are_svg_with_one_bar_per_bin_and_series():
-    svg = plots.histogram("h", "title <&>", {"a": [0.1, 0.2, 0.2], "b": [0.9]}, bins=5, value_range=(0, 1))
+    svg = plots.histogram("h", "title <&>", {"a": [0.1, 0.2, 0.2], "b": [0.9]}, bins=5, bounds=(0, 1))
     assert svg.startswith('<figure class="plot" data-plot="h"><svg') and "title &lt;&amp;&gt;" in svg
     assert svg.count('class="bar"') == 10
     bars = plots.bar_chart("b", "t", {"s": {"x": 0.5, "y": 1.0}})
     assert bars.count('class="bar"') == 2
     assert plots.histogram("e", "same values", {"a": [2.0, 2.0]}).count('class="bar"') == 10
+    # the x axis spans the data (0.62 .. 0.8), clipped to the bounds, not the bounds themselves
+    ticks = re.findall(
+        r'text-anchor="middle">([-0-9.e]+)<', plots.histogram("s", "t", {"a": [0.62, 0.8]}, bounds=(0, 1))
+    )
+    assert float(ticks[0]) == pytest.approx(0.62) and float(ticks[-1]) == pytest.approx(0.8)
+    flat = plots.histogram("d", "t", {"a": [5.0, 5.0]}, bounds=(1, 5))
+    assert "5.5" not in flat and ">4.5<" in flat  # a flat series is widened inside the bounds only
