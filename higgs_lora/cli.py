@@ -17,7 +17,10 @@ VERBS = {
     "convert": ("higgs_lora.deploy.convert", "Boson's original model or codec download -> transformers layout"),
     "infer": ("higgs_lora.infer.batch", "batch voice cloning from a ChatML/JSONL file of samples"),
     "serve": ("higgs_lora.serve.app", "REST + WebSocket cloning server"),
-    "evaluate": ("higgs_lora.eval.cli", "score an inference output folder: similarity, CER, DNSMOS, speed"),
+    "evaluate": (
+        "higgs_lora.evaluate",
+        "score an inference output folder (--pred), or a checkpoint without training (--checkpoint)",
+    ),
     "report": ("higgs_lora.eval.run_report", "a training run's curves as report.html, from its metrics.jsonl"),
     "tiny": ("higgs_lora.tiny", "write the tiny random model + codec used by the demo and the tests"),
     "demo": ("higgs_lora.demo", "the whole pipeline on the bundled demo corpus and tiny model (CPU)"),

@@ -49,18 +49,23 @@ class Trainer:
         model,
         data: TrainData,
         model_config: dict,
+        engine=None,
     ):
+        """`engine`: one to use instead of building the DeepSpeed engine and optimizer; given only to evaluate a
+        checkpoint without training (`higgs_lora.train.evaluate_checkpoint`), where `train()` is never called."""
         self.cfg, self.plan, self.topology, self.data = cfg, plan, topology, data
         self.ds_config = ds_config
         self.device = device_for(topology)
         self.steps_per_epoch = len(data.sampler.plan(0).steps)
-        if self.steps_per_epoch == 0:
+        if self.steps_per_epoch == 0 and engine is None:
             raise ValueError(
                 f"the corpus gives fewer micro-batches than one optimizer step needs ({plan.world_size} ranks x "
                 f"{plan.accumulation} accumulation): add data, lower train.micro_batch_tokens or use fewer ranks"
             )
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
-        self.engine, self.optimizer = build_engine(model, cfg, ds_config, self.total_steps)
+        self.engine, self.optimizer = (
+            (engine, None) if engine else build_engine(model, cfg, ds_config, self.total_steps)
+        )
         self.flops = FlopCounter.from_model_config(model_config, cfg.lora.target_modules, cfg.lora.r)
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.peak = peak_flops(cfg.train.peak_tflops, name)

@@ -111,9 +111,10 @@ class WandB:
 
 
 class MLflow:
-    """An MLflow run in the tracking server of `MLFLOW_TRACKING_URI` (MLflow's own setting; unset: a local
-    `<output_dir>/mlruns` store). Experiment: `MLFLOW_EXPERIMENT_NAME` (default higgs-lora). Keys are MLflow-safe
-    (`train/loss`); the run's id is kept in `<output_dir>/mlflow_run_id` so a resumed run continues it."""
+    """An MLflow run in the tracking server of `MLFLOW_TRACKING_URI` (MLflow's own setting, e.g. a tracking
+    server's http://host:5000; unset: a local file store, `<output_dir>/mlruns`). Experiment:
+    `MLFLOW_EXPERIMENT_NAME` (default higgs-lora). The run's id is kept in `<output_dir>/mlflow_run_id` so a resumed
+    run continues it."""
 
     name = "mlflow"
 
@@ -126,6 +127,10 @@ class MLflow:
 
         self.mlflow = mlflow
         if not os.environ.get("MLFLOW_TRACKING_URI"):
+            # MLflow 3 keeps its file store in maintenance mode and refuses it unless allowed; its SQLite store needs
+            # the full mlflow package (SQLAlchemy), which the extra does not pull in. A local run without a server
+            # is what the file store is still for, so it is allowed for this default only.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlflow.set_tracking_uri((self.output / "mlruns").resolve().as_uri())
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "higgs-lora"))
         id_file = self.output / "mlflow_run_id"

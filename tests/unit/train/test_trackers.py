@@ -103,6 +103,7 @@ def test_every_tracker_gets_what_metrics_jsonl_gets(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", _fake_wandb(wandb_calls))
     monkeypatch.setitem(sys.modules, "mlflow", _fake_mlflow(mlflow_calls))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     out = tmp_path / "run"
     config = {"train": {"lr": 1e-4, "report_to": ["tensorboard", "wandb", "mlflow"]}, "seed": 3}
     log = MetricsLog(out, ["tensorboard", "wandb", "mlflow"], enabled=True, config=config)
