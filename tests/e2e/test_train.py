@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -98,6 +99,11 @@ def test_two_ranks_train_and_write_a_working_adapter(demo_cache, tmp_path, ds, q
     evals = metrics(out, "eval")
     assert [m["step"] for m in evals] == [0, 4, 8], "held-out speaker loss was not computed at every evaluation"
     assert_probe_logged(out, evals, count=3, dnsmos=dnsmos)
+    # the run report, written at the end: training + held-out loss curves, one row per evaluation
+    report = (out / "report.html").read_text(encoding="utf-8")
+    loss_figure = report.split('data-plot="loss"')[1].split("</figure>")[0]
+    assert loss_figure.count('class="line"') == 2
+    assert [int(s) for s in re.findall(r'<tr data-step="(\d+)"', report)] == [0, 4, 8]
 
     adapter = out / ADAPTER
     tensors = adapter_tensors(adapter)
