@@ -17,6 +17,29 @@ from pathlib import Path
 from typing import Any
 
 
+def writable_dir_problem(path: str | os.PathLike) -> str | None:
+    """Why a directory cannot be created or written at `path` (None when it can), found by writing a probe file
+    in it, or in its nearest existing ancestor when it does not exist yet (nothing is left behind)."""
+    path = Path(path).expanduser()
+    probe_dir = path
+    while not probe_dir.exists():
+        if probe_dir.is_symlink():
+            return f"{probe_dir} is a broken symlink"
+        if probe_dir.parent == probe_dir:
+            break
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        return f"{probe_dir} is not a directory, so {path} cannot be created"
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write-probe-", dir=probe_dir)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as err:
+        where = "" if probe_dir == path else f" (its nearest existing parent {probe_dir})"
+        return f"{path}{where} is not writable: {err.strerror or err}"
+    return None
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` atomically, creating parent directories; returns the path."""
     path = Path(path)

@@ -38,7 +38,7 @@ from higgs_lora.constants import FRAMES_PER_SECOND, HOP_SAMPLES
 from higgs_lora.data.audio import AudioError, Conditioned, audio_seconds, condition, read_audio
 from higgs_lora.data.cache import CacheError, cache_dir_of, cache_features, cache_settings, shard_dirs, shard_name
 from higgs_lora.data.sources import CorpusFormatError, Utterance, printable, read_corpus, unicode_problem
-from higgs_lora.files import atomic_write_json, atomic_write_text
+from higgs_lora.files import atomic_write_json, atomic_write_text, writable_dir_problem
 from higgs_lora.logs import get_logger, is_quiet
 from higgs_lora.text.arabic import has_arabic_letters, normalize_arabic
 
@@ -485,6 +485,9 @@ def _prepare(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)
     if not cfg.data.corpus:
         raise ConfigError(["data.corpus is not set: point it at your corpus (see docs/data.md)"])
+    problem = writable_dir_problem(cache_dir_of(cfg))
+    if problem is not None:
+        raise ConfigError([f"the cache directory: {problem}; set data.cache_dir (or output_dir) to one you can write"])
     started = time.perf_counter()
     # What was done and the report are the command's result: printed even with --quiet (which hides the bar).
     if not args.join:
