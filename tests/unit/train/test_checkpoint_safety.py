@@ -179,3 +179,11 @@ def test_an_old_format_rng_file_is_refused_with_a_warning(tmp_path, capsys):
     torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}, old)
     assert load_rng(old) is False
     assert "refused because unpickling can run code" in capsys.readouterr().err
+
+
+def test_a_damaged_latest_pointer_falls_back_to_the_newest_checkpoint(tmp_path):
+    fake_checkpoint(tmp_path, 10)
+    newest = fake_checkpoint(tmp_path, 20)
+    for garbage in (b"\xff\xfe\x00", b"", b"../../etc\n"):
+        (tmp_path / "checkpoints" / "latest").write_bytes(garbage)
+        assert resolve_resume(cfg_for(tmp_path)) == newest
