@@ -7,14 +7,40 @@ file systems when source and target share a directory.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+
+def writable_dir_problem(path: str | os.PathLike) -> str | None:
+    """Why a directory cannot be created or written at `path` (None when it can), found by writing a probe file
+    in it, or in its nearest existing ancestor when it does not exist yet (nothing is left behind)."""
+    path = Path(path).expanduser()
+    probe_dir = path
+    while not probe_dir.exists():
+        if probe_dir.is_symlink():
+            return f"{probe_dir} is a broken symlink"
+        if probe_dir.parent == probe_dir:
+            break
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        return f"{probe_dir} is not a directory, so {path} cannot be created"
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write-probe-", dir=probe_dir)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as err:
+        where = "" if probe_dir == path else f" (its nearest existing parent {probe_dir})"
+        return f"{path}{where} is not writable: {err.strerror or err}"
+    return None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -64,6 +90,51 @@ def replace_directory(staging: str | os.PathLike, target: str | os.PathLike) -> 
     return target
 
 
+def _owner() -> str:
+    """`<host>-<pid>`: who writes a staging directory, so a later run can tell a dead writer's leftovers from a live
+    one's work."""
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', socket.gethostname())}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def stale_staging(target: str | os.PathLike, started: float) -> tuple[list[Path], list[Path]]:
+    """(stale, live) staging directories `staged_directory` left beside `target`.
+
+    Stale: written on this host by a process that is no longer alive, or (named before owners were recorded)
+    last changed before `started`, the time the current run began. Live: anything else (a concurrent run on this
+    host, or one on another host sharing the file system, which cannot be checked); those are never touched."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return [], []
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(?:(?P<host>.+)-(?P<pid>\d+)-)?[^.]*\.partial$")
+    host = _owner().rsplit("-", 1)[0]
+    stale, live = [], []
+    for path in sorted(target.parent.glob(f".{glob.escape(target.name)}.*.partial")):
+        match = pattern.match(path.name)
+        if match is None or not path.is_dir():
+            continue
+        if match["pid"] is not None and match["host"] == host:
+            dead = int(match["pid"]) != os.getpid() and not _pid_alive(int(match["pid"]))
+        elif match["pid"] is None:
+            try:
+                dead = path.stat().st_mtime < started
+            except OSError:
+                continue
+        else:
+            dead = False
+        (stale if dead else live).append(path)
+    return stale, live
+
+
 @contextmanager
 def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
     """A fresh directory beside `target` to write into, published as `target` when the block succeeds.
@@ -73,7 +144,7 @@ def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{_owner()}-", suffix=".partial", dir=target.parent))
     try:
         yield staging
         for path in [staging, *staging.rglob("*")]:

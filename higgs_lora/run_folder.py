@@ -51,8 +51,12 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     root = checkpoints_root(output_dir)
     pointer = root / LATEST
     if pointer.is_file():
-        named = root / pointer.read_text(encoding="utf-8").strip()
-        if is_complete(named):
+        try:
+            name = pointer.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):  # a damaged pointer: fall back to the newest complete checkpoint
+            name = ""
+        named = root / name
+        if name and _STEP_DIR.match(name) and is_complete(named):
             return named
     complete = list_checkpoints(output_dir)
     return complete[-1] if complete else None

@@ -16,7 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from higgs_lora import startup, stop  # noqa: E402
-from higgs_lora.config import add_config_arguments, config_from_args  # noqa: E402
+from higgs_lora.config import ConfigError, add_config_arguments, config_from_args  # noqa: E402
+from higgs_lora.files import writable_dir_problem  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -32,6 +33,9 @@ def main(argv=None) -> int:
 
 def train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    problem = writable_dir_problem(cfg.output_dir)
+    if problem is not None:  # before torch and the model load, not as a PermissionError traceback at the end
+        raise ConfigError([f"output_dir={cfg.output_dir}: {problem}; set output_dir to a directory you can write"])
 
     from higgs_lora.train.loop import NonFiniteLossError
     from higgs_lora.train.run import run

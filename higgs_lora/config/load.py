@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import types
 import typing
 from pathlib import Path
@@ -102,14 +103,19 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return int(value)
         raise ValueError(f"{key}={value!r} is not an integer")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 2e-4 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads 2e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ValueError(f"{key}={value!r} is not a number")
+        if number is None:
+            raise ValueError(f"{key}={value!r} is not a number")
+        if not math.isfinite(number):  # .nan / .inf in YAML, nan / inf on the command line
+            raise ValueError(f"{key}={value!r} is not a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return str(value)
@@ -218,9 +224,22 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError([f"config file {path} does not exist"])
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise ConfigError([f"config file {path} cannot be read ({err.strerror or err})"]) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            [
+                f"config file {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                "is it the right file?"
+            ]
+        ) from None
+    try:
+        tree = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError([f"{path} is not valid YAML: {err}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path} is nested too deeply to be a config"]) from None
     return tree or {}
 
 

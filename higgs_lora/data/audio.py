@@ -7,8 +7,10 @@ float32 mono arrays; lengths are in samples unless a name says seconds.
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,12 +65,25 @@ def audio_seconds(ref: str) -> float:
     return info.frames / info.samplerate
 
 
+def _not_a_file(ref: str) -> AudioError:
+    """Why `ref` is not a readable file: a symlink loop, something that is not a regular file, or missing."""
+    try:
+        os.stat(ref)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return AudioError(f"{ref}: symlink loop ({err.strerror})", reason="symlink_loop")
+        return AudioError(f"{ref}: file not found", reason="missing")
+    except ValueError as err:  # a name the file system cannot encode
+        return AudioError(f"{ref}: unusable file name ({err})", reason="missing")
+    return AudioError(f"{ref}: not a regular file", reason="unreadable")
+
+
 def read_audio(ref: str) -> tuple[np.ndarray, int]:
     """(samples, rate) of a file as float32 mono (channels averaged), at its own sample rate."""
     import soundfile as sf
 
     if not ref.startswith(HF_AUDIO_PREFIX) and not Path(ref).is_file():
-        raise AudioError(f"{ref}: file not found", reason="missing")
+        raise _not_a_file(ref)
     try:
         samples, rate = sf.read(_open(ref), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError) as err:

@@ -6,6 +6,7 @@ ChatML layouts (docs/data.md). Pure; imports nothing of the package.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -13,7 +14,14 @@ def resolve_path(base: Path, path: str) -> str:
     """`path` as an absolute path string: `~` expanded, a relative path taken relative to `base` (the folder of
     the file that names it)."""
     candidate = Path(path).expanduser()
-    return str(candidate if candidate.is_absolute() else (base / candidate).resolve())
+    if candidate.is_absolute():
+        return str(candidate)
+    try:
+        return str((base / candidate).resolve())
+    except (RuntimeError, OSError, ValueError):
+        # A symlink loop (RuntimeError before Python 3.13) or a name the file system cannot encode: keep the
+        # absolute path unresolved; opening it fails later and that record alone is rejected with the reason.
+        return os.path.abspath(base / candidate)
 
 
 def message_parts(message: dict) -> list[dict]:

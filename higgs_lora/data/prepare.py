@@ -37,12 +37,13 @@ from higgs_lora.config import ConfigError, RunConfig, add_config_arguments, conf
 from higgs_lora.constants import FRAMES_PER_SECOND, HOP_SAMPLES
 from higgs_lora.data.audio import AudioError, Conditioned, audio_seconds, condition, read_audio
 from higgs_lora.data.cache import CacheError, cache_dir_of, cache_features, cache_settings, shard_dirs, shard_name
-from higgs_lora.data.sources import CorpusFormatError, Utterance, read_corpus
-from higgs_lora.files import atomic_write_json, atomic_write_text
-from higgs_lora.logs import is_quiet
+from higgs_lora.data.sources import CorpusFormatError, Utterance, printable, read_corpus, unicode_problem
+from higgs_lora.files import atomic_write_json, atomic_write_text, writable_dir_problem
+from higgs_lora.logs import get_logger, is_quiet
 from higgs_lora.text.arabic import has_arabic_letters, normalize_arabic
 
 EXAMPLES_PER_REASON = 5
+log = get_logger("prepare")
 
 
 @dataclass
@@ -89,7 +90,10 @@ def find_duplicates(utterances: list[Utterance]) -> dict[int, str]:
             continue
         first_by_hash: dict[str, str] = {}
         for index in indices:
-            digest = hashlib.sha1(Path(utterances[index].audio).read_bytes()).hexdigest()
+            try:
+                digest = hashlib.sha1(Path(utterances[index].audio).read_bytes()).hexdigest()
+            except OSError:  # unreadable: the audio reader rejects it with its reason
+                continue
             if digest in first_by_hash:
                 duplicates[index] = first_by_hash[digest]
             else:
@@ -167,6 +171,16 @@ def prepare_item(item: Item, cfg: RunConfig) -> Outcome:
     utterance, data = item.utterance, cfg.data
     if item.duplicate_of is not None:
         return Outcome(item, reason="duplicate", detail=f"same audio as {item.duplicate_of}")
+    bad = next(
+        (
+            f"{name}: {why}"
+            for name in ("text", "speaker", "language")
+            if (why := unicode_problem(getattr(utterance, name)))
+        ),
+        None,
+    )
+    if bad is not None:  # checked before any audio work: such a row could never be written to the shard
+        return Outcome(item, reason="bad_text", detail=bad)
     text = (
         normalize_arabic(
             utterance.text,
@@ -236,27 +250,63 @@ def encode_outcomes(outcomes: list[Outcome], codec, batch_size: int, device) -> 
                 outcome.samples = None  # free the audio as soon as it is encoded
 
 
-def write_shard(cache_dir: Path, name: str, outcomes: list[Outcome]) -> Path:
-    """Write a shard to a staging directory, then rename it into place (whole or not at all)."""
+def _table(rows: list[dict]):
     from datasets import Dataset
 
+    columns = {key: [row[key] for row in rows] for key in cache_features()}
+    return Dataset.from_dict(columns, features=cache_features())
+
+
+def _reject_unwritable(outcomes: list[Outcome]) -> None:
+    """Turn every kept outcome whose row cannot be stored into a rejection (`unserialisable`), keeping the rest.
+
+    The common case costs one table for the shard; only when that fails is each row tried alone, so one bad record
+    never loses the codec work of the others."""
+    kept = [o for o in outcomes if o.row is not None]
+    if not kept:
+        return
+    for outcome in kept:
+        missing = [key for key in cache_features() if key not in outcome.row]
+        strings = [key for key, value in outcome.row.items() if isinstance(value, str) and unicode_problem(value)]
+        if missing or strings:
+            detail = (
+                f"no {', '.join(missing)}" if missing else f"{strings[0]}: {unicode_problem(outcome.row[strings[0]])}"
+            )
+            outcome.row, outcome.reason, outcome.detail = None, "unserialisable", detail
+    try:
+        _table([o.row for o in outcomes if o.row is not None])
+        return
+    except Exception:  # noqa: BLE001 - find the row(s) at fault below; the error is recorded for each of them
+        pass
+    for outcome in (o for o in outcomes if o.row is not None):
+        try:
+            _table([outcome.row])
+        except Exception as err:  # noqa: BLE001 - one record's problem, recorded as its rejection
+            outcome.row, outcome.reason = None, "unserialisable"
+            outcome.detail = f"{type(err).__name__}: {err}"[:300]
+
+
+def write_shard(cache_dir: Path, name: str, outcomes: list[Outcome]) -> Path:
+    """Write a shard to a staging directory, then rename it into place (whole or not at all).
+
+    A row that cannot be stored is rejected (`unserialisable`) and the others are written."""
     shards_dir = cache_dir / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
     staging = shards_dir / f".{name}.staging-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)
+    _reject_unwritable(outcomes)
     rows = [o.row for o in outcomes if o.row is not None]
     if rows:
-        columns = {key: [row[key] for row in rows] for key in cache_features()}
-        Dataset.from_dict(columns, features=cache_features()).save_to_disk(str(staging))
+        _table(rows).save_to_disk(str(staging))
     else:  # every utterance rejected: no Arrow table (datasets cannot reload an empty one), only the records
         staging.mkdir()
     rejected = [
         {
-            "source_id": o.item.utterance.source_id,
-            "audio": o.item.utterance.audio,
+            "source_id": printable(o.item.utterance.source_id),
+            "audio": printable(o.item.utterance.audio),
             "reason": o.reason,
-            "detail": o.detail,
+            "detail": printable(o.detail),
         }
         for o in outcomes
         if o.row is None
@@ -276,11 +326,20 @@ def write_shard(cache_dir: Path, name: str, outcomes: list[Outcome]) -> Path:
     return final
 
 
+def _prepare_item_guarded(item: Item, cfg: RunConfig) -> Outcome:
+    """`prepare_item`, with anything unexpected it raises for one record turned into that record's rejection."""
+    try:
+        return prepare_item(item, cfg)
+    except Exception as err:  # noqa: BLE001 - one record must not end a corpus-wide run; the reason is recorded
+        log.warning(f"{printable(item.utterance.source_id)}: rejected after an unexpected {type(err).__name__}: {err}")
+        return Outcome(item, reason="internal_error", detail=f"{type(err).__name__}: {err}"[:300])
+
+
 def process_shard(items: list[Item], cfg: RunConfig, codec, device, progress=None) -> list[Outcome]:
     """Prepare (in worker threads) and encode the items of one shard; outcomes in corpus order."""
     with ThreadPoolExecutor(max_workers=cfg.prepare.num_workers) as pool:
         outcomes = []
-        for outcome in pool.map(lambda item: prepare_item(item, cfg), items):
+        for outcome in pool.map(lambda item: _prepare_item_guarded(item, cfg), items):
             outcomes.append(outcome)
             if progress is not None:
                 progress.update(1)
@@ -426,6 +485,9 @@ def _prepare(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)
     if not cfg.data.corpus:
         raise ConfigError(["data.corpus is not set: point it at your corpus (see docs/data.md)"])
+    problem = writable_dir_problem(cache_dir_of(cfg))
+    if problem is not None:
+        raise ConfigError([f"the cache directory: {problem}; set data.cache_dir (or output_dir) to one you can write"])
     started = time.perf_counter()
     # What was done and the report are the command's result: printed even with --quiet (which hides the bar).
     if not args.join:
@@ -435,8 +497,14 @@ def _prepare(args: argparse.Namespace) -> None:
             f"({time.perf_counter() - started:.1f} s)"
         )
     if args.join or args.num_shards == 1:
-        print(format_report(join(cfg)))
+        report = join(cfg)
+        print(format_report(report))
         print(f"[prepare] report: {cache_dir_of(cfg) / 'report.json'}")
+        if report["kept"] == 0:
+            raise CacheError(
+                f"no utterance was kept: all {report['items_in']} items were rejected (reasons above and in "
+                f"{cache_dir_of(cfg) / 'report.json'}); fix the corpus or the data.* limits"
+            )
 
 
 if __name__ == "__main__":

@@ -12,13 +12,19 @@ Formats (see docs/data.md for a minimal example of each):
 - `hf`: a local Hugging Face dataset directory: `save_to_disk` output, or an audiofolder (audio files +
   `metadata.csv`/`metadata.jsonl` with a `file_name` column).
 
-Readers never open audio; a malformed record is reported as a `SourceProblem` and the rest is read.
+Readers never open audio; a malformed record is reported as a `SourceProblem` and the rest is read. Text files are
+decoded line by line, so a line that is not UTF-8 is one problem (`bad_encoding`) and not the end of the read; a
+transcript, speaker or path that is not proper Unicode (a lone surrogate from a JSON `\\ud800`) is one problem
+(`bad_text`); a path that cannot be resolved (a symlink loop) is kept as given and rejected later when opened. A
+corpus with no record at all is a `CorpusFormatError` (nothing to prepare is a user error, not "0 kept").
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +78,8 @@ def detect_format(path: Path) -> str:
     """Guess the corpus format from the path; raises CorpusFormatError listing what was looked for."""
     if path.is_file():
         if path.suffix == ".jsonl":
-            first = next((line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()), "")
+            text = path.read_text(encoding="utf-8", errors="replace")
+            first = next((line for line in text.splitlines() if line.strip()), "")
             return "chatml" if '"messages"' in first else "manifest"
         if path.suffix == ".json":
             return "chatml"
@@ -101,7 +108,10 @@ def detect_format(path: Path) -> str:
 
 def read_corpus(path: str | Path, fmt: str = "auto", language: str = "ar") -> Corpus:
     """Read a corpus in format `fmt` ('auto' detects it) into utterances, fixed pairs and problems."""
-    path = Path(path).expanduser().resolve()
+    try:
+        path = Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as err:  # a symlink loop (RuntimeError before Python 3.13), a bad component
+        raise CorpusFormatError(f"data.corpus={path} cannot be resolved ({err})") from None
     if not path.exists():
         raise CorpusFormatError(f"data.corpus={path} does not exist")
     if fmt == "auto":
@@ -117,14 +127,82 @@ def read_corpus(path: str | Path, fmt: str = "auto", language: str = "ar") -> Co
         raise CorpusFormatError(f"data.format={fmt!r} is not one of {', '.join(FORMATS)}")
     corpus = Corpus()
     readers[fmt](path, language, corpus)
+    _drop_bad_text(corpus)
+    if not corpus.utterances and not corpus.problems:
+        raise CorpusFormatError(
+            f"data.corpus={path} holds no records (format {fmt}): nothing to prepare; point data.corpus at a "
+            "non-empty corpus (docs/data.md shows each format)"
+        )
     return corpus
+
+
+def unicode_problem(value: str) -> str | None:
+    """Why `value` cannot be written as UTF-8 (a lone surrogate), or None when it is proper Unicode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"character {ascii(value[err.start])} at position {err.start} is not valid Unicode ({err.reason})"
+    return None
+
+
+def _drop_bad_text(corpus: Corpus) -> None:
+    """Move utterances whose text, speaker, language or path is not proper Unicode into the problems."""
+    kept = []
+    for utterance in corpus.utterances:
+        problem = next(
+            (
+                f"{name}: {why}"
+                for name in ("text", "speaker", "language", "audio", "source_id")
+                if (why := unicode_problem(getattr(utterance, name)))
+            ),
+            None,
+        )
+        if problem is None:
+            kept.append(utterance)
+        else:
+            corpus.problems.append(SourceProblem(printable(utterance.source_id), "bad_text", problem))
+    corpus.utterances = kept
+
+
+def printable(value: str) -> str:
+    """`value` with anything that is not valid Unicode escaped (`\\ud800`), safe to write as UTF-8."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def safe_resolve(path: Path) -> str:
+    """`path` made absolute and resolved; when resolving fails (a symlink loop) it is made absolute only, and the
+    failure is left to the audio reader, which rejects the file with its reason."""
+    try:
+        return str(path.resolve())
+    except (RuntimeError, OSError, ValueError):
+        return os.path.abspath(path)
 
 
 # ------------------------------------------------------------------------------------------------ readers
 
 
+def text_lines(path: Path, corpus: Corpus) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line of a text file; a line that is not UTF-8 becomes a `bad_encoding` problem.
+
+    A UTF-8 byte-order mark on the first line is dropped. Line ends are `\\n`, `\\r\\n` or `\\r`."""
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    for number, raw in enumerate(data.splitlines(), start=1):
+        try:
+            yield number, raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            corpus.problems.append(
+                SourceProblem(
+                    f"{path.name}:{number}",
+                    "bad_encoding",
+                    f"byte 0x{raw[err.start]:02x} at column {err.start + 1} is not UTF-8; re-save the file as UTF-8",
+                )
+            )
+
+
 def _jsonl_records(path: Path, corpus: Corpus):
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in text_lines(path, corpus):
         if not line.strip():
             continue
         try:
@@ -173,6 +251,10 @@ def _read_chatml(path: Path, language: str, corpus: Corpus) -> None:
     else:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise CorpusFormatError(
+                f"{path} is not UTF-8 (byte 0x{err.object[err.start]:02x} at offset {err.start}); re-save it as UTF-8"
+            ) from None
         except json.JSONDecodeError as err:
             raise CorpusFormatError(f"{path} is not valid JSON: {err}") from None
         if isinstance(data, dict):
@@ -189,7 +271,7 @@ def _read_chatml(path: Path, language: str, corpus: Corpus) -> None:
         segments: list[tuple[str, str]] = []
         pending_text: str | None = None
         for message in sample["messages"]:
-            if message.get("role") == "system":
+            if not isinstance(message, dict) or message.get("role") == "system":
                 continue
             for part in message_parts(message):
                 audio = audio_of(part)
@@ -221,8 +303,8 @@ def _read_ljspeech(path: Path, language: str, corpus: Corpus) -> None:
     root = path if path.is_dir() else path.parent
     metadata = root / "metadata.csv"
     speaker = root.name or "ljspeech"
-    with metadata.open(encoding="utf-8", newline="") as handle:
-        for number, row in enumerate(csv.reader(handle, delimiter="|", quoting=csv.QUOTE_NONE), start=1):
+    for number, line in text_lines(metadata, corpus):
+        for row in csv.reader([line], delimiter="|", quoting=csv.QUOTE_NONE):
             if not row or not row[0].strip():
                 continue
             if len(row) < 2:
@@ -233,7 +315,7 @@ def _read_ljspeech(path: Path, language: str, corpus: Corpus) -> None:
             text = row[1] if row[1].strip() else (row[2] if len(row) > 2 else "")
             corpus.utterances.append(
                 Utterance(
-                    audio=str((root / "wavs" / f"{row[0].strip()}.wav").resolve()),
+                    audio=safe_resolve(root / "wavs" / f"{row[0].strip()}.wav"),
                     text=text,
                     speaker=speaker,
                     language=language,
@@ -245,21 +327,29 @@ def _read_ljspeech(path: Path, language: str, corpus: Corpus) -> None:
 def _read_commonvoice(path: Path, language: str, corpus: Corpus) -> None:
     root = path if path.is_dir() else path.parent
     table = path if path.is_file() else root / "validated.tsv"
-    with table.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        missing = {"client_id", "path", "sentence"} - set(reader.fieldnames or ())
-        if missing:
-            raise CorpusFormatError(f"{table} lacks the Common Voice columns {sorted(missing)}")
-        for row in reader:
-            corpus.utterances.append(
-                Utterance(
-                    audio=str((root / "clips" / row["path"]).resolve()),
-                    text=row["sentence"] or "",
-                    speaker=row["client_id"],
-                    language=row.get("locale") or language,
-                    source_id=row["path"],
-                )
+    lines = list(text_lines(table, corpus))
+    if not lines or lines[0][0] != 1:
+        raise CorpusFormatError(f"{table}: the header line is missing or not UTF-8")
+    header = next(csv.reader([lines[0][1]], delimiter="\t", quoting=csv.QUOTE_NONE), [])
+    missing = {"client_id", "path", "sentence"} - set(header)
+    if missing:
+        raise CorpusFormatError(f"{table} lacks the Common Voice columns {sorted(missing)}")
+    for number, line in lines[1:]:
+        if not line.strip():
+            continue
+        row = dict(zip(header, next(csv.reader([line], delimiter="\t", quoting=csv.QUOTE_NONE))))
+        if not row.get("path") or row.get("client_id") is None:
+            corpus.problems.append(SourceProblem(f"{table.name}:{number}", "malformed_record", "no path/client_id"))
+            continue
+        corpus.utterances.append(
+            Utterance(
+                audio=safe_resolve(root / "clips" / row["path"]),
+                text=row.get("sentence") or "",
+                speaker=row["client_id"],
+                language=row.get("locale") or language,
+                source_id=row["path"],
             )
+        )
 
 
 def _read_hf_dir(path: Path, language: str, corpus: Corpus) -> None:
@@ -300,8 +390,7 @@ def _read_audiofolder(root: Path, metadata: Path, language: str, corpus: Corpus)
     if metadata.suffix == ".jsonl":
         records = [record for _, record in _jsonl_records(metadata, corpus)]
     else:
-        with metadata.open(encoding="utf-8", newline="") as handle:
-            records = list(csv.DictReader(handle))
+        records = list(csv.DictReader(line for _, line in text_lines(metadata, corpus)))
     for index, record in enumerate(records):
         file_name = record.get("file_name")
         if not file_name:

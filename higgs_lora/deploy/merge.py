@@ -26,19 +26,21 @@ Exit codes: 0 merged, 2 a problem with the inputs (the message says what to do),
 from __future__ import annotations
 
 import argparse
-import json
+import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from higgs_lora import startup
-from higgs_lora.deploy.lora_weights import check_targets, lora_deltas, merge_weight
+from higgs_lora.deploy.lora_weights import AdapterError, check_targets, lora_deltas, merge_weight
 from higgs_lora.deploy.merge_plan import (
     MERGE_MARKER,
     NAME_PREFIX,
     MergeError,
     MergePlan,
     plan_merge,
+    read_adapter_settings,
     refuse_double_merge,
 )
 from higgs_lora.deploy.merged_folder import provenance, write_support_files
@@ -51,7 +53,7 @@ from higgs_lora.deploy.shards import (
     parse_size,
     tensor_specs,
 )
-from higgs_lora.files import atomic_write_json, staged_directory
+from higgs_lora.files import atomic_write_json, staged_directory, stale_staging
 from higgs_lora.logs import get_logger, is_quiet
 
 log = get_logger("merge")
@@ -72,8 +74,13 @@ def load_adapter_deltas(adapter_dir: Path) -> dict:
     """The adapter's LoRA updates keyed by base weight name (raises AdapterError on anything unsupported)."""
     from safetensors.torch import load_file
 
-    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    return lora_deltas(load_file(str(adapter_dir / "adapter_model.safetensors")), adapter_config)
+    adapter_config = read_adapter_settings(adapter_dir)
+    weights = adapter_dir / "adapter_model.safetensors"
+    try:
+        tensors = load_file(str(weights))
+    except Exception as err:  # noqa: BLE001 - safetensors' own error types for a damaged file
+        raise AdapterError(f"{weights} is not a readable safetensors file ({type(err).__name__}: {err})") from None
+    return lora_deltas(tensors, adapter_config)
 
 
 def merge_into_shards(
@@ -143,15 +150,32 @@ def all_finite(tensor, chunk: int = 2**24) -> bool:
 # ------------------------------------------------------------------------------------------------- run
 
 
-def run_merge(plan: MergePlan, verify: bool = True, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict | None:
+def remove_stale_staging(out: Path, started: float) -> list[Path]:
+    """Delete what killed merges into `out` left behind (their staging copies of the whole model); a concurrent
+    merge's staging is left alone. Returns what was deleted."""
+    stale, live = stale_staging(out, started)
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+        log.info(f"removed {path}, the staging copy of a merge into {out.name} that did not finish")
+    for path in live:
+        log.warning(f"{path} belongs to a merge into {out.name} that is still running (or runs on another host): left")
+    return stale
+
+
+def run_merge(
+    plan: MergePlan, verify: bool = True, max_shard_bytes: int = DEFAULT_SHARD_BYTES, started: float | None = None
+) -> dict | None:
     """Merge, write, verify and publish as `plan` says; returns the verification report (None if skipped).
 
     Raises MergeError/AdapterError for unusable inputs and VerificationError when the merged model disagrees with
-    the adapter; in every failure case `plan.out` is left as it was.
+    the adapter; in every failure case `plan.out` is left as it was. Staging directories of earlier merges into
+    `plan.out` whose process is gone (or, unowned, older than `started`, default now) are removed first.
     """
+    started = time.time() if started is None else started
     from higgs_lora.deploy.verify import VerificationError, compare_logits
 
     refuse_double_merge(plan)
+    remove_stale_staging(plan.out, started)
     deltas = load_adapter_deltas(plan.adapter.path)
     log.info(
         f"{len(deltas)} LoRA updates (r={plan.cfg.lora.r}, alpha={plan.cfg.lora.alpha}) -> base {plan.base}, "
@@ -186,6 +210,7 @@ def run_merge(plan: MergePlan, verify: bool = True, max_shard_bytes: int = DEFAU
 def _run(args: argparse.Namespace) -> int:
     from higgs_lora.deploy.verify import VerificationError
 
+    started = time.time()
     try:
         shard_bytes = parse_size(args.shard_size)
     except ValueError as err:
@@ -198,7 +223,7 @@ def _run(args: argparse.Namespace) -> int:
     log.info(f"codec: {plan.codec}")
     log.info(f"out: {plan.out}")
     try:
-        run_merge(plan, verify=not args.no_verify, max_shard_bytes=shard_bytes)
+        run_merge(plan, verify=not args.no_verify, max_shard_bytes=shard_bytes, started=started)
     except VerificationError as err:  # not the input's fault as such: exit 1, as a failed check
         print(f"error: verification failed, nothing was written: {err}", file=sys.stderr)
         return 1

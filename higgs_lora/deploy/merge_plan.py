@@ -14,6 +14,7 @@ from pathlib import Path
 
 from higgs_lora.config import ConfigError, LoraConfig, ModelConfig, RunConfig
 from higgs_lora.constants import RUN_CONFIG
+from higgs_lora.deploy.lora_weights import AdapterError
 from higgs_lora.deploy.shards import sha256_file
 from higgs_lora.errors import UserError
 from higgs_lora.model.loading import check_codec, check_loadable, inspect_checkpoint, resolve_codec_path
@@ -134,7 +135,7 @@ def config_of_foreign_adapter(adapter_dir: Path, base: str, codec: str | None) -
 
     How it was trained (bf16 or NF4) is unknown, so the check compares with the bf16 base only.
     """
-    settings = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    settings = read_adapter_settings(adapter_dir)
     name = adapter_dir.parent.name if adapter_dir.name == ADAPTER else adapter_dir.name
     targets = settings.get("target_modules") or ["q_proj"]
     try:
@@ -149,6 +150,53 @@ def config_of_foreign_adapter(adapter_dir: Path, base: str, codec: str | None) -
         )
     except ConfigError as err:
         raise MergeError(f"{adapter_dir}/adapter_config.json: {err}") from err
+
+
+def read_adapter_settings(adapter_dir: Path) -> dict:
+    """adapter_config.json as a dict; AdapterError naming the file when it is not a JSON object."""
+    path = adapter_dir / "adapter_config.json"
+    try:
+        settings = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise AdapterError(
+            f"{path} is not valid JSON ({type(err).__name__}: {err}); copy it again from the training run"
+        ) from None
+    if not isinstance(settings, dict):
+        raise AdapterError(f"{path} holds a JSON {type(settings).__name__}, not an object of LoRA settings")
+    return settings
+
+
+def check_adapter_weights(adapter_dir: Path) -> None:
+    """AdapterError naming adapter_model.safetensors when its header or its size is not that of a whole file."""
+    from safetensors import safe_open
+
+    path = adapter_dir / "adapter_model.safetensors"
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            names = list(handle.keys())
+            if names:  # reading the last tensor checks that the data the header promises is there
+                handle.get_slice(names[-1])[...]
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types (and OSError) for bad files
+        raise AdapterError(
+            f"{path} is not a readable safetensors file ({type(err).__name__}: {err}); it is truncated or damaged: "
+            "copy it again, or export the adapter again from the checkpoint"
+        ) from None
+
+
+def find_codec(base_dir: Path, cfg: RunConfig, base_given: bool) -> Path:
+    """The codec for a merge without --codec: the one recorded with the adapter, else one beside the base; with
+    --base (a moved or different base) the one beside the new base comes first."""
+    recorded = Path(cfg.model.codec_path).expanduser() if cfg.model.codec_path else None
+    recorded_ok = recorded is not None and (recorded / "config.json").is_file()
+    if recorded_ok and not base_given:
+        return recorded.resolve()
+    try:
+        return resolve_codec_path(ModelConfig(path=str(base_dir), codec_path="")).resolve()
+    except UserError as err:
+        if recorded_ok:
+            return recorded.resolve()
+        where = f"the recorded codec {recorded} is not there either; " if recorded is not None else ""
+        raise MergeError(f"{err} {where}pass --codec CODEC_DIR") from None
 
 
 def _contains(outer: Path, inner: Path) -> bool:
@@ -182,13 +230,21 @@ def plan_merge(
             "base model is unknown. Pass --base BASE_DIR (and --codec CODEC_DIR if the codec is not "
             "beside it)."
         )
-    base_dir = Path(base).expanduser().resolve() if base else Path(cfg.model.path).expanduser().resolve()
+    read_adapter_settings(location.path)
+    check_adapter_weights(location.path)
+    if base:
+        base_dir = Path(base).expanduser().resolve()
+    else:
+        base_dir = Path(cfg.model.path).expanduser().resolve()
+        if not base_dir.is_dir():
+            raise MergeError(
+                f"the base model recorded with the adapter (model.path in {location.path / RUN_CONFIG}) is not "
+                f"there: {base_dir}. If it moved, pass --base NEW_BASE_DIR (the codec is then looked for beside it; "
+                "add --codec CODEC_DIR if it is elsewhere)"
+            )
     info = inspect_checkpoint(base_dir)
     check_loadable(info)
-    if codec:
-        codec_dir = Path(codec).expanduser().resolve()
-    else:
-        codec_dir = resolve_codec_path(ModelConfig(path=str(base_dir), codec_path=cfg.model.codec_path)).resolve()
+    codec_dir = Path(codec).expanduser().resolve() if codec else find_codec(base_dir, cfg, base_given=bool(base))
     if not (codec_dir / "config.json").is_file():
         raise MergeError(f"codec {codec_dir} has no config.json; pass --codec with the audio tokenizer directory")
     check_codec(codec_dir)

@@ -6,6 +6,46 @@ May import config; torch and PEFT are imported when a model is wrapped.
 from __future__ import annotations
 
 from higgs_lora.config import LoraConfig, ModelConfig
+from higgs_lora.errors import UserError
+
+
+class LoraTargetError(UserError, ValueError):
+    """A `lora.target_modules` entry that names no module of the model."""
+
+
+def linear_names(model) -> list[str]:
+    """The distinct last name components of the model's linear layers (what `lora.target_modules` can name)."""
+    import torch
+
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def check_targets(model, lora: LoraConfig) -> None:
+    """Raise LoraTargetError naming each `lora.target_modules` entry that matches no module, with the names there
+    are (a typo would otherwise train nothing there)."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in lora.target_modules if t not in names]
+    if missing:
+        raise LoraTargetError(
+            f"lora.target_modules entries {', '.join(repr(t) for t in missing)} match no module of the model; "
+            f"its linear layers are named: {', '.join(linear_names(model))}"
+        )
+
+
+def check_targets_early(model_cfg: ModelConfig, lora: LoraConfig) -> bool:
+    """Check `lora.target_modules` on an empty (meta-device) copy of the model built from its config.json, before
+    any weight is read; returns False when that copy cannot be built (the check then happens at load)."""
+    import torch
+    from transformers import AutoConfig, HiggsAudioV2ForConditionalGeneration
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_cfg.path))
+        with torch.device("meta"):
+            skeleton = HiggsAudioV2ForConditionalGeneration._from_config(config)
+    except Exception:  # noqa: BLE001 - an unusual checkpoint: apply_lora checks the loaded model instead
+        return False
+    check_targets(skeleton, lora)
+    return True
 
 
 def apply_lora(model, lora: LoraConfig, model_cfg: ModelConfig):
@@ -16,13 +56,7 @@ def apply_lora(model, lora: LoraConfig, model_cfg: ModelConfig):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in lora.target_modules if t not in names]
-    if missing:
-        raise ValueError(
-            f"lora.target_modules {missing} match no module of the model; "
-            f"linear layers are named e.g. q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
-        )
+    check_targets(model, lora)
     if model_cfg.quantization == "nf4":
         model = prepare_model_for_kbit_training(
             model,

@@ -17,6 +17,7 @@ from higgs_lora.config import RunConfig, save_config
 from higgs_lora.constants import RUN_CONFIG
 from higgs_lora.errors import UserError
 from higgs_lora.files import atomic_write_json, atomic_write_text
+from higgs_lora.logs import get_logger
 from higgs_lora.run_folder import (
     ADAPTER,
     DEEPSPEED_TAG,
@@ -31,6 +32,9 @@ from higgs_lora.run_folder import (
     step_name,
     step_of,
 )
+from higgs_lora.train.checkpoint_manifest import MANIFEST, verify_checkpoint, write_manifest
+
+log = get_logger("train")
 
 
 class ResumeError(UserError, ValueError):
@@ -52,38 +56,123 @@ def resolve_resume(cfg: RunConfig) -> Path | None:
             )
         return None
     if cfg.train.resume == "auto":
-        return latest_checkpoint(cfg.output_dir)
+        return newest_verified_checkpoint(cfg.output_dir)
     path = Path(cfg.train.resume)
     if not is_complete(path):
         raise ResumeError(
             f"train.resume={path} is not a complete checkpoint (expected {TRAINER_STATE} and {DEEPSPEED_TAG}/ in it); "
             f"use train.resume=auto to take the newest complete one in {checkpoints_root(cfg.output_dir)}"
         )
+    verdict = verify_checkpoint(path)
+    if verdict.problem is not None:
+        raise ResumeError(
+            f"train.resume={path} is damaged: {verdict.problem}; use train.resume=auto to take the newest checkpoint "
+            f"in {checkpoints_root(cfg.output_dir)} that verifies, or name another one"
+        )
+    if not verdict.has_manifest:
+        log.warning(f"{path} has no {MANIFEST} (written by an older version): resuming from it unverified")
     return path
+
+
+def newest_verified_checkpoint(output_dir: str | Path) -> Path | None:
+    """The checkpoint `latest` names if it verifies, else the newest complete one that does, else None.
+
+    Each one skipped is logged with the reason (a warning), so a fallback is never silent."""
+    latest = latest_checkpoint(output_dir)
+    candidates = ([latest] if latest is not None else []) + [
+        p for p in reversed(list_checkpoints(output_dir)) if p != latest
+    ]
+    for path in candidates:
+        verdict = verify_checkpoint(path)
+        if verdict.problem is None:
+            if not verdict.has_manifest:
+                log.warning(f"{path} has no {MANIFEST} (written by an older version): resuming from it unverified")
+            return path
+        log.warning(f"skipping checkpoint {path}: {verdict.problem}")
+    return None
 
 
 # -------------------------------------------------------------------------------------------------- RNG
 
 
+RNG_FORMAT = 2
+"""Version of the rng/rank_*.pt layout: 2 = plain tensors, ints and floats only (readable with weights_only=True)."""
+
+
 def capture_rng() -> dict:
+    """This process's Python, NumPy, torch (and CUDA) generator states as tensors, ints and floats only, so
+    `torch.load(..., weights_only=True)` reads them back: loading one can never run code."""
     import numpy as np
     import torch
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, mt_state, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "format": RNG_FORMAT,
+        "python": {
+            "version": int(version),
+            "state": torch.tensor(mt_state, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def restore_rng(state: dict) -> None:
+    """Set the generators from a `capture_rng` dict."""
     import numpy as np
     import torch
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python = state["python"]
+    random.setstate((python["version"], tuple(int(x) for x in python["state"].tolist()), python["gauss_next"]))
+    numpy = state["numpy"]
+    np.random.set_state(
+        (
+            numpy["kind"],
+            numpy["keys"].numpy().astype(np.uint32),
+            numpy["pos"],
+            numpy["has_gauss"],
+            numpy["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def load_rng(rng_file: Path) -> bool:
+    """Restore this rank's generators from `rng_file` (read with weights_only=True); returns whether it did.
+
+    A file in the old pickled layout (before RNG_FORMAT 2), or one that is not a plain state, is never unpickled: a
+    warning says so and the generators keep this run's seed, so the resumed run is valid but not bit-identical to an
+    uninterrupted one."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(rng_file, weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != RNG_FORMAT:
+            raise ValueError(f"not an RNG state of format {RNG_FORMAT}")
+        restore_rng(state)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, TypeError, AttributeError, EOFError) as err:
+        log.warning(
+            f"{rng_file} was not loaded ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): "
+            "random generators continue from this run's seed, so this resume is not bit-identical. Files in the "
+            "pickled layout of older versions are refused because unpickling can run code"
+        )
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- adapter
@@ -212,6 +301,7 @@ def save_checkpoint(
             atomic_write_json(partial / TRAINER_STATE, trainer_state)
             for name, content in (run_files or {}).items():
                 atomic_write_json(partial / name, content)
+            write_manifest(partial)  # last: a checkpoint whose manifest verifies is whole
             if final.exists():  # a re-run of the same step (e.g. after a crash right after the rename)
                 shutil.rmtree(final)
             partial.rename(final)
@@ -229,8 +319,14 @@ def check_compatible(path: Path, cfg: RunConfig, world_size: int) -> dict:
     DeepSpeed's own load fails deep inside its flat buffers (or, with equal sizes, silently misassigns weights) when
     the adapter's shape or the number of ranks changed: check those first, from the checkpoint's own files.
     """
-    state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
-    saved_world = state["sampler"]["world_size"]
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+        saved_world = state["sampler"]["world_size"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise ResumeError(
+            f"{path / TRAINER_STATE} is unreadable ({type(err).__name__}: {err}); resume from another checkpoint "
+            "(train.resume=auto takes the newest that verifies)"
+        ) from None
     if saved_world != world_size:
         raise ResumeError(
             f"{path} was written by {saved_world} ranks and this run has {world_size}: DeepSpeed's ZeRO state is "
@@ -251,18 +347,25 @@ def check_compatible(path: Path, cfg: RunConfig, world_size: int) -> dict:
 
 def load_checkpoint(engine, path: Path, rank: int) -> dict:
     """Restore engine state, this rank's RNG, and return the trainer state saved at `path`."""
-    import torch
+    import pickle
 
-    load_path, _ = engine.load_checkpoint(
-        str(path),
-        tag=DEEPSPEED_TAG,
-        load_module_strict=False,
-        load_optimizer_states=True,
-        load_lr_scheduler_states=True,
-    )
+    try:
+        load_path, _ = engine.load_checkpoint(
+            str(path),
+            tag=DEEPSPEED_TAG,
+            load_module_strict=False,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as err:
+        # A damaged file the manifest could not catch (a checkpoint without one): say which checkpoint, exit 2.
+        raise ResumeError(
+            f"DeepSpeed could not load {path / DEEPSPEED_TAG} ({type(err).__name__}: {err}); resume from another "
+            "checkpoint (train.resume=auto takes the newest that verifies) or delete this one"
+        ) from err
     if load_path is None:
         raise ResumeError(f"DeepSpeed could not load {path / DEEPSPEED_TAG}")
     rng_file = path / "rng" / f"rank_{rank:05d}.pt"
     if rng_file.is_file():
-        restore_rng(torch.load(rng_file, weights_only=False))
+        load_rng(rng_file)
     return json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))

@@ -32,6 +32,9 @@ def run(cfg: RunConfig, ds_config_path: str) -> dict:
     trackers.check_installed(cfg.train.report_to)  # a tracker that is not installed fails now, not after loading
     topology = init_distributed()
     cfg, plan, ds_config, model_config = plan_run(cfg, ds_config_path, topology)
+    from higgs_lora.model.lora import check_targets_early
+
+    check_targets_early(cfg.model, cfg.lora)  # every rank, the same answer: a typo is exit 2 before the weights load
     if topology.is_main:
         write_run_files(cfg, plan, ds_config)
     trainer = build_trainer(cfg, plan, ds_config, model_config, topology)

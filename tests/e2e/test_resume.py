@@ -200,3 +200,36 @@ def test_k_nan_steps_in_a_row_stop_the_run_with_a_clear_error(demo_cache, tmp_pa
     )
     assert result.returncode == 1
     assert "2 optimizer steps in a row had a NaN/inf loss" in result.stderr
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_and_an_explicit_resume_of_it_exits_2(
+    demo_cache, uninterrupted, tmp_path
+):
+    """Issue 17.6: the newest checkpoint's model states cut short (a full disk). train.resume=<it> is exit 2 naming
+    the file; train.resume=auto says it skips it, resumes from the one before and still ends where an uninterrupted
+    run ends."""
+    import shutil
+
+    from tests.e2e.launch import REPO_ROOT, free_port, launcher_command, train_env
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    shutil.rmtree(out / ADAPTER)
+    newest = out / "checkpoints" / "step_00000008"
+    assert (newest / "manifest.json").is_file()
+    states = next((newest / "deepspeed").rglob("mp_rank_00_model_states.pt"))
+    states.write_bytes(states.read_bytes()[:1000])
+
+    command = launcher_command("python", 1, "zero2.json", [f"output_dir={out}", *demo_cache, *RUN], free_port())
+    explicit = subprocess.run(
+        [*command, f"train.resume={newest}"], cwd=REPO_ROOT, env=train_env(), capture_output=True, text=True
+    )
+    assert explicit.returncode == 2, explicit.stderr[-3000:]
+    assert f"error: train.resume={newest} is damaged: {states} has 1000 bytes" in explicit.stderr
+    assert "Traceback" not in explicit.stderr
+
+    resumed = train(out, [*demo_cache, *RUN])
+    assert f"skipping checkpoint {newest}: {states} has 1000 bytes" in resumed.stderr
+    assert f"resumed from {out / 'checkpoints' / 'step_00000006'} at step 6" in resumed.stdout
+    assert "was not loaded" not in resumed.stderr  # the RNG files were read (weights_only), not refused
+    assert_same_adapter(out, uninterrupted)

@@ -96,10 +96,21 @@ def test_base_is_frozen_and_lora_hits_attention_and_both_mlps(tiny_checkpoint):
     assert not any("audio_lm_head" in n or "codebook" in n for n in trainable)
 
 
-def test_unknown_lora_target_is_an_error(tiny_checkpoint):
+def test_unknown_lora_target_is_a_user_error_listing_the_names(tiny_checkpoint):
+    from higgs_lora.model.lora import LoraTargetError, check_targets_early
+
     cfg = model_cfg(tiny_checkpoint)
-    with pytest.raises(ValueError, match=r"\['qproj'\] match no module"):
-        apply_lora(load_base_model(cfg), LoraConfig(target_modules=["qproj", "v_proj"]), cfg)
+    lora = LoraConfig(target_modules=["qproj", "v_proj"])
+    with pytest.raises(LoraTargetError, match=r"entries 'qproj' match no module") as at_load:
+        apply_lora(load_base_model(cfg), lora, cfg)
+    assert at_load.value.exit_code == 2
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert name in str(at_load.value).split("named: ")[1].split(", ")
+    # The same check on an empty meta-device copy built from config.json, before any weight is read.
+    with pytest.raises(LoraTargetError) as early:
+        check_targets_early(cfg, lora)
+    assert str(early.value) == str(at_load.value)
+    assert check_targets_early(cfg, LoraConfig()) is True
 
 
 def test_text_head_loads_when_asked(tiny_checkpoint):
