@@ -143,6 +143,8 @@ def browser(tmp_path_factory):
         "--disable-extensions",
         "--mute-audio",
         "--autoplay-policy=no-user-gesture-required",
+        "--use-fake-device-for-media-stream",  # a microphone that beeps, for the Record button
+        "--use-fake-ui-for-media-stream",  # microphone permission granted without a prompt
         "--window-size=900,1300",
         f"--user-data-dir={profile}",
     ):
@@ -165,23 +167,28 @@ def _wait_for_status(driver, timeout: float = 240) -> tuple[str, str]:
     return WebDriverWait(driver, timeout, poll_frequency=0.2).until(settled)
 
 
-def _result_samples(driver) -> np.ndarray:
-    """The WAV the page's player holds (its blob URL read back by the page), as int16 samples."""
+def _result_samples(driver, player: str = "result") -> np.ndarray:
+    """The WAV a player of the page holds (its blob URL read back by the page), as int16 samples."""
+    return _blob_wav(driver, player)[0]
+
+
+def _blob_wav(driver, player: str) -> tuple[np.ndarray, int]:
     encoded = driver.execute_async_script(
         """
         const done = arguments[arguments.length - 1];
-        fetch(document.getElementById("result").src).then((r) => r.arrayBuffer()).then((buffer) => {
+        fetch(document.getElementById(arguments[0]).src).then((r) => r.arrayBuffer()).then((buffer) => {
           const bytes = new Uint8Array(buffer); let text = "";
           for (let i = 0; i < bytes.length; i += 0x8000) {
             text += String.fromCharCode.apply(null, bytes.subarray(i, i + 0x8000));
           }
           done(btoa(text));
         });
-        """
+        """,
+        player,
     )
     samples, rate = sf.read(io.BytesIO(base64.b64decode(encoded)), dtype="int16")
-    assert rate == 24000
-    return samples
+    assert player != "result" or rate == 24000
+    return samples, rate
 
 
 def _player_duration(driver) -> float:
@@ -304,3 +311,27 @@ def test_page_clones_through_rest_and_stream_in_chromium(server, browser, refere
     assert image.size[0] >= 800 and len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 50  # not a blank page
     if os.environ.get("HIGGS_LORA_SCREENSHOT_DIR"):
         (Path(os.environ["HIGGS_LORA_SCREENSHOT_DIR"]) / "web_page.png").write_bytes(shot)
+
+
+def test_a_recorded_reference_is_sent_as_a_wav_and_cloned(server, browser):
+    """Record (Chromium's fake microphone), stop, and clone from the take: MediaRecorder's webm is decoded in the
+    page and sent as a WAV the server reads."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"{server}/")
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script("return state.loads") >= 1)
+    assert browser.find_element("id", "token").get_attribute("value") == TOKEN  # remembered in this tab
+    browser.find_element("id", "record").click()
+    WebDriverWait(browser, 60).until(lambda d: d.execute_script("return state.recordedParts") >= 10)  # 2.5 s
+    browser.find_element("id", "record").click()  # Stop
+    WebDriverWait(browser, 30).until(lambda d: "recording.wav" in d.find_element("id", "reference-info").text)
+    take, rate = _blob_wav(browser, "reference-player")
+    assert rate >= 16000 and len(take) / rate >= 2.0 and np.abs(take).max() > 1000  # the beeps are in it
+    browser.find_element("css selector", "details summary").click()
+    for element_id, text in (("reference-text", REFERENCE_TEXT), ("target-text", TARGET_TEXT), ("max-seconds", "1")):
+        browser.find_element("id", element_id).clear()
+        browser.find_element("id", element_id).send_keys(text)
+    browser.find_element("id", "clone").click()
+    state, text = _wait_for_status(browser)
+    assert state == "done" and "s of audio" in text, text
+    assert len(_result_samples(browser)) > 0
