@@ -6,6 +6,7 @@
   `{"type": "start", ...}`, binary PCM16 chunks as they are generated, then `{"type": "end", ...timing}`; or
   `{"type": "error", "status": 4xx, "detail": ...}` and closes.
 - `GET /health`, `GET /v1/adapters`; OpenAPI docs at `/docs`.
+- `GET /`: a page to try cloning (`static/index.html`: no framework; its API calls carry the token).
 
 Limits answer with clear 4xx: an upload over `max_upload_bytes` 413; audio that is not audio, a reference over
 `max_reference_seconds`, an empty target text or one over `max_text_chars`, a path or URL given instead of audio
@@ -21,6 +22,7 @@ import hmac
 import io
 import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import numpy as np
 
@@ -35,6 +37,7 @@ from higgs_lora.serve.batch_queue import BatchQueue, QueueFull
 log = get_logger("serve")
 
 TOKEN_ENV = "HIGGS_LORA_TOKEN"
+PAGE = Path(__file__).with_name("static") / "index.html"
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,12 @@ def create_app(cloner: VoiceCloner, settings: ServeSettings = ServeSettings()):
     @app.get("/health")
     async def health():
         return {"status": "ok", **cloner.describe(), "pending": state["queue"].pending}
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        from fastapi.responses import HTMLResponse
+
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))  # public: it holds no data, the API needs the token
 
     @app.get("/v1/adapters")
     async def adapters():
