@@ -39,9 +39,9 @@ class Unavailable(RuntimeError):
     """The worker stopped (the server is shutting down, or it died); the request cannot be served."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Ticket:
-    """A submitted request and where its chunks go."""
+    """A submitted request and where its chunks go (compared by identity)."""
 
     request: CloneRequest
     loop: asyncio.AbstractEventLoop
