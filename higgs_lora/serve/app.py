@@ -286,6 +286,8 @@ def _serve(args: argparse.Namespace) -> int:
         audio_seconds=args.audio_seconds,
         max_audio_seconds=args.max_audio_seconds,
         idle_seconds=args.idle_seconds,
+        header_seconds=args.header_seconds,
+        drain_seconds=args.drain_seconds,
         token=token,
     )
     if settings.audio_seconds > settings.max_audio_seconds:
@@ -345,6 +347,18 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=defaults.idle_seconds,
         help="WebSocket without a request, idle keep-alive connection: closed after this long",
+    )
+    parser.add_argument(
+        "--header-seconds",
+        type=float,
+        default=defaults.header_seconds,
+        help="a connection that has not sent a complete request head within this long is closed",
+    )
+    parser.add_argument(
+        "--drain-seconds",
+        type=int,
+        default=defaults.drain_seconds,
+        help="on SIGTERM, how long running requests may take to finish before the server exits",
     )
     startup.add_common_arguments(parser)
     args = parser.parse_args(argv)
