@@ -71,8 +71,8 @@ class BatchQueue:
         self.batches_run = 0
         self.largest_batch = 0
         self.failed_batches = 0
-        self.request_seconds = 0.0
-        """Moving average of a request's time from submission to its last chunk (for Retry-After)."""
+        self.step_seconds = 0.0
+        """Moving average of one batch's time (one piece per request; for Retry-After)."""
         self._beat = time.monotonic()
         self._busy = False
         self.died: str | None = None
@@ -98,9 +98,9 @@ class BatchQueue:
         return True, ""
 
     def retry_after(self) -> int:
-        """Seconds a refused client should wait: the time the requests ahead of it need, in whole batches."""
+        """Seconds a refused client should wait: about the time the batches ahead of it take (one piece each)."""
         batches = max(1, self._pending // max(1, self.cloner.max_batch))
-        return max(1, min(600, round(batches * (self.request_seconds or 1.0))))
+        return max(1, min(600, round(batches * (self.step_seconds or 1.0))))
 
     def submit(self, request: CloneRequest) -> Ticket:
         """Queue `request` (already checked); raises QueueFull when `max_pending` are waiting or running."""
@@ -184,16 +184,13 @@ class BatchQueue:
         self.batches_run += 1
         self.largest_batch = max(self.largest_batch, len(tickets))
         self._busy, self._beat = True, time.monotonic()
+        started = time.monotonic()
         try:
             for chunk in self.cloner.step([t.job for t in tickets], stream=True):
                 self._beat = time.monotonic()
                 ticket = tickets[chunk.index]
                 if chunk.result is not None:
                     self._active.remove(ticket)
-                    elapsed = time.perf_counter() - ticket.submitted
-                    self.request_seconds = (
-                        elapsed if not self.request_seconds else 0.8 * self.request_seconds + 0.2 * elapsed
-                    )
                     self._finish(ticket, chunk.result)
                 elif len(chunk.samples):
                     self._send(ticket, chunk.samples)
@@ -207,6 +204,8 @@ class BatchQueue:
                     self._finish(ticket, failure)
         finally:
             self._busy = False
+            took = time.monotonic() - started
+            self.step_seconds = took if not self.step_seconds else 0.8 * self.step_seconds + 0.2 * took
 
     def _fail_all(self, err: Exception) -> None:
         for ticket in self._active:
