@@ -28,7 +28,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +53,8 @@ from higgs_lora.text.arabic import split_sentences
 
 PAUSE_SECONDS = 0.15
 """Silence put between the pieces of a long text."""
+MIN_PIECE_SECONDS = 0.2
+"""A piece is not started with less than this left of its request's audio budget (it is skipped, stop 'budget')."""
 
 
 @dataclass
@@ -76,6 +78,21 @@ class _Job:
     """Per piece: how many earlier pieces its prompt held."""
     prompt_positions: list[int] = field(default_factory=list)
     """Per piece: positions of its prompt."""
+
+    @property
+    def done(self) -> bool:
+        return self.piece >= len(self.pieces)
+
+    def budget_left(self) -> float | None:
+        """Seconds of the request's audio budget (`SamplingParams.max_total_seconds`) not spent yet; None: none."""
+        total = self.request.params.max_total_seconds
+        return None if total is None else total - self.frames / FRAMES_PER_SECOND
+
+    def piece_params(self) -> SamplingParams:
+        """The request's settings for its current piece: `max_seconds` cut to what is left of its budget."""
+        left = self.budget_left()
+        params = self.request.params
+        return params if left is None or left >= params.max_seconds else replace(params, max_seconds=left)
 
 
 class VoiceCloner:
@@ -229,29 +246,43 @@ class VoiceCloner:
         """Run `requests` (one adapter) as one batch; yield their audio chunk by chunk, then one final `Chunk`
         per request with its `CloneResult`.
 
-        Long texts are spoken piece by piece: each round generates the next piece of every request that has one
-        left, so a batch of requests with several pieces stays batched; each piece's prompt holds the pieces of its
-        own request spoken before it (`_Job.spoken`, docs/inference.md#long-texts), so a request's rounds depend on
-        nothing but its own earlier rounds. With `stream=False` a piece is decoded once it is complete (exactly the
-        non-streamed waveform); with `stream=True` it is decoded in chunks as frames arrive.
+        Long texts are spoken piece by piece: each round (`step`) generates the next piece of every request that has
+        one left, so a batch of requests with several pieces stays batched; each piece's prompt holds the pieces of
+        its own request spoken before it (`_Job.spoken`, docs/inference.md#long-texts), so a request's rounds depend
+        on nothing but its own earlier rounds. With `stream=False` a piece is decoded once it is complete (exactly
+        the non-streamed waveform); with `stream=True` it is decoded in chunks as frames arrive.
         """
         if len({r.adapter for r in requests}) > 1:
             raise InferenceError("one batch runs one adapter: group requests by adapter (VoiceCloner.batches)")
-        for request in requests:
-            self.check(request)
         started = time.perf_counter()
-        jobs = [self._job(r, started) for r in requests]
-        with self._adapter(requests[0].adapter if requests else None):
-            while True:
-                active = [i for i, job in enumerate(jobs) if job.piece < len(job.pieces)]
-                if not active:
-                    return
-                yield from self._round(jobs, active, stream)
-                for i in active:
-                    job = jobs[i]
-                    job.piece += 1
-                    if job.piece == len(job.pieces):
-                        yield Chunk(i, np.zeros(0, dtype=np.float32), result=self._result(job))
+        jobs = [self.start(r, started) for r in requests]
+        while active := [i for i, job in enumerate(jobs) if not job.done]:
+            for chunk in self.step([jobs[i] for i in active], stream):
+                yield Chunk(active[chunk.index], chunk.samples, chunk.result)
+
+    def start(self, request: CloneRequest, started: float | None = None) -> _Job:
+        """The running state of `request` (checked, its text cut into pieces, its reference encoded), for `step`."""
+        self.check(request)
+        return self._job(request, time.perf_counter() if started is None else started)
+
+    def step(self, jobs: list[_Job], stream: bool = True) -> Iterator[Chunk]:
+        """Speak the next piece of each of `jobs` (one adapter, none done) as one batch: yield their audio
+        (`Chunk.index` is the position in `jobs`), then a final `Chunk` with the result of each job this finished.
+
+        Jobs may be regrouped between steps (a server interleaves the pieces of several requests this way): a job's
+        pieces depend only on its own earlier pieces and its seed.
+        """
+        if len({job.request.adapter for job in jobs}) > 1:
+            raise InferenceError("one batch runs one adapter: group requests by adapter (VoiceCloner.batches)")
+        with self._adapter(jobs[0].request.adapter if jobs else None):
+            yield from self._round(jobs, list(range(len(jobs))), stream)
+        for i, job in enumerate(jobs):
+            job.piece += 1
+            if job.piece < len(job.pieces) and job.budget_left() is not None and job.budget_left() < MIN_PIECE_SECONDS:
+                job.stops.extend(["budget"] * (len(job.pieces) - job.piece))
+                job.piece = len(job.pieces)
+            if job.done:
+                yield Chunk(i, np.zeros(0, dtype=np.float32), result=self._result(job))
 
     def _round(self, jobs: list[_Job], active: list[int], stream: bool) -> Iterator[Chunk]:
         """Generate the current piece of each active job; yield its audio (chunks or whole)."""
@@ -260,7 +291,7 @@ class VoiceCloner:
         for i in active:
             job = jobs[i]
             prompts.append(self._prompt(job))
-            params.append(job.request.params)
+            params.append(job.piece_params())
             generators.append(
                 make_generator(job.seed + job.piece, self.decoder.device)
                 if job.request.params.temperature > 0

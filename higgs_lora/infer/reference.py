@@ -8,6 +8,7 @@ May import config, text normalisation and data.audio; nothing of the faces. See 
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -51,6 +52,8 @@ class ReferenceCache:
     def __init__(self, codec, run_config: RunConfig, size: int = CACHE_SIZE):
         self.codec, self.run_config, self.size = codec, run_config, size
         self._entries: OrderedDict[str, Reference] = OrderedDict()
+        self._lock = threading.Lock()
+        """Guards `_entries`: a server encodes references on helper threads while its worker reads them."""
 
     def get(self, samples: np.ndarray, rate: int, text: str) -> Reference:
         """The prepared reference; InferenceError when the recording or its transcript cannot be used."""
@@ -58,9 +61,10 @@ class ReferenceCache:
 
         key = hashlib.sha1(np.ascontiguousarray(samples, dtype=np.float32).tobytes() + f"{rate}|{text}".encode())
         digest = key.hexdigest()
-        if digest in self._entries:
-            self._entries.move_to_end(digest)
-            return self._entries[digest]
+        with self._lock:
+            if digest in self._entries:
+                self._entries.move_to_end(digest)
+                return self._entries[digest]
         audio: AudioConfig = self.run_config.audio
         data: DataConfig = self.run_config.data
         try:
@@ -87,7 +91,8 @@ class ReferenceCache:
         with torch.inference_mode():
             codes = self.codec.encode(torch.from_numpy(conditioned.samples)[None, None].to(device)).audio_codes[0]
         reference = Reference(codes=codes.cpu(), text=text, seconds=conditioned.seconds)
-        self._entries[digest] = reference
-        if len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+        with self._lock:
+            self._entries[digest] = reference
+            if len(self._entries) > self.size:
+                self._entries.popitem(last=False)
         return reference

@@ -46,7 +46,8 @@ class CloneResult:
     """Wall time to this request's first audio chunk (streaming only)."""
     frames: int
     stops: list[str]
-    """Per piece of text: 'eos' (the model ended it) or 'max_seconds' (cut at the length limit)."""
+    """Per piece of text: 'eos' (the model ended it), 'max_seconds' (cut at the length limit) or 'budget' (not
+    spoken: the request's `max_total_seconds` was spent)."""
     pieces: list[str]
     seed: int
     repaired_codes: int = 0

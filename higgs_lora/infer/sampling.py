@@ -44,6 +44,9 @@ class SamplingParams:
     """Seed of this request's random draws; None draws one (reported back so the result can be reproduced)."""
     max_seconds: float = 30.0
     """Longest audio generated for one piece of text, in seconds (25 frames each); the stream is cut there."""
+    max_total_seconds: float | None = None
+    """Audio budget of the whole request across the pieces of a long text, in seconds; each piece gets at most what
+    is left, and pieces after the budget is spent are not spoken (stop 'budget'). None: no budget."""
     ras_window: int = 7
     """Repetition-aware sampling: how many recent frames of a codebook to look back at; 0 disables RAS."""
     ras_max_repeats: int = 2
@@ -69,6 +72,8 @@ class SamplingParams:
             found.append(f"top_p={self.top_p} must be within (0, 1]")
         if not 0 < self.max_seconds <= 600:
             found.append(f"max_seconds={self.max_seconds} must be within (0, 600]")
+        if self.max_total_seconds is not None and not 0 < self.max_total_seconds <= 3600:
+            found.append(f"max_total_seconds={self.max_total_seconds} must be within (0, 3600]")
         if self.ras_window < 0 or self.ras_max_repeats < 1:
             found.append("ras_window must be >= 0 and ras_max_repeats >= 1")
         if self.context_pieces < 0 or self.context_positions < 0:

@@ -103,10 +103,12 @@ def test_rest_clone_returns_a_24khz_wav(server):
 
 
 def test_health_adapters_and_openapi(server):
-    health = httpx.get(f"{server}/health").json()
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}  # with a token: a bare liveness answer
+    health = httpx.get(f"{server}/health", headers=AUTH).json()
     assert health["status"] == "ok" and health["sample_rate"] == 24000
     assert httpx.get(f"{server}/v1/adapters", headers=AUTH).json() == {"adapters": [], "default": None}
-    paths = httpx.get(f"{server}/openapi.json").json()["paths"]
+    assert httpx.get(f"{server}/openapi.json").status_code == 401
+    paths = httpx.get(f"{server}/openapi.json", headers=AUTH).json()["paths"]
     assert {"/v1/clone", "/health", "/v1/adapters"} <= set(paths)
 
 
