@@ -47,6 +47,7 @@ log = get_logger("serve")
 
 TOKEN_ENV = "HIGGS_LORA_TOKEN"
 PAGE = Path(__file__).with_name("static") / "index.html"
+PUBLIC_PATHS = ("/health", "/")
 PREPARE_THREADS = 2
 """Threads that decode and encode reference audio, off the event loop (the model has its own worker thread)."""
 
@@ -121,7 +122,9 @@ def create_app(cloner: VoiceCloner, settings: ServeSettings | None = None):
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        if request.url.path != "/health" and not authorised(request.headers.get("authorization")):
+        # Public with a token set: the bare liveness answer and the static page (it holds no data; its API calls
+        # carry the token the user types into it).
+        if request.url.path not in PUBLIC_PATHS and not authorised(request.headers.get("authorization")):
             return JSONResponse(
                 {"detail": "missing or wrong bearer token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
             )
