@@ -406,6 +406,15 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def check_model_layout(cfg: RunConfig) -> None:
+    """The model directory's layout before any work (CheckpointError with the convert command for an original one):
+    the codec is found beside the model unless model.codec_path names it, and training needs the model next."""
+    from higgs_lora.model.loading import check_model_dir
+
+    if not cfg.model.codec_path or (Path(cfg.model.path).expanduser() / "config.json").is_file():
+        check_model_dir(cfg.model.path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="higgs-lora prepare", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)
@@ -426,6 +435,7 @@ def _prepare(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)
     if not cfg.data.corpus:
         raise ConfigError(["data.corpus is not set: point it at your corpus (see docs/data.md)"])
+    check_model_layout(cfg)
     started = time.perf_counter()
     # What was done and the report are the command's result: printed even with --quiet (which hides the bar).
     if not args.join:

@@ -16,7 +16,7 @@ from higgs_lora.config import ConfigError, LoraConfig, ModelConfig, RunConfig
 from higgs_lora.constants import RUN_CONFIG
 from higgs_lora.deploy.shards import sha256_file
 from higgs_lora.errors import UserError
-from higgs_lora.model.loading import check_codec, check_loadable, inspect_checkpoint, resolve_codec_path
+from higgs_lora.model.loading import check_codec, check_model_dir, resolve_codec_path
 from higgs_lora.run_folder import ADAPTER, latest_checkpoint, read_adapter_config
 
 MERGE_MARKER = "higgs_lora_merge.json"
@@ -183,8 +183,7 @@ def plan_merge(
             "beside it)."
         )
     base_dir = Path(base).expanduser().resolve() if base else Path(cfg.model.path).expanduser().resolve()
-    info = inspect_checkpoint(base_dir)
-    check_loadable(info)
+    info = check_model_dir(base_dir)
     if codec:
         codec_dir = Path(codec).expanduser().resolve()
     else:
