@@ -183,7 +183,7 @@ def plan_merge(
             "beside it)."
         )
     base_dir = Path(base).expanduser().resolve() if base else Path(cfg.model.path).expanduser().resolve()
-    info = check_model_dir(base_dir)
+    check_model_dir(base_dir)
     if codec:
         codec_dir = Path(codec).expanduser().resolve()
     else:

@@ -53,11 +53,20 @@ class Trainer:
         self.ds_config = ds_config
         self.device = device_for(topology)
         self.steps_per_epoch = len(data.sampler.plan(0).steps)
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"the corpus gives fewer micro-batches than one optimizer step needs ({plan.world_size} ranks x "
-                f"{plan.accumulation} accumulation): add data, lower train.micro_batch_tokens or use fewer ranks"
+        if self.steps_per_epoch == 0:  # planning checks this with estimated text lengths; here they are exact
+            from dataclasses import replace
+
+            from higgs_lora.data.schedule import one_step_problem
+
+            micro_batches = len(replace(data.sampler, world_size=1, accumulation=1).plan(0).steps)
+            problem = one_step_problem(
+                micro_batches,
+                plan.world_size,
+                plan.accumulation,
+                plan.micro_batch_tokens,
+                cfg.train.global_batch_tokens,
             )
+            raise DataError(problem or "the corpus gives no optimizer step: add data")
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         self.engine, self.optimizer = build_engine(model, cfg, ds_config, self.total_steps)
         self.flops = FlopCounter.from_model_config(model_config, cfg.lora.target_modules, cfg.lora.r)

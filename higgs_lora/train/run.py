@@ -46,8 +46,11 @@ def plan_run(cfg: RunConfig, ds_config_path: str, topology: Topology) -> tuple[R
     must not give ranks different micro-batches, which would hang the collectives. A plan error is raised on every
     rank.
     """
+    from higgs_lora.data.schedule import check_one_step
     from higgs_lora.distributed import broadcast_object
+    from higgs_lora.errors import UserError
     from higgs_lora.plan import (
+        PROMPT_OVERHEAD_TOKENS,
         PlanError,
         cache_sequence_stats,
         detect_hardware,
@@ -61,14 +64,23 @@ def plan_run(cfg: RunConfig, ds_config_path: str, topology: Topology) -> tuple[R
     if topology.is_main:
         try:
             ds_config = load_ds_config(ds_config_path)
-            model_config = read_model_config(cfg.model.path)
+            model_config = read_model_config(cfg.model.path)  # an unconverted checkpoint: the convert command
             hardware = detect_hardware(cfg, world_size=topology.world_size)
             plan = make_plan(cfg, ds_config, hardware, model_config, cache_sequence_stats(cfg, cache_dir_of(cfg)))
+            # A corpus too small for one optimizer step is found here, before any model is loaded.
+            check_one_step(
+                cfg,
+                cache_dir_of(cfg),
+                plan.micro_batch_tokens,
+                plan.world_size,
+                plan.accumulation,
+                PROMPT_OVERHEAD_TOKENS,
+            )
             planned = dataclasses.replace(
                 cfg, model=dataclasses.replace(cfg.model, gradient_checkpointing=plan.gradient_checkpointing)
             )
             outcome = ((planned, plan, resolve_ds_config(ds_config, planned, plan, model_config), model_config), None)
-        except PlanError as err:
+        except UserError as err:  # every rank raises it (the others would wait for a plan forever)
             outcome = (None, str(err))
     result, error = broadcast_object(outcome)
     if error is not None:
