@@ -66,7 +66,7 @@ def test_training_on_your_data_as_written(tmp_path, tiny_checkpoint):
     report = json.loads((work / "runs" / "arabic_lora" / "cache" / "report.json").read_text())
     assert (report["items_in"], report["kept"], report["rejected_total"]) == (40, 40, 0)
     cache = json.loads((work / "runs" / "arabic_lora" / "cache" / "plan.json").read_text())
-    assert Path(cache["settings"]["codec"]) == tiny_checkpoint.codec_dir.resolve()  # derived from the model, not configured
+    assert Path(cache["settings"]["codec"]) == tiny_checkpoint.codec_dir.resolve()  # derived from the model
 
     train = run(commands[1])
     output = train.stdout + train.stderr
