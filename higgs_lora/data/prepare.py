@@ -39,10 +39,11 @@ from higgs_lora.data.audio import AudioError, Conditioned, audio_seconds, condit
 from higgs_lora.data.cache import CacheError, cache_dir_of, cache_features, cache_settings, shard_dirs, shard_name
 from higgs_lora.data.sources import CorpusFormatError, Utterance, read_corpus
 from higgs_lora.files import atomic_write_json, atomic_write_text
-from higgs_lora.logs import is_quiet
+from higgs_lora.logs import get_logger, progress_bars_wanted
 from higgs_lora.text.arabic import has_arabic_letters, normalize_arabic
 
 EXAMPLES_PER_REASON = 5
+log = get_logger("prepare")
 
 
 @dataclass
@@ -326,12 +327,19 @@ def run_prepare(cfg: RunConfig, array_size: int = 1, array_index: int = 0, quiet
     if codec.config.sample_rate != cfg.data.sample_rate:
         raise CacheError(f"the codec expects {codec.config.sample_rate} Hz but data.sample_rate={cfg.data.sample_rate}")
     total = sum(len(shards[k]) for k in todo)
-    with tqdm(
-        total=total, unit="utt", desc=f"prepare ({len(todo)} shards)", disable=quiet or is_quiet(), file=sys.stderr
-    ) as bar:
-        for k in todo:
+    # A bar on a terminal; in a log file (no terminal) one line per shard instead of `\r`-spliced redraws.
+    bar_off = quiet or not progress_bars_wanted()
+    started, done = time.perf_counter(), 0
+    with tqdm(total=total, unit="utt", desc=f"prepare ({len(todo)} shards)", disable=bar_off, file=sys.stderr) as bar:
+        for number, k in enumerate(todo, start=1):
             outcomes = process_shard(shards[k], cfg, codec, device, progress=bar)
             write_shard(cache_dir, names[k], outcomes)
+            done += len(shards[k])
+            if bar_off and not quiet:
+                log.info(
+                    f"shard {number}/{len(todo)} written: {done}/{total} utterances "
+                    f"({time.perf_counter() - started:.0f} s)"
+                )
     return {"done": len(todo), "skipped": skipped}
 
 
@@ -445,8 +453,14 @@ def _prepare(args: argparse.Namespace) -> None:
             f"({time.perf_counter() - started:.1f} s)"
         )
     if args.join or args.num_shards == 1:
-        print(format_report(join(cfg)))
+        report = join(cfg)
+        print(format_report(report))
         print(f"[prepare] report: {cache_dir_of(cfg) / 'report.json'}")
+        if not report["kept"]:
+            raise CacheError(
+                f"no utterance of data.corpus={cfg.data.corpus} was kept ({report['rejected_total']} rejected: the "
+                "reasons are above and in report.json); fix the corpus, or the data.* / audio.* limits that reject it"
+            )
 
 
 if __name__ == "__main__":
