@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -81,7 +82,22 @@ def main() -> int:
     from higgs_lora.infer.cloner import VoiceCloner
     from higgs_lora.infer.sampling import SamplingParams
 
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        # Before building anything: the full-size model takes minutes and ~20 GB of host memory to build.
+        print(
+            f"error: --device {args.device} but torch.cuda.is_available() is False; pass --device cpu", file=sys.stderr
+        )
+        return 2
+    own_workdir = args.workdir is None
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="infer_speed_"))
+    try:
+        return measure(args, workdir, build_prompt, VoiceCloner, SamplingParams)
+    finally:
+        if own_workdir:  # the full-size random checkpoint is ~12 GB
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def measure(args, workdir: Path, build_prompt, VoiceCloner, SamplingParams) -> int:  # noqa: N803 (classes passed in)
     model_dir = build_model(args.size, workdir)
     cloner = VoiceCloner.load(model_dir, device=args.device)
     reference = Path(__file__).resolve().parents[1] / "examples/demo_corpus/spk_f1/spk_f1_01.flac"

@@ -30,6 +30,7 @@ import argparse
 import datetime
 import json
 import platform
+import shutil
 import sys
 from pathlib import Path
 
@@ -332,7 +333,11 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    result = saved_tensor_method(args) if args.method == "saved-tensors" else gpu_method(args)
+    try:
+        result = saved_tensor_method(args) if args.method == "saved-tensors" else gpu_method(args)
+    finally:  # the NF4 sweep's saved random checkpoint (full size: ~12 GB in the temporary directory)
+        if "path" in _SAVED_RANDOM:
+            shutil.rmtree(_SAVED_RANDOM.pop("path"), ignore_errors=True)
     result["meta"] = {
         "method": args.method,
         "date": started,

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from higgs_lora import startup
 from higgs_lora.config import RunConfig, add_config_arguments, config_from_args, save_config
+from higgs_lora.errors import PARTLY_FAILED
 from higgs_lora.logs import get_logger
 
 log = get_logger("demo")
@@ -200,7 +201,7 @@ def clone_demo_voices(cfg: RunConfig, out: Path) -> Path | None:
         "--quiet",
     ]
     log.info(f"clone: python -m higgs_lora.infer {' '.join(command)}")
-    if infer.main(command) != 0:
+    if infer.main(command) not in (0, PARTLY_FAILED):  # 3: some samples failed (errors.jsonl), the rest written
         log.error("FAILED: cloning wrote no audio")
         return None
     first = json.loads((clone_dir / "manifest.jsonl").read_text(encoding="utf-8").splitlines()[0])

@@ -4,6 +4,10 @@ Each stage raises its own subclass (`ConfigError`, `PlanError`, `CacheError`, ..
 found; this module holds the base and the errors that several stages raise. Imports nothing.
 """
 
+PARTLY_FAILED = 3
+"""Exit code of a batch command (infer, its --join) that finished but could not do every item: the output is
+written, and errors.jsonl says which items failed and why. 0 means every item was done, 1 none."""
+
 
 class UserError(Exception):
     """A problem with what the user gave (config, paths, data, checkpoints), with what to do about it.

@@ -43,12 +43,23 @@ def writable_dir_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
+def umask_mode(directory: bool = False) -> int:
+    """The mode `open()` / `mkdir()` would give a new file (0666) or directory (0777) under the current umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` atomically, creating parent directories; returns the path."""
+    """Write `data` to `path` atomically, creating parent directories; returns the path.
+
+    The file gets the mode of any newly created file (0666 less the umask: 0644 with the usual 022), not mkstemp's
+    private 0600: a teammate on a shared cluster can read the adapter, configs and reports as they read the rest."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, umask_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -139,8 +150,9 @@ def stale_staging(target: str | os.PathLike, started: float) -> tuple[list[Path]
 def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
     """A fresh directory beside `target` to write into, published as `target` when the block succeeds.
 
-    On success every file is made world-readable (temporary files are created private) and the directory replaces
-    `target` (`replace_directory`); if the block raises, the staging directory is removed and `target` is untouched.
+    On success every file and directory gets the umask's mode (temporary ones are created private) and the directory
+    replaces `target` (`replace_directory`); if the block raises, the staging directory is removed and `target` is
+    untouched.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -148,7 +160,7 @@ def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
     try:
         yield staging
         for path in [staging, *staging.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() else 0o644)
+            path.chmod(umask_mode(directory=path.is_dir()))
         replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

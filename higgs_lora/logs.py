@@ -9,7 +9,10 @@ of the package.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
+import warnings
 
 ROOT = "higgs_lora"
 QUIET, NORMAL, VERBOSE = -1, 0, 1
@@ -73,3 +76,63 @@ def current_level() -> int | None:
 def is_quiet() -> bool:
     """True when INFO lines are not printed (`--quiet`): progress bars follow the same switch."""
     return not logging.getLogger(ROOT).isEnabledFor(logging.INFO)
+
+
+# ------------------------------------------------------------------------------------- other libraries' noise
+
+LIBRARY_NOISE = {
+    # logger name (where the record is made) -> messages of it that say nothing the user can act on
+    "bitsandbytes.backends.cpu.ops": (r"pip install kernels",),
+    "DeepSpeed": (
+        r"^Setting accelerator to CPU",  # every process on a CPU machine, before anything else
+        r"untested optimizer",  # our AdamW over LoRA parameters is the one DeepSpeed wraps; nothing to do
+        r"^Unable to find hostfile",  # one host: the launcher's default
+    ),
+    "torch.utils.cpp_extension": (r"No CUDA runtime is found",),  # CPU machines, when DeepSpeed builds its CPU ops
+}
+"""Warnings of libraries (as `logging` records) that `quiet_libraries` drops: listed one by one, so anything new
+still shows."""
+
+LIBRARY_WARNINGS = (
+    # (category, module regex, message regex) for `warnings.filterwarnings`
+    (FutureWarning, r"transformers(\.|$)", r".*is deprecated"),  # transformers' own renames (v6), not our calls'
+)
+
+
+class _DropNoise(logging.Filter):
+    def __init__(self, patterns: tuple[str, ...]):
+        super().__init__()
+        self._patterns = [re.compile(p) for p in patterns]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(p.search(message) for p in self._patterns)
+
+
+def progress_bars_wanted() -> bool:
+    """Progress bars only on a terminal: in a log file or a pipe a `\r`-redrawn bar is one long spliced line."""
+    return sys.stderr.isatty() and not is_quiet()
+
+
+def quiet_libraries() -> None:
+    """Drop `LIBRARY_NOISE` and `LIBRARY_WARNINGS`, and the libraries' progress bars (transformers' "Loading weights",
+    datasets' "Saving the dataset") where stderr is not a terminal. Called by every entry point (startup.start),
+    before the libraries are imported; what it sets in the environment reaches the processes they start."""
+    for name, patterns in LIBRARY_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise(patterns))
+    for category, module, message in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    if not progress_bars_wanted():
+        # Read when huggingface_hub / transformers / datasets are imported: bars off in their tqdm wrappers.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        # Already imported (a command run inside another, a test): switch their bars off directly.
+        for module, switch in (
+            ("transformers.utils.logging", "disable_progress_bar"),
+            ("datasets.utils.tqdm", "disable_progress_bars"),
+            ("huggingface_hub.utils", "disable_progress_bars"),
+        ):
+            if module in sys.modules:
+                getattr(sys.modules[module], switch)()

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable
 
 from higgs_lora.errors import UserError
-from higgs_lora.logs import NORMAL, ROOT, current_level, setup_logging
+from higgs_lora.logs import NORMAL, ROOT, current_level, quiet_libraries, setup_logging
 
 OFFLINE_SWITCHES = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 """Weights, codecs and corpora are local paths: no entry point ever reaches a model hub (a user may still set
@@ -47,6 +47,7 @@ def start(args: argparse.Namespace | None = None) -> None:
     """Offline switches and logging, before any heavy import."""
     go_offline()
     setup_logging(verbosity_of(args) if args is not None else NORMAL)
+    quiet_libraries()
 
 
 def report_user_error(err: UserError) -> int:

@@ -39,7 +39,7 @@ from higgs_lora.data.audio import AudioError, Conditioned, audio_seconds, condit
 from higgs_lora.data.cache import CacheError, cache_dir_of, cache_features, cache_settings, shard_dirs, shard_name
 from higgs_lora.data.sources import CorpusFormatError, Utterance, printable, read_corpus, unicode_problem
 from higgs_lora.files import atomic_write_json, atomic_write_text, writable_dir_problem
-from higgs_lora.logs import get_logger, is_quiet
+from higgs_lora.logs import get_logger, progress_bars_wanted
 from higgs_lora.text.arabic import has_arabic_letters, normalize_arabic
 
 EXAMPLES_PER_REASON = 5
@@ -385,12 +385,19 @@ def run_prepare(cfg: RunConfig, array_size: int = 1, array_index: int = 0, quiet
     if codec.config.sample_rate != cfg.data.sample_rate:
         raise CacheError(f"the codec expects {codec.config.sample_rate} Hz but data.sample_rate={cfg.data.sample_rate}")
     total = sum(len(shards[k]) for k in todo)
-    with tqdm(
-        total=total, unit="utt", desc=f"prepare ({len(todo)} shards)", disable=quiet or is_quiet(), file=sys.stderr
-    ) as bar:
-        for k in todo:
+    # A bar on a terminal; in a log file (no terminal) one line per shard instead of `\r`-spliced redraws.
+    bar_off = quiet or not progress_bars_wanted()
+    started, done = time.perf_counter(), 0
+    with tqdm(total=total, unit="utt", desc=f"prepare ({len(todo)} shards)", disable=bar_off, file=sys.stderr) as bar:
+        for number, k in enumerate(todo, start=1):
             outcomes = process_shard(shards[k], cfg, codec, device, progress=bar)
             write_shard(cache_dir, names[k], outcomes)
+            done += len(shards[k])
+            if bar_off and not quiet:
+                log.info(
+                    f"shard {number}/{len(todo)} written: {done}/{total} utterances "
+                    f"({time.perf_counter() - started:.0f} s)"
+                )
     return {"done": len(todo), "skipped": skipped}
 
 
@@ -465,6 +472,15 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def check_model_layout(cfg: RunConfig) -> None:
+    """The model directory's layout before any work (CheckpointError with the convert command for an original one):
+    the codec is found beside the model unless model.codec_path names it, and training needs the model next."""
+    from higgs_lora.model.loading import check_model_dir
+
+    if not cfg.model.codec_path or (Path(cfg.model.path).expanduser() / "config.json").is_file():
+        check_model_dir(cfg.model.path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="higgs-lora prepare", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)
@@ -485,6 +501,7 @@ def _prepare(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)
     if not cfg.data.corpus:
         raise ConfigError(["data.corpus is not set: point it at your corpus (see docs/data.md)"])
+    check_model_layout(cfg)
     problem = writable_dir_problem(cache_dir_of(cfg))
     if problem is not None:
         raise ConfigError([f"the cache directory: {problem}; set data.cache_dir (or output_dir) to one you can write"])

@@ -17,7 +17,7 @@ from higgs_lora.constants import RUN_CONFIG
 from higgs_lora.deploy.lora_weights import AdapterError
 from higgs_lora.deploy.shards import sha256_file
 from higgs_lora.errors import UserError
-from higgs_lora.model.loading import check_codec, check_loadable, inspect_checkpoint, resolve_codec_path
+from higgs_lora.model.loading import check_codec, check_model_dir, resolve_codec_path
 from higgs_lora.run_folder import ADAPTER, latest_checkpoint, read_adapter_config
 
 MERGE_MARKER = "higgs_lora_merge.json"
@@ -242,8 +242,7 @@ def plan_merge(
                 f"there: {base_dir}. If it moved, pass --base NEW_BASE_DIR (the codec is then looked for beside it; "
                 "add --codec CODEC_DIR if it is elsewhere)"
             )
-    info = inspect_checkpoint(base_dir)
-    check_loadable(info)
+    check_model_dir(base_dir)
     codec_dir = Path(codec).expanduser().resolve() if codec else find_codec(base_dir, cfg, base_given=bool(base))
     if not (codec_dir / "config.json").is_file():
         raise MergeError(f"codec {codec_dir} has no config.json; pass --codec with the audio tokenizer directory")

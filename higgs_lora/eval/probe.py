@@ -228,8 +228,11 @@ class GenerationProbe:
                 )
             if "dnsmos_ovrl" in scores:
                 parts.append(f"DNSMOS OVRL {scores['dnsmos_ovrl']:.2f}")
-            if scores["num_failed"]:
-                parts.append(f"{int(scores['num_failed'])} too short or silent to score")
+            silent = int(scores.get("num_silent", 0))
+            if silent:
+                parts.append(f"{silent} near-silent (clip or reference): no similarity, not a clone")
+            if scores["num_failed"] - silent:
+                parts.append(f"{int(scores['num_failed'] - silent)} too short or silent to score")
         metrics["score_seconds"] = time.perf_counter() - started
         parts.append(f"decoded, written and scored in {metrics['score_seconds']:.1f} s")
         log.info(" | ".join(parts) + f" | {self.root / STEP_NAME.format(step)}")

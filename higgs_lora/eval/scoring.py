@@ -363,6 +363,11 @@ def default_embedder(device: str = "cpu") -> SpeakerEmbedder:
     return SpeakerEmbedder(device)
 
 
+MIN_SPEECH_SECONDS = 0.3
+"""A generated clip or reference with less non-silent audio than this (quality.speech_seconds) is not scored for
+similarity during training: it is flagged as silent instead."""
+
+
 def score_generated(
     pairs: Iterable[GeneratedPair | tuple],
     *,
@@ -375,15 +380,27 @@ def score_generated(
     ``pairs`` are :class:`GeneratedPair` or ``(reference, reference_rate, generated, generated_rate)`` tuples.
     Returns the means ``similarity`` (generated vs reference), ``dnsmos_sig``, ``dnsmos_bak``, ``dnsmos_ovrl``
     over the pairs that could be scored, plus ``num_scored`` and ``num_failed`` (clips too short or silent to
-    score). A mean no pair could produce is left out rather than logged as NaN. Cheap: DNSMOS scores only the first
+    score; ``num_silent`` of them had less than MIN_SPEECH_SECONDS above the silence threshold, in the clip or its
+    reference, and get no similarity: near silence against near silence would otherwise score ~1.0).
+    A mean no pair could produce is left out rather than logged as NaN. Cheap: DNSMOS scores only the first
     ``dnsmos_seconds`` (one 9.01 s window; ``dnsmos=False`` skips it, most of the cost), and the embedder is loaded
     once per process and remembers the references it has embedded.
     """
     embedder = embedder or default_embedder()
-    similarities, scores, failed = [], [], 0
+    similarities, scores, failed, silent = [], [], 0, 0
     for pair in pairs:
         if not isinstance(pair, GeneratedPair):
             pair = GeneratedPair(*pair)
+        if (
+            min(
+                quality.speech_seconds(pair.generated, pair.generated_rate),
+                quality.speech_seconds(pair.reference, pair.reference_rate),
+            )
+            < MIN_SPEECH_SECONDS
+        ):
+            # Near silence embeds as one same "voice": silence against silence would score ~1.0, a perfect clone.
+            silent += 1
+            continue
         try:
             generated = embedder.embed(pair.generated, pair.generated_rate)
             similarity = cosine(generated, embedder.embed(pair.reference, pair.reference_rate))
@@ -394,7 +411,11 @@ def score_generated(
         similarities.append(similarity)
         if score is not None:
             scores.append(score)
-    out: dict[str, float] = {"num_scored": float(len(similarities)), "num_failed": float(failed)}
+    out: dict[str, float] = {
+        "num_scored": float(len(similarities)),
+        "num_failed": float(failed + silent),
+        "num_silent": float(silent),
+    }
     if similarities:
         out["similarity"] = float(np.mean(similarities))
     if scores:

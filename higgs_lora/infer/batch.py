@@ -9,7 +9,9 @@ Input (paths inside are relative to the input file):
 Output in `--out`: `NNN.wav` (24 kHz mono PCM16) per sample, `manifest.jsonl` (one line per generated sample: texts,
 paths, duration, seconds taken, real-time factor; the contract `higgs_lora.eval.cli` reads), `errors.jsonl` (samples
 that could not be generated, with the reason) and `run.json` (model, adapter, device, sampling settings, totals).
-A bad sample is reported and skipped; the others are generated.
+A bad sample is reported and skipped; the others are generated. Exit codes: 0 every sample generated, 3
+(`errors.PARTLY_FAILED`) some failed, 1 none was, 2 unusable input; a `--shard` task exits 0 once its shard is in
+place (the join reports the failures).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from higgs_lora import startup
 from higgs_lora.data.chatml import audio_of, message_parts, resolve_path
-from higgs_lora.errors import UserError
+from higgs_lora.errors import PARTLY_FAILED, UserError
 from higgs_lora.infer.options import add_model_arguments, add_sampling_arguments, load_cloner, sampling_from_args
 from higgs_lora.infer.sampling import SamplingParams
 from higgs_lora.logs import get_logger
@@ -257,13 +259,20 @@ def _summary(record: dict, out, seconds: float | None, problems: list[dict]) -> 
         log.warning(f"sample {problem['id']}: {problem['error']}")
 
 
+def exit_code(record: dict) -> int:
+    """0: every sample generated; errors.PARTLY_FAILED (3): some failed (errors.jsonl says which); 1: none was."""
+    if not record["samples"]:
+        return 1
+    return PARTLY_FAILED if record["failed"] else 0
+
+
 def _run(args: argparse.Namespace) -> int:
-    """Exit codes: 0 when at least one sample was generated, 1 when none was, 2 (a UserError) for unusable input."""
+    """Exit codes: `exit_code`'s, or 2 (a UserError) for unusable input."""
     params, _, samples, problems = _inputs(args)
     cloner, adapter = _load(args)
     record = run(cloner, samples, problems, Path(args.out), params, adapter, progress=not args.quiet)
     _summary(record, args.out, record["seconds"], problems)
-    return 0 if record["samples"] else 1
+    return exit_code(record)
 
 
 class _NoModel:
@@ -304,7 +313,8 @@ def _run_shard(args: argparse.Namespace) -> int:
 
 
 def _join(args: argparse.Namespace) -> int:
-    """The array's last step: every shard of --out joined into --out; exit codes as for one unsharded run."""
+    """The array's last step: every shard of --out joined into --out; exit codes as for one unsharded run (3 when
+    some samples failed: the join job then shows FAILED with exit code 3, and errors.jsonl says which)."""
     from higgs_lora.infer import shards
 
     out = Path(args.out)
@@ -317,7 +327,7 @@ def _join(args: argparse.Namespace) -> int:
         f"joined {plan['shards']} shards: {record['task_seconds']:.1f} s of task time, the slowest task "
         f"{record['slowest_task_seconds']:.1f} s"
     )
-    return 0 if record["samples"] else 1
+    return exit_code(record)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,13 +136,20 @@ class VoiceCloner:
         run config. On a GPU the defaults are bf16, a static KV cache and a compiled decode step; on the CPU fp32
         and a dynamic cache.
         """
-        from higgs_lora.model.loading import load_base_model, load_codec, load_processor, resolve_codec_path
+        from higgs_lora.model.loading import (
+            check_model_dir,
+            load_base_model,
+            load_codec,
+            load_processor,
+            resolve_codec_path,
+        )
 
         model_dir = Path(model_dir).expanduser()
         adapters = dict(adapters or {})
         if (model_dir / "adapter_config.json").is_file():
             adapters = {model_dir.name if model_dir.name != "adapter" else "adapter": str(model_dir), **adapters}
             model_dir = Path(load_config(model_dir / RUN_CONFIG).model.path)
+        check_model_dir(model_dir)  # the layout first: an original checkpoint gets the convert command, not a traceback
         run_config = _run_config_for(model_dir, adapters)
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         on_gpu = str(device).startswith("cuda")

@@ -87,12 +87,19 @@ def check_loadable(info: CheckpointInfo) -> None:
         )
 
 
+def check_model_dir(path: str | Path) -> CheckpointInfo:
+    """What every entry point that takes a model directory calls first: the directory's layout, or CheckpointError
+    (exit 2) saying what to do, the convert command for Boson's original layout included. Reads config.json only."""
+    info = inspect_checkpoint(path)
+    check_loadable(info)
+    return info
+
+
 def load_base_model(cfg: ModelConfig, device: str | torch.device | None = None):
     """Load the frozen base HiggsAudioV2ForConditionalGeneration as `cfg` says (bf16/fp16/fp32 or NF4 4-bit)."""
     from transformers import HiggsAudioV2ForConditionalGeneration
 
-    info = inspect_checkpoint(cfg.path)
-    check_loadable(info)
+    info = check_model_dir(cfg.path)
     dtype = torch_dtype(cfg.dtype)
     kwargs: dict = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
     if cfg.use_text_head:

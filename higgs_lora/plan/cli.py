@@ -70,6 +70,14 @@ def run(args: argparse.Namespace) -> int:
 
     seq = cache_sequence_stats(cfg, cache_dir_of(cfg)) if cfg.data.corpus else sequence_stats(cfg)
     plan = make_plan(cfg, ds_config, detect_hardware(cfg), model_config, seq)
+    if cfg.data.corpus and str(args.model or cfg.model.path) != "released":
+        from higgs_lora.data.schedule import check_one_step
+        from higgs_lora.plan.inputs import PROMPT_OVERHEAD_TOKENS
+
+        # With a prepared cache: does it give one optimizer step at this plan? (exit 2 with the knob if not)
+        check_one_step(
+            cfg, cache_dir_of(cfg), plan.micro_batch_tokens, plan.world_size, plan.accumulation, PROMPT_OVERHEAD_TOKENS
+        )
     planned = replace(cfg, model=replace(cfg.model, gradient_checkpointing=plan.gradient_checkpointing))
     resolved = resolve_ds_config(ds_config, planned, plan, model_config)
     print(plan.describe())

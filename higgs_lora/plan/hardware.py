@@ -67,8 +67,19 @@ def detect_hardware(
         cuda = _cuda_info()
     count, memory, name = cuda
     sources = []
-    per_node = cfg.plan.gpus_per_node or _int(env.get("LOCAL_WORLD_SIZE")) or _slurm_tasks_per_node(env) or count or 1
-    nodes = cfg.plan.nodes or _int(env.get("SLURM_NNODES")) or _int(env.get("NNODES")) or 1
+    # Ranks per node: torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE, SLURM's; nodes: SLURM's,
+    # the deepspeed launcher's CROSS_SIZE. Without them a CPU run (no GPU to count) would read 2 ranks as 2 nodes.
+    per_node = (
+        cfg.plan.gpus_per_node
+        or _int(env.get("LOCAL_WORLD_SIZE"))
+        or _int(env.get("LOCAL_SIZE"))
+        or _slurm_tasks_per_node(env)
+        or count
+        or 1
+    )
+    nodes = (
+        cfg.plan.nodes or _int(env.get("SLURM_NNODES")) or _int(env.get("NNODES")) or _int(env.get("CROSS_SIZE")) or 1
+    )
     if world_size is not None and world_size != per_node * nodes:
         # The process group is the truth in a running job; derive nodes from it.
         nodes = max(1, world_size // per_node) if world_size % per_node == 0 else 1

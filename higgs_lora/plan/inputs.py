@@ -7,7 +7,6 @@ See docs/planning.md.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,4 +179,7 @@ def read_model_config(model_path: str | Path) -> dict:
             f"{path} not found: model.path must be a local checkpoint directory "
             "(or plan with --model released for the released model's sizes)"
         )
-    return json.loads(path.read_text(encoding="utf-8"))
+    from higgs_lora.model.loading import check_model_dir  # reads config.json only: no torch
+
+    # An original-layout (unconverted) checkpoint has other config keys: say how to convert it, not KeyError.
+    return dict(check_model_dir(model_path).config)

@@ -33,6 +33,15 @@ log = get_logger("train")
 eval_log = get_logger("eval")
 
 
+def schedule_line(cfg: RunConfig, total_steps: int, steps_per_epoch: int) -> str:
+    """How long the run is, in steps and in epochs over this corpus (train.epochs counts only when max_steps is 0)."""
+    source = f"train.max_steps={cfg.train.max_steps}" if cfg.train.max_steps else f"train.epochs={cfg.train.epochs}"
+    return (
+        f"schedule: {total_steps} optimizer steps ({source}) = {total_steps / steps_per_epoch:.1f} epochs of "
+        f"{steps_per_epoch} steps; warmup {cfg.train.warmup_steps} steps"
+    )
+
+
 class NonFiniteLossError(RuntimeError):
     """Too many optimizer steps in a row had a NaN/inf loss."""
 
@@ -57,12 +66,29 @@ class Trainer:
         self.ds_config = ds_config
         self.device = device_for(topology)
         self.steps_per_epoch = len(data.sampler.plan(0).steps)
+        # Planning checks this with estimated text lengths; here they are exact (no check when only evaluating).
         if self.steps_per_epoch == 0 and engine is None:
-            raise ValueError(
-                f"the corpus gives fewer micro-batches than one optimizer step needs ({plan.world_size} ranks x "
-                f"{plan.accumulation} accumulation): add data, lower train.micro_batch_tokens or use fewer ranks"
+            from dataclasses import replace
+
+            from higgs_lora.data.schedule import one_step_problem
+
+            micro_batches = len(replace(data.sampler, world_size=1, accumulation=1).plan(0).steps)
+            problem = one_step_problem(
+                micro_batches,
+                plan.world_size,
+                plan.accumulation,
+                plan.micro_batch_tokens,
+                cfg.train.global_batch_tokens,
             )
+            raise DataError(problem or "the corpus gives no optimizer step: add data")
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        if topology.is_main:
+            log.info(schedule_line(cfg, self.total_steps, self.steps_per_epoch))
+            if cfg.train.warmup_steps > self.total_steps:
+                log.warning(
+                    f"train.warmup_steps={cfg.train.warmup_steps} is more than the {self.total_steps} steps of the "
+                    "run: the learning rate never reaches train.lr; lower train.warmup_steps"
+                )
         self.engine, self.optimizer = (
             (engine, None) if engine else build_engine(model, cfg, ds_config, self.total_steps)
         )
@@ -128,6 +154,17 @@ class Trainer:
         self.step = state["step"]
         self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
         saved = SamplerState.from_dict(state["sampler"])
+        saved_total = state.get("total_steps")
+        if saved_total is not None and saved_total != self.total_steps:
+            from higgs_lora.train.optim import warmup_cosine
+
+            schedule = (warmup_cosine(self.cfg.train.warmup_steps, t) for t in (saved_total, self.total_steps))
+            before, after = (self.cfg.train.lr * f(self.step) for f in schedule)
+            self.say(
+                f"warning: the checkpoint's run was {saved_total} steps, this one is {self.total_steps} "
+                f"(train.max_steps changed): the learning-rate schedule is recomputed for {self.total_steps} steps, "
+                f"so at step {self.step} the rate goes from {before:.2e} to {after:.2e}"
+            )
         if (saved.accumulation, saved.micro_batch_tokens) != (self.state.accumulation, self.state.micro_batch_tokens):
             # On stdout with the other lines, as always (a log.warning would go to stderr).
             self.say(
@@ -165,6 +202,7 @@ class Trainer:
             "step": self.step,
             "sampler": self.state.to_dict(),
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "total_steps": self.total_steps,  # a resume with another train.max_steps warns that the schedule moves
             "time": time.time(),
         }
         path = checkpoint.save_checkpoint(

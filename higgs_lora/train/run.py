@@ -55,8 +55,11 @@ def plan_run(cfg: RunConfig, ds_config_path: str, topology: Topology) -> tuple[R
     must not give ranks different micro-batches, which would hang the collectives. A plan error is raised on every
     rank.
     """
+    from higgs_lora.data.schedule import check_one_step
     from higgs_lora.distributed import broadcast_object
+    from higgs_lora.errors import UserError
     from higgs_lora.plan import (
+        PROMPT_OVERHEAD_TOKENS,
         PlanError,
         cache_sequence_stats,
         detect_hardware,
@@ -70,14 +73,23 @@ def plan_run(cfg: RunConfig, ds_config_path: str, topology: Topology) -> tuple[R
     if topology.is_main:
         try:
             ds_config = load_ds_config(ds_config_path)
-            model_config = read_model_config(cfg.model.path)
+            model_config = read_model_config(cfg.model.path)  # an unconverted checkpoint: the convert command
             hardware = detect_hardware(cfg, world_size=topology.world_size)
             plan = make_plan(cfg, ds_config, hardware, model_config, cache_sequence_stats(cfg, cache_dir_of(cfg)))
+            # A corpus too small for one optimizer step is found here, before any model is loaded.
+            check_one_step(
+                cfg,
+                cache_dir_of(cfg),
+                plan.micro_batch_tokens,
+                plan.world_size,
+                plan.accumulation,
+                PROMPT_OVERHEAD_TOKENS,
+            )
             planned = dataclasses.replace(
                 cfg, model=dataclasses.replace(cfg.model, gradient_checkpointing=plan.gradient_checkpointing)
             )
             outcome = ((planned, plan, resolve_ds_config(ds_config, planned, plan, model_config), model_config), None)
-        except PlanError as err:
+        except UserError as err:  # every rank raises it (the others would wait for a plan forever)
             outcome = (None, str(err))
     result, error = broadcast_object(outcome)
     if error is not None:
@@ -89,13 +101,27 @@ def write_run_files(cfg: RunConfig, plan: Plan, ds_config: dict) -> None:
     """Rank 0: log the resolved config and the plan, and write them (config.yaml, ds_config.json, plan.json)."""
     from higgs_lora.files import atomic_write_json
 
-    log.info(f"resolved config:\n{cfg.to_yaml()}")
-    log.info(f"plan:\n{plan.describe()}")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
+    # The whole resolved config is in the run folder (python -m higgs_lora.config prints one); the log says what
+    # matters at a glance.
+    log.info(f"config: {out / 'config.yaml'} (resolved); {config_summary(cfg)}")
+    log.info(f"plan:\n{plan.describe()}")
     atomic_write_json(out / "ds_config.json", ds_config)
     atomic_write_json(out / "plan.json", plan.to_dict())
+
+
+def config_summary(cfg: RunConfig) -> str:
+    """One line of what the run is: model, adapter, data, optimisation (the schedule in epochs comes once the data is
+    read)."""
+    m, lora, t = cfg.model, cfg.lora, cfg.train
+    quant = f", {m.quantization}" if m.quantization != "none" else ""
+    length = f"max_steps {t.max_steps}" if t.max_steps else f"epochs {t.epochs}"
+    return (
+        f"model {m.path} ({m.dtype}{quant}); LoRA r={lora.r} alpha={lora.alpha} on {','.join(lora.target_modules)}; "
+        f"corpus {cfg.data.corpus}; lr {t.lr:g}, warmup {t.warmup_steps}, {length}"
+    )
 
 
 def build_trainer(cfg: RunConfig, plan: Plan, ds_config: dict, model_config: dict, topology: Topology) -> Trainer:
@@ -108,6 +134,8 @@ def build_trainer(cfg: RunConfig, plan: Plan, ds_config: dict, model_config: dic
     from higgs_lora.model.lora import apply_lora
 
     device = device_for(topology)
+    if topology.is_main:
+        log.info("loading the processor, the codec-token cache and the base model")
     processor = load_processor(cfg.model)
     data = build_data(cfg, processor, plan, cache_dir_of(cfg))
     torch.manual_seed(cfg.seed)  # the same LoRA initialisation on every rank
@@ -116,6 +144,11 @@ def build_trainer(cfg: RunConfig, plan: Plan, ds_config: dict, model_config: dic
     on_gpu = device.type == "cuda" and plan.offload != "optimizer+params"
     model = apply_lora(load_base_model(cfg.model, device if on_gpu else None), cfg.lora, cfg.model)
     torch.manual_seed(cfg.seed + topology.rank)  # ranks draw different dropout masks
+    if topology.is_main:  # the next half minute or more is DeepSpeed's: process group, ops, optimizer, buckets
+        log.info(
+            f"starting the DeepSpeed engine (ZeRO-{plan.zero_stage} over {plan.world_size} ranks): optimizer and "
+            "gradient buckets; this can take a minute"
+        )
     trainer = Trainer(cfg, plan, ds_config, topology, model, data, model_config)
     trainer.say(describe(data))
     return trainer

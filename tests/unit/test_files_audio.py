@@ -58,3 +58,26 @@ def test_load_audio_reports_corrupt_files(tmp_path):
     bad.write_bytes(b"RIFF not really a wav file")
     with pytest.raises(AudioError, match="bad.wav: cannot read audio"):
         load_audio(bad)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_written_files_get_the_umask_mode_not_0600(tmp_path, umask):
+    import os
+
+    from higgs_lora.files import atomic_write_bytes, staged_directory
+
+    previous = os.umask(umask)
+    try:
+        written = atomic_write_bytes(tmp_path / "adapter_model.safetensors", b"x")
+        atomic_write_json(tmp_path / "run.json", {"a": 1})
+        with staged_directory(tmp_path / "merged") as staging:
+            (staging / "sub").mkdir()
+            atomic_write_text(staging / "sub" / "config.json", "{}")
+    finally:
+        os.umask(previous)
+    expected_file, expected_dir = 0o666 & ~umask, 0o777 & ~umask
+    assert (written.stat().st_mode & 0o777) == expected_file
+    assert ((tmp_path / "run.json").stat().st_mode & 0o777) == expected_file
+    assert ((tmp_path / "merged" / "sub" / "config.json").stat().st_mode & 0o777) == expected_file
+    assert ((tmp_path / "merged").stat().st_mode & 0o777) == expected_dir
+    assert ((tmp_path / "merged" / "sub").stat().st_mode & 0o777) == expected_dir

@@ -423,3 +423,20 @@ def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(tiny_checkpoint, 
     killed_rows, clean_rows = cache_rows(tmp_path / "killed"), cache_rows(tmp_path / "clean")
     assert len(killed_rows) == 40 and len({r["source_id"] for r in killed_rows}) == 40
     assert killed_rows == clean_rows
+
+
+def test_a_corpus_with_nothing_kept_exits_2_after_its_report(tiny_checkpoint, tmp_path, capsys):
+    from higgs_lora.data.prepare import main
+
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text('{"audio": "missing.flac", "text": "مرحبا", "speaker": "a"}\n{broken\n', encoding="utf-8")
+    overrides = demo_cfg_overrides(tiny_checkpoint, tmp_path / "cache")[:2] + [
+        f"data.corpus={manifest}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "prepare.device=cpu",
+    ]
+    assert main(["--quiet", *overrides]) == 2
+    captured = capsys.readouterr()
+    assert "2 in, 0 kept" in captured.out  # the report is printed first: it says why
+    assert captured.err.startswith("error: no utterance of data.corpus=") and "Traceback" not in captured.err
+    assert json.loads((tmp_path / "cache" / "report.json").read_text())["kept"] == 0

@@ -170,3 +170,15 @@ def test_eval_batches_hold_every_evaluation_target():
 def test_sample_length_adds_both_transcripts_audio_and_delay():
     target, reference = UtteranceInfo("a", 100, 12), UtteranceInfo("a", 60, 7)
     assert sample_positions(target, reference, prompt_overhead=40) == 40 + 12 + 7 + (100 + 9) + (60 + 9)
+
+
+def test_one_step_problem_names_the_knob_that_helps():
+    from higgs_lora.data.schedule import one_step_problem
+
+    assert one_step_problem(32, 1, 32, 2048, 65536) is None
+    message = one_step_problem(5, 1, 32, 2048, 65536)
+    assert "train.global_batch_tokens=65,536" in message
+    assert "lower train.global_batch_tokens to 10,240 or less" in message  # 5 micro-batches x 2048 x 1 rank
+    assert "micro_batch_tokens" not in message
+    assert "use fewer ranks" in one_step_problem(3, 4, 1, 2048, 0)
+    assert "lower train.global_batch_tokens to 8,192" in one_step_problem(9, 4, 8, 1024, 32768)  # 2 per rank x 4

@@ -312,6 +312,11 @@ def test_logits_report_passes_rounding_and_fails_a_wrong_merge():
     assert not logits_report(base, adapter, one_layer_short)["passed"]
     untrained = logits_report(base, base, base.to(torch.bfloat16).float())  # B = 0: nothing to merge, rounding only
     assert untrained["passed"] and untrained["adapter_effect"] == 0
+    # ... but not "passed": rounding is above an effect of 0, so the logits cannot show the merge.
+    assert good["verdict"] == "passed" and not good["inconclusive"]
+    assert untrained["verdict"] == "inconclusive" and "too little" in untrained["reason"]
+    tiny_effect = base + 1e-4 * torch.randn(base.shape, generator=generator)
+    assert logits_report(base, tiny_effect, base)["verdict"] == "inconclusive"  # an unmerged tiny adapter
     broken = logits_report(base, adapter, torch.full_like(base, float("nan")))
     assert not broken["passed"] and "NaN" in broken["reason"]
     quantised = logits_report(base, adapter, rounded, adapter_nf4=adapter + 0.1)

@@ -59,3 +59,19 @@ def test_unembeddable_audio_is_a_clear_error():
         default_embedder().embed(np.zeros(100, np.float32), 24000)
     with pytest.raises(ValueError, match="digital silence"):
         default_embedder().embed(np.zeros(24000, np.float32), 24000)
+
+
+def test_near_silent_clips_are_flagged_not_scored_as_perfect_clones():
+    import numpy as np
+
+    from higgs_lora.eval.scoring import score_generated
+
+    class NoEmbedding:
+        def embed(self, samples, sample_rate):
+            raise AssertionError("a near-silent pair must not be embedded")
+
+    rate = 24000
+    hush = 1e-5 * np.random.default_rng(0).standard_normal(2 * rate).astype(np.float32)  # -100 dBFS: silence
+    voice = 0.1 * np.sin(2 * np.pi * 220 * np.arange(2 * rate) / rate).astype(np.float32)
+    out = score_generated([(hush, rate, hush, rate), (voice, rate, hush, rate)], embedder=NoEmbedding(), dnsmos=False)
+    assert out == {"num_scored": 0.0, "num_failed": 2.0, "num_silent": 2.0}  # no "similarity": nothing scored

@@ -392,3 +392,16 @@ def test_command_errors_are_exit_2_with_the_fix(capsys):
         == 2
     )
     assert "What would fit" in capsys.readouterr().err
+
+
+def test_two_ranks_on_one_host_are_one_node():
+    """`deepspeed --num_gpus 2` on a CPU host (no GPU to count) and torchrun's variables: 1 node x 2, not 2 nodes."""
+    deepspeed_env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_SIZE": "2", "CROSS_SIZE": "1"}
+    found = detect_hardware(cfg(), env=deepspeed_env, cuda=(0, 0, ""), world_size=2)
+    assert (found.gpus_per_node, found.nodes) == (2, 1)
+    torchrun_env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    found = detect_hardware(cfg(), env=torchrun_env, cuda=(0, 0, ""), world_size=2)
+    assert (found.gpus_per_node, found.nodes) == (2, 1)
+    two_hosts = {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_SIZE": "2", "CROSS_SIZE": "2"}
+    found = detect_hardware(cfg(), env=two_hosts, cuda=(0, 0, ""), world_size=4)
+    assert (found.gpus_per_node, found.nodes) == (2, 2)

@@ -236,3 +236,15 @@ def test_step_totals_round_trip_through_one_tensor_and_give_the_logged_losses():
     both = StepTotals.from_tensor(tensor + other.to_tensor(), 3)
     assert both.nonfinite_ranks == 1.0 and both.audio_counts.tolist() == [6.0, 6.0, 6.0]
     assert StepTotals.zeros(2).loss() == 0.0 and StepTotals.zeros(2).text_loss() == 0.0  # nothing labelled
+
+
+def test_schedule_line_says_epochs_of_max_steps():
+    from higgs_lora.config import load_config
+    from higgs_lora.train.loop import schedule_line
+
+    demo = load_config(None, ["train.max_steps=30", "train.warmup_steps=2"])
+    assert schedule_line(demo, 30, 5) == (
+        "schedule: 30 optimizer steps (train.max_steps=30) = 6.0 epochs of 5 steps; warmup 2 steps"
+    )
+    by_epochs = load_config(None, ["train.max_steps=0", "train.epochs=3"])
+    assert schedule_line(by_epochs, 15, 5).startswith("schedule: 15 optimizer steps (train.epochs=3) = 3.0 epochs")
