@@ -60,6 +60,7 @@ def columns(decoder, prompts, params):
     return torch.stack([c.codes for c in decoder.run(prompts, params, [None] * len(prompts))])
 
 
+@pytest.mark.slow
 def test_compiled_bucketed_decode_compiles_once_per_bucket_and_equals_eager(cloner, prompts):
     greedy = [SamplingParams(temperature=0, max_seconds=s) for s in (0.6, 0.9, 0.7)]
     requests = [([prompts[0]], greedy[:1]), ([prompts[1]], greedy[1:2]), ([prompts[2]], greedy[2:])]
@@ -94,14 +95,15 @@ def test_compiled_bucketed_decode_compiles_once_per_bucket_and_equals_eager(clon
 
 def test_warm_up_compiles_every_bucket_before_the_first_request(cloner, prompts):
     counter = CompileCounterWithBackend("eager")
-    loop = DecodeLoop(cloner.model, cache="static", compile_step=True, max_batch=2, compile_backend=counter)
-    warmed = loop.warm_up(prompts[0], max_length=512)
-    assert warmed == [(1, 256), (1, 512), (2, 256), (2, 512)]
+    server = VoiceCloner(cloner.model, cloner.processor, cloner.codec, cloner.run_config, [], max_batch=2)
+    assert server.warm_up(512) == []  # an eager decode has nothing to warm
+    server.decoder = DecodeLoop(cloner.model, cache="static", compile_step=True, max_batch=2, compile_backend=counter)
+    assert server.warm_up(512) == [(1, 256), (1, 512), (2, 256), (2, 512)]
     frames = counter.frame_count
     assert frames > 0
     greedy = [SamplingParams(temperature=0, max_seconds=s) for s in (0.6, 0.7)]
-    columns(loop, [prompts[1]], greedy[:1])
-    columns(loop, prompts[1:], greedy)
+    columns(server.decoder, [prompts[1]], greedy[:1])
+    columns(server.decoder, prompts[1:], greedy)
     assert counter.frame_count == frames  # served without compiling
 
 
