@@ -12,8 +12,8 @@ per trainable parameter, as ZeRO-2 on one rank keeps). The model has the release
 
 Measurement: a TorchDispatchMode sees every tensor an operator returns and follows its storage until it is freed
 (a weak reference on the storage), so it knows the bytes alive at any moment that were made during the step:
-activations, gradients, temporaries. Adam's moments are created before the measured step (a step on zero gradients); their
-bytes and the weights' are counted from the tensors themselves. Reported per kind:
+activations, gradients, temporaries. Adam's moments are created before the measured step (a step on zero
+gradients); their bytes and the weights' are counted from the tensors themselves. Reported per kind:
 - weights: frozen parameters (and buffers), counted;
 - LoRA state: LoRA weights + gradients + fp32 masters + Adam m, v, counted;
 - activations: bytes alive at the end of the forward (the loss computed), what backward will need;
@@ -132,8 +132,10 @@ def measure_step(config, processor, items, budget: int, checkpointing: bool, ste
         found = step(batch, tracker)
     seconds = time.perf_counter() - started
     lora_weights = _nbytes(params)
-    adam = sum(_nbytes(v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
-               for state in optimizer.state.values())
+    adam = sum(
+        _nbytes(v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+        for state in optimizer.state.values()
+    )
     frozen = _nbytes(p for p in model.parameters() if not p.requires_grad) + _nbytes(model.buffers())
     lora_grads = lora_weights  # bf16 gradients of the bf16 LoRA weights, alive from backward to the step
     positions = batch["input_ids"].numel()
@@ -150,7 +152,6 @@ def measure_step(config, processor, items, budget: int, checkpointing: bool, ste
         "peak": tracker.peak,
         "seconds": seconds,
     }
-    del model, optimizer, masters, params
     return result
 
 
@@ -171,12 +172,8 @@ def planner_terms(config, batch_stats: dict, layers: int, checkpointing: bool, t
     values["num_hidden_layers"] = layers
     sizes = model_sizes(values, text_head=False)
     fraction = batch_stats["labelled_audio_positions"] / batch_stats["positions"]
-    seq = SequenceStats(
-        longest=batch_stats["positions"], labelled_fraction=fraction, source="this micro-batch"
-    )
-    memory = MemoryModel(
-        sizes, trainable, 1, "bf16", "none", 0.0, seq, config.hidden_size, config.intermediate_size
-    )
+    seq = SequenceStats(longest=batch_stats["positions"], labelled_fraction=fraction, source="this micro-batch")
+    memory = MemoryModel(sizes, trainable, 1, "bf16", "none", 0.0, seq, config.hidden_size, config.intermediate_size)
     terms = {t.name: t.at(batch_stats["positions"]) for t in memory.terms(Candidate(2, "none", checkpointing))}
     activations = sum(terms[n] for n in terms if n.startswith("activations") or n == "audio logits")
     if checkpointing:
@@ -206,7 +203,10 @@ def compare(config, processor, items, layer_counts, budgets, checkpointing_modes
                 row["layers"] = layers
                 rows.append(row)
                 log(json.dumps({"checkpointing": checkpointing, "budget": budget, **row}))
-            measured = {"positions": rows[0]["positions"], "labelled_audio_positions": rows[0]["labelled_audio_positions"]}
+            measured = {
+                "positions": rows[0]["positions"],
+                "labelled_audio_positions": rows[0]["labelled_audio_positions"],
+            }
             trainable_per_layer = fit_layers(rows, "trainable")
             trainable = round(trainable_per_layer[0] + RELEASED_LAYERS * trainable_per_layer[1])
             for key in ("activations", "peak", "lora_state"):
