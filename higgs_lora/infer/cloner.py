@@ -391,6 +391,7 @@ class VoiceCloner:
             "device": str(self.decoder.device),
             "dtype": str(self.decoder.dtype).removeprefix("torch."),
             "cache": self.decoder.cache_kind,
+            "compiled": self.decoder._step is not self.decoder._forward,
             "max_batch": self.max_batch,
             "frames_per_second": FRAMES_PER_SECOND,
             "sample_rate": SAMPLE_RATE,
