@@ -71,7 +71,10 @@ def main() -> int:
     parser.add_argument("--size", choices=["tiny", "full"], default="tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seconds", type=float, default=4.0, help="audio per request (fixed frame count)")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, nargs="+", default=[8], help="batch sizes of the throughput runs")
+    parser.add_argument(
+        "--compile", choices=["auto", "on", "off"], default="auto", help="compiled decode step (auto: on a GPU)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--codec-seams", action="store_true")
     parser.add_argument("--workdir", default=None)
@@ -99,7 +102,10 @@ def main() -> int:
 
 def measure(args, workdir: Path, build_prompt, VoiceCloner, SamplingParams) -> int:  # noqa: N803 (classes passed in)
     model_dir = build_model(args.size, workdir)
-    cloner = VoiceCloner.load(model_dir, device=args.device)
+    compile_step = {"auto": "auto", "on": True, "off": False}[args.compile]
+    cloner = VoiceCloner.load(
+        model_dir, device=args.device, cache="static" if compile_step is True else "auto", compile_step=compile_step
+    )
     reference = Path(__file__).resolve().parents[1] / "examples/demo_corpus/spk_f1/spk_f1_01.flac"
     request = cloner.request(
         reference,
@@ -147,11 +153,11 @@ def measure(args, workdir: Path, build_prompt, VoiceCloner, SamplingParams) -> i
     results = {}
     for name, fn in [("ours", ours), ("transformers", hf)]:
         single = min(timed(lambda fn=fn: fn(1), args.device) for _ in range(args.repeats))
-        batched = min(timed(lambda fn=fn: fn(args.batch), args.device) for _ in range(args.repeats))
-        results[name] = {
-            "rtf_batch1": single / audio_seconds,
-            f"audio_s_per_s_batch{args.batch}": args.batch * audio_seconds / batched,
-        }
+        results[name] = {"rtf_batch1": single / audio_seconds}
+        for size in args.batch:
+            batched = min(timed(lambda fn=fn, size=size: fn(size), args.device) for _ in range(args.repeats))
+            results[name][f"audio_s_per_s_batch{size}"] = size * audio_seconds / batched
+            results[name][f"frames_per_s_batch{size}"] = size * frames / batched
     first_chunk()
     results["ours"]["first_audio_s"] = min(timed(first_chunk, args.device) for _ in range(args.repeats))
     header = {

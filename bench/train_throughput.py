@@ -3,6 +3,8 @@
     python bench/train_throughput.py --size tiny --steps 5                   # CPU smoke run (tiny demo model)
     python bench/train_throughput.py --size full --steps 10 --json out.json  # released dims, random weights, GPU
     python bench/train_throughput.py --size full --dry-run                   # build on meta, print size and FLOPs
+    python bench/train_throughput.py --size full --layers 1 --micro-batch-tokens 2048 --baseline-batch-size 3 \
+        --steps 3 --warmup 1                                # CPU: released width, 1 layer, real audio head
 
 Both pipelines train the same model (the tiny checkpoint, or the released architecture built on the meta device and
 materialised on the GPU in bf16 with random weights: same FLOPs and memory as the real one) with the same LoRA
@@ -28,6 +30,12 @@ positions (higgs_lora.train.flops; the audio head counted at labelled positions 
 peak, n/a where none is known. Compare pipelines by target audio seconds per second: their steps hold different
 amounts of work. Peak memory: CUDA allocator peaks per pipeline; on CPU the process max RSS, which cannot be reset,
 so the second pipeline's figure includes the first's.
+
+`--layers N` keeps the released width (hidden, intermediate, heads, vocabulary, the real audio head) with N decoder
+layers: on a CPU, 1-2 layers give the released mix of work per position in a step a CPU can run. Ours also reports
+where a step's time goes (medians over the timed steps): data (packing, collation, the copy to the device),
+forward (to the loss), backward, optimiser (step and zeroing), logging (reading the loss back, as the training
+loop's log lines do).
 """
 
 from __future__ import annotations
@@ -67,6 +75,10 @@ DEFAULTS = {
 }
 
 
+PHASES = ("data", "forward", "backward", "optimiser", "logging")
+"""Where one step of ours spends its time."""
+
+
 @dataclass
 class Item:
     """One synthetic zero-shot sample: texts, (8, T) codes, and its size once rendered."""
@@ -95,6 +107,7 @@ class Setup:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    parser.add_argument("--layers", type=int, help="--size full with this many decoder layers (CPU: 1-2)")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per pipeline")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (at least 1)")
     parser.add_argument("--micro-batch-tokens", type=int, help="our token budget (default 1024 tiny, 16384 full)")
@@ -149,6 +162,8 @@ def model_config(args, tiny_dir: Path, processor):
     values = json.loads((tiny_dir / "config.json").read_text(encoding="utf-8"))
     if args.size == "full":
         values.update(FULL_DIMS)
+        if getattr(args, "layers", None):
+            values["num_hidden_layers"] = args.layers
         ids = [processor.tokenizer.convert_tokens_to_ids(t) for t in processor.tokenizer.all_special_tokens]
         assert max(ids) < FULL_DIMS["vocab_size"], "tiny special-token ids must be valid rows of the full vocab"
     return HiggsAudioV2Config.from_dict(values)
@@ -237,13 +252,22 @@ def run_ours(model, setup: Setup) -> tuple[list[float], list[dict]]:
             queue = pack_micro_batches(samples, args.micro_batch_tokens, rng)
         chosen = [items[s.target] for s in queue.pop()]
         batch = collate_items(processor, chosen)
-        works.append(batch_work(batch, chosen, setup.counter))
+        work = batch_work(batch, chosen, setup.counter)
         audio, text = label_counts(batch)
-        sums = micro_batch_loss_sums(model, to_device(batch, device))
-        normalised_loss(sums, audio, text, 0.0).backward()
+        batch = to_device(batch, device)
+        phases = [clock(device)]
+        loss = normalised_loss(micro_batch_loss_sums(model, batch), audio, text, 0.0)
+        phases.append(clock(device))
+        loss.backward()
+        phases.append(clock(device))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        phases.append(clock(device))
+        float(loss.detach())  # what a log line costs: the loss read back
+        phases.append(clock(device))
         stamps.append(clock(device))
+        work["phases"] = dict(zip(PHASES, [phases[0] - stamps[-2]] + [b - a for a, b in zip(phases, phases[1:])]))
+        works.append(work)
     return [b - a for a, b in zip(stamps, stamps[1:])], works
 
 
@@ -321,8 +345,14 @@ def measure(name: str, run, setup: Setup, peak: float | None) -> dict:
         memory = {"max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     seconds, works = seconds[warmup:], works[warmup:]
     total = sum(seconds)
-    sums = {key: sum(w[key] for w in works) for key in works[0]}
+    sums = {key: sum(w[key] for w in works) for key in works[0] if key != "phases"}
+    breakdown = (
+        {phase: statistics.median(w["phases"][phase] for w in works) for phase in PHASES}
+        if "phases" in works[0]
+        else None
+    )
     return {
+        "step_breakdown_s": breakdown,
         "timed_steps": len(seconds),
         "median_step_s": statistics.median(seconds),
         "min_step_s": min(seconds),
@@ -365,8 +395,9 @@ def report(results: dict, meta: dict, args) -> None:
         if args.skip_baseline
         else (f"{args.baseline_batch_size} samples/step, codec in loader {'on' if args.baseline_codec else 'off'}")
     )
+    layers = f", {args.layers} layers" if args.layers else ""
     print(
-        f"size {args.size} ({meta['dtype']}), checkpointing {args.gradient_checkpointing}, {args.num_samples} "
+        f"size {args.size}{layers} ({meta['dtype']}), checkpointing {args.gradient_checkpointing}, {args.num_samples} "
         f"samples; ours: {args.micro_batch_tokens} positions/micro-batch; baseline: {baseline}; "
         f"{args.steps} timed steps after {args.warmup} warm-up"
     )
@@ -374,6 +405,12 @@ def report(results: dict, meta: dict, args) -> None:
         print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
     if meta["ratio"] is not None:
         print(f"ours / baseline, target audio seconds per second: {meta['ratio']:.2f}x")
+    breakdown = results["ours"]["step_breakdown_s"]
+    if breakdown:
+        total = sum(breakdown.values())
+        print(
+            "ours, median step by phase: " + ", ".join(f"{k} {v:.3f} s ({v / total:.0%})" for k, v in breakdown.items())
+        )
 
 
 def main() -> int:
@@ -409,8 +446,8 @@ def main() -> int:
             f"(text head included); {counter.path_parameters:,} frozen parameters on a position's path"
         )
         return 0
-    if args.size == "full" and device.type == "cpu":
-        raise SystemExit("--size full trains only on a GPU (use --dry-run on a CPU)")
+    if args.size == "full" and device.type == "cpu" and not (args.layers and args.layers <= 3):
+        raise SystemExit("--size full trains only on a GPU on 28 layers: on a CPU give --layers 1-3 (or --dry-run)")
     setup = Setup(args, tiny.model_dir, processor, items, counter, device, dtype)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
     peak = peak_flops(0.0, device_name)

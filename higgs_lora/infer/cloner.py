@@ -112,7 +112,7 @@ class VoiceCloner:
     ):
         self.model, self.processor, self.codec = model, processor, codec
         self.run_config, self.adapters, self.max_batch = run_config, adapters, max_batch
-        self.decoder = DecodeLoop(model, cache=cache, compile_step=compile_step)
+        self.decoder = DecodeLoop(model, cache=cache, compile_step=compile_step, max_batch=max_batch)
         self.stream_settings = stream
         self.references = ReferenceCache(codec, run_config)
 
@@ -400,6 +400,16 @@ class VoiceCloner:
         """The conditioned, encoded reference (cached by the samples' and text's content; infer.reference)."""
         return self.references.get(samples, rate, text)
 
+    def warm_up(self, max_positions: int) -> list[tuple[int, int]]:
+        """Compile the decode step for every (batch, cache) bucket up to `max_positions` (prompt + columns) before
+        the first request; returns the buckets warmed, as (batch, slots); none when the step is not compiled."""
+        if not self.decoder.bucket:
+            return []
+        num_codebooks = self.model.config.num_codebooks
+        codes = torch.zeros((num_codebooks, 2 * FRAMES_PER_SECOND), dtype=torch.long)  # 2 s of code 0
+        prompt = build_prompt(self.processor, "warm up", codes, "warm up")
+        return self.decoder.warm_up(prompt, max_positions)
+
     def _adapter(self, name: str | None):
         """A context in which the model runs with adapter `name` (None: without any adapter)."""
         from contextlib import nullcontext
@@ -419,6 +429,7 @@ class VoiceCloner:
             "device": str(self.decoder.device),
             "dtype": str(self.decoder.dtype).removeprefix("torch."),
             "cache": self.decoder.cache_kind,
+            "compiled": self.decoder._step is not self.decoder._forward,
             "max_batch": self.max_batch,
             "frames_per_second": FRAMES_PER_SECOND,
             "sample_rate": SAMPLE_RATE,

@@ -16,6 +16,13 @@ Layout of a batch (the model's own conventions):
 Two KV caches: `dynamic` (transformers' DynamicCache, growing; the mask is the 2-D attention mask, exactly as
 `generate` builds it, which is what the greedy-equality test compares against) and `static` (preallocated to prompt
 + max columns; the attention mask is a 4-D additive mask of fixed size, so a compiled decode step never recompiles).
+
+Shape buckets (`bucket=True`, the default of a compiled step): the static cache is sized to the smallest bucket
+(`cache_bucket`: a power of two, at least 256 slots) holding prompt + max columns, and the batch is padded with dummy
+rows to `batch_bucket` (a power of two, capped at the loop's `max_batch`). The slots after a request's own are never
+valid in its mask, the dummy rows copy a real prompt, decode greedily and start finished, and only the real rows are
+handed out, so a request's columns do not depend on its bucket; a server compiles each (batch, cache) bucket once,
+and `warm_up` compiles them all before the first request.
 """
 
 from __future__ import annotations
@@ -29,6 +36,36 @@ from higgs_lora.data.collate import Prompt
 from higgs_lora.infer.sampling import DelayConstraints, SamplingParams, choose_codes
 
 DecodeStep = Callable[..., torch.Tensor]
+
+SMALLEST_CACHE_BUCKET = 256
+"""Slots of the smallest static-cache bucket; the others double it."""
+MAX_CACHE_SLOTS = 32768
+"""The largest bucket dynamo is told to keep a compiled graph for (a 600 s stream is 15,009 columns)."""
+
+
+def cache_bucket(length: int, smallest: int = SMALLEST_CACHE_BUCKET) -> int:
+    """The static-cache size (slots) a decode of `length` positions (prompt + max columns) runs in."""
+    return max(smallest, 1 << max(length - 1, 0).bit_length())
+
+
+def batch_bucket(size: int, max_batch: int) -> int:
+    """The batch size `size` requests are padded to: the next power of two, at most `max_batch` (and >= size)."""
+    return max(size, min(1 << max(size - 1, 0).bit_length(), max_batch))
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """Every batch bucket a loop with `max_batch` can use: 1, 2, 4, ... and `max_batch` itself."""
+    return sorted({batch_bucket(size, max_batch) for size in range(1, max_batch + 1)})
+
+
+def cache_buckets(max_length: int, smallest: int = SMALLEST_CACHE_BUCKET) -> list[int]:
+    """Every cache bucket up to the one holding `max_length` positions."""
+    sizes, size = [], smallest
+    while True:
+        sizes.append(size)
+        if size >= max_length:
+            return sizes
+        size *= 2
 
 
 @dataclass
@@ -101,21 +138,45 @@ def additive_mask(valid: torch.Tensor, query_length: int, start: int, dtype: tor
 class DecodeLoop:
     """Runs prefill and decode steps of one model, with a dynamic or a static (optionally compiled) KV cache."""
 
-    def __init__(self, model, cache: str = "dynamic", compile_step: bool = False, inference_mode: bool = True):
+    def __init__(
+        self,
+        model,
+        cache: str = "dynamic",
+        compile_step: bool = False,
+        inference_mode: bool = True,
+        bucket: bool | None = None,
+        max_batch: int = 8,
+        compile_backend: str | Callable = "inductor",
+    ):
         """`inference_mode=False` runs the model under `torch.no_grad` instead: for a model that keeps training
         afterwards (DeepSpeed ZeRO-3 gathers parameters inside the forward, and tensors made in inference mode must
-        never reach autograd later)."""
+        never reach autograd later). `bucket` (static cache only; default: when the step is compiled) rounds the
+        cache and batch sizes up to their buckets; `max_batch` caps the batch buckets. `compile_backend` is
+        `torch.compile`'s backend (a test passes a counting one)."""
         if cache not in ("dynamic", "static"):
             raise ValueError(f"cache={cache!r}: expected 'dynamic' or 'static'")
         if compile_step and cache != "static":
             raise ValueError("a compiled decode step needs the static cache (fixed shapes)")
-        self.model, self.cache_kind = model, cache
+        bucket = compile_step if bucket is None else bucket
+        if bucket and cache != "static":
+            raise ValueError("shape buckets need the static cache")
+        self.model, self.cache_kind, self.bucket, self.max_batch = model, cache, bucket, max_batch
         self._no_grad = torch.inference_mode if inference_mode else torch.no_grad
         self.spec = ModelSpec.of(model.config)
         self._step: DecodeStep = self._forward
         if compile_step:
             # mode="reduce-overhead" captures the decode step in a CUDA graph; the static cache keeps its shapes.
-            self._step = torch.compile(self._forward, mode="reduce-overhead", fullgraph=False, dynamic=False)
+            # One compiled graph per (batch, cache) bucket: let dynamo keep all of them (its default keeps 8).
+            limit = len(batch_buckets(max_batch)) * len(cache_buckets(MAX_CACHE_SLOTS))
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+            torch._dynamo.config.accumulated_recompile_limit = max(
+                torch._dynamo.config.accumulated_recompile_limit, 4 * limit
+            )
+            # CUDA graphs exist only on a GPU: elsewhere the default mode.
+            mode = "reduce-overhead" if compile_backend == "inductor" and self.device.type == "cuda" else None
+            self._step = torch.compile(
+                self._forward, backend=compile_backend, mode=mode, fullgraph=False, dynamic=False
+            )
 
     @property
     def device(self) -> torch.device:
@@ -151,15 +212,23 @@ class DecodeLoop:
         the same max columns (`SamplingParams.max_seconds`), or the longest one waits for the others forever.
         """
         spec, device = self.spec, self.device
+        real = len(prompts)
+        max_columns = max(p.max_columns() for p in params)
+        if self.bucket:  # dummy rows up to the batch bucket: greedy (no random draws), finished from the start
+            extra = batch_bucket(real, max(self.max_batch, real)) - real
+            prompts = list(prompts) + [prompts[-1]] * extra
+            params = list(params) + [SamplingParams(temperature=0, max_seconds=params[-1].max_seconds)] * extra
+            generators = list(generators) + [None] * extra
         batch = batch_prompts(prompts, spec.pad_token_id, device)
         size, prompt_length = batch["input_ids"].shape
-        max_columns = max(p.max_columns() for p in params)
         limits = torch.tensor([p.max_columns() for p in params], device=device)
-        cache = self.new_cache(prompt_length + max_columns)
-        valid = torch.zeros((size, prompt_length + max_columns), dtype=torch.long, device=device)
+        slots = prompt_length + max_columns
+        slots = cache_bucket(slots) if self.bucket else slots
+        cache = self.new_cache(slots)
+        valid = torch.zeros((size, slots), dtype=torch.long, device=device)
         valid[:, :prompt_length] = batch["attention_mask"]
         constraints = DelayConstraints(size, spec.num_codebooks, spec.bos_id, spec.eos_id, device)
-        finished = torch.zeros(size, dtype=torch.bool, device=device)
+        finished = torch.arange(size, device=device) >= real
         history = torch.zeros((size, 0, spec.num_codebooks), dtype=torch.long, device=device)
         positions = batch["position_ids"][:, -1:]
 
@@ -178,7 +247,9 @@ class DecodeLoop:
             newly = done & ~finished
             finished = finished | done
             history = torch.cat([history, codes[:, None]], dim=1)
-            yield Column(step=step, codes=codes.cpu(), finished=finished.cpu(), newly_finished=newly.cpu())
+            yield Column(
+                step=step, codes=codes[:real].cpu(), finished=finished[:real].cpu(), newly_finished=newly[:real].cpu()
+            )
             done_here = bool(finished.all())
             if all_done(done_here) if all_done is not None else done_here:
                 return
@@ -192,6 +263,37 @@ class DecodeLoop:
             }
             with self._no_grad():
                 logits = self._step(**inputs, cache=cache)
+
+    def warm_up(self, prompt: Prompt, max_length: int) -> list[tuple[int, int]]:
+        """Compile the decode step for every (batch, cache) bucket up to `max_length` positions, with `prompt` as
+        every row (a prefill and one decode step each); returns the buckets warmed, as (batch, slots)."""
+        if not self.bucket:
+            raise ValueError("warm_up needs shape buckets (a static cache with bucket=True)")
+        spec, device, warmed = self.spec, self.device, []
+        for size in batch_buckets(self.max_batch):
+            batch = batch_prompts([prompt] * size, spec.pad_token_id, device)
+            prompt_length = batch["input_ids"].shape[1]
+            for slots in cache_buckets(max_length):
+                if slots <= prompt_length:
+                    continue
+                cache = self.new_cache(slots)
+                valid = torch.zeros((size, slots), dtype=torch.long, device=device)
+                valid[:, :prompt_length] = batch["attention_mask"]
+                prefill = {
+                    k: batch[k] for k in ("input_ids", "audio_input_ids", "audio_input_ids_mask", "position_ids")
+                }
+                prefill["attention_mask"] = self._mask(valid, prompt_length, 0, prompt_length)
+                valid[:, prompt_length] = 1
+                inputs = {
+                    "audio_input_ids": torch.full((size, 1, spec.num_codebooks), spec.bos_id, device=device),
+                    "position_ids": batch["position_ids"][:, -1:] + 1,
+                    "attention_mask": self._mask(valid, 1, prompt_length, prompt_length + 1),
+                }
+                with self._no_grad():
+                    self._forward(**prefill, cache=cache)
+                    self._step(**inputs, cache=cache)
+                warmed.append((size, slots))
+        return warmed
 
     def _mask(self, valid: torch.Tensor, query_length: int, start: int, end: int) -> torch.Tensor:
         """The attention mask for queries at cache slots [start, start + query_length): 2-D for the dynamic cache

@@ -62,6 +62,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: cuda when present)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     parser.add_argument("--max-batch", type=int, default=8, help="requests generated together")
+    parser.add_argument(
+        "--warm-up-positions",
+        type=int,
+        default=0,
+        metavar="N",
+        help="compile the decode step at start-up for every batch bucket up to --max-batch and every cache bucket "
+        "(256, 512, ... slots) up to N positions of prompt + audio columns (0 = compile each bucket at its first "
+        "request; only where the step is compiled: on a GPU)",
+    )
 
 
 def parse_adapters(given: list[str]) -> dict[str, str]:
@@ -84,4 +93,16 @@ def load_cloner(args):
         raise InferenceError("give --model DIR (a merged model or base) and/or --adapter DIR")
     if args.model is None:
         adapters = {}
-    return VoiceCloner.load(model, adapters=adapters, device=args.device, dtype=args.dtype, max_batch=args.max_batch)
+    if args.warm_up_positions < 0:
+        raise InferenceError(f"--warm-up-positions {args.warm_up_positions}: give 0 (no warm-up) or more positions")
+    cloner = VoiceCloner.load(model, adapters=adapters, device=args.device, dtype=args.dtype, max_batch=args.max_batch)
+    if args.warm_up_positions:
+        from higgs_lora.logs import get_logger
+
+        log = get_logger("infer")
+        warmed = cloner.warm_up(args.warm_up_positions)
+        if warmed:
+            log.info(f"decode step compiled for {len(warmed)} (batch, cache slots) buckets: {warmed}")
+        else:
+            log.info("--warm-up-positions: nothing to warm, the decode step is not compiled on this device")
+    return cloner

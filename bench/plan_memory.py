@@ -1,0 +1,285 @@
+"""The planner's memory terms held against one real LoRA training step on the CPU, term by term.
+
+    python bench/plan_memory.py                                   # released width, 1 and 2 layers, 1k/2k budgets
+    python bench/plan_memory.py --layers 1 2 3 --budgets 1024 2048 4096 --json out.json
+    python bench/plan_memory.py --hidden 256 --intermediate 1024 --vocab 2048   # reduced width (what the test runs)
+
+One optimizer step through our code path: the synthetic corpus packed to a token budget, our collate, our loss
+(`micro_batch_loss_sums`: audio logits only where labelled, `logits_to_keep`), PEFT LoRA r16 on all projections
+(project defaults), SDPA, bf16, checkpointing on and off, then the step of fp32 master copies with AdamW (16 bytes
+per trainable parameter, as ZeRO-2 on one rank keeps). The model has the released hidden/intermediate sizes and
+1-3 decoder layers with random weights.
+
+Measurement: a TorchDispatchMode sees every tensor an operator returns and follows its storage until it is freed
+(a weak reference on the storage), so it knows the bytes alive at any moment that were made during the step:
+activations, gradients, temporaries. Adam's moments are created before the measured step (a step on zero
+gradients); their bytes and the weights' are counted from the tensors themselves. Reported per kind:
+- weights: frozen parameters (and buffers), counted;
+- LoRA state: LoRA weights + gradients + fp32 masters + Adam m, v, counted;
+- activations: bytes alive at the end of the forward (the loss computed), what backward will need;
+- backward working set: the step's peak minus the activations and the LoRA gradients.
+Activations and peak are fitted per layer (fixed + per-layer) over the layer counts run and extrapolated to the
+released 28 layers, then compared with the planner's terms (higgs_lora.plan.memory) for the same micro-batch.
+
+What a CPU cannot see stays out of both columns and a named planner term: the CUDA context, allocator rounding and
+fragmentation, cuBLAS / flash-attention workspaces, NCCL buffers ("CUDA context"; calibrated on a GPU by
+bench/plan_calibration.py --method gpu). The CPU's SDPA differs from flash attention in what it keeps: both keep the
+output and the log-sum-exp per query (the CPU flash kernel), which is what the planner's coefficients assume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+import weakref
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import plan_calibration as pc  # noqa: E402  (released config with a layer shape, random LoRA model, packing)
+import train_throughput as tt  # noqa: E402  (synthetic corpus, collation)
+
+RELEASED_LAYERS = 28
+BOUND = 0.10
+"""Acceptance: the planner's activation + LoRA-state + backward-working-set sum within this of the measurement."""
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages made by operators under this mode that are still alive; their peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+        self._refs: dict[int, weakref.ref] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                self._follow(tensor.untyped_storage())
+        return out
+
+    def _follow(self, storage) -> None:
+        key, size = storage.data_ptr(), storage.nbytes()
+        if size == 0 or key in self.live:
+            return
+        self.live[key] = size
+        self.current += size
+        self.peak = max(self.peak, self.current)
+        self._refs[key] = weakref.ref(storage, lambda _ref, key=key: self._freed(key))
+
+    def _freed(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+        self._refs.pop(key, None)
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def measure_step(config, processor, items, budget: int, checkpointing: bool, step_index: int = 1) -> dict:
+    """One measured optimizer step of a random LoRA model with `config`'s layers."""
+    from higgs_lora.train.loss import label_counts, micro_batch_loss_sums, normalised_loss
+
+    model = pc.random_lora_model(config, torch.bfloat16, "cpu", 0.0, checkpointing)
+    model.to(torch.bfloat16)  # PEFT makes the adapters fp32; DeepSpeed's bf16 engine holds them in bf16
+    params = [p for p in model.parameters() if p.requires_grad]
+    masters = [p.detach().float().clone().requires_grad_(True) for p in params]
+    optimizer = torch.optim.AdamW(masters, lr=1e-5, foreach=False)
+    for master in masters:  # Adam's moments exist before the measured step, as from the second step on
+        master.grad = torch.zeros_like(master)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    def step(batch, tracker: LiveBytes | None) -> dict:
+        found: dict = {}
+        audio, text = label_counts(batch)
+        loss = normalised_loss(micro_batch_loss_sums(model, batch), audio, text, 0.0)
+        if tracker is not None:
+            found["after_forward"] = tracker.current
+        loss.backward()
+        del loss
+        if tracker is not None:
+            found["after_backward"] = tracker.current
+        for param, master in zip(params, masters):
+            master.grad = param.grad.float()
+            param.grad = None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for param, master in zip(params, masters):
+                param.copy_(master)
+        return found
+
+    batch = pc._batch_of(processor, items, budget, step_index)
+    tracker = LiveBytes()
+    started = time.perf_counter()
+    with tracker:
+        found = step(batch, tracker)
+    seconds = time.perf_counter() - started
+    lora_weights = _nbytes(params)
+    adam = sum(
+        _nbytes(v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+        for state in optimizer.state.values()
+    )
+    frozen = _nbytes(p for p in model.parameters() if not p.requires_grad) + _nbytes(model.buffers())
+    lora_grads = lora_weights  # bf16 gradients of the bf16 LoRA weights, alive from backward to the step
+    positions = batch["input_ids"].numel()
+    labelled = int(batch["loss_mask"].sum())
+    result = {
+        "positions": positions,
+        "real_positions": int(batch["attention_mask"].sum()),
+        "labelled_audio_positions": labelled,
+        "weights": frozen,
+        "lora_state": lora_weights + lora_grads + _nbytes(masters) + adam,
+        "trainable": sum(p.numel() for p in params),
+        "activations": found["after_forward"],
+        "working_set": tracker.peak - found["after_forward"] - lora_grads,
+        "peak": tracker.peak,
+        "seconds": seconds,
+    }
+    return result
+
+
+def fit_layers(rows: list[dict], key: str) -> tuple[float, float]:
+    """(fixed, per layer) of `key` over rows measured at different layer counts (least squares)."""
+    if len(rows) == 1:
+        return 0.0, rows[0][key] / rows[0]["layers"]
+    pc_line = pc._line([(r["layers"], r[key]) for r in rows])
+    return pc_line
+
+
+def planner_terms(config, batch_stats: dict, layers: int, checkpointing: bool, trainable: int) -> dict:
+    """The planner's terms for this micro-batch: activations (with logits), backward working set, LoRA state."""
+    from higgs_lora.plan import Candidate, MemoryModel
+    from higgs_lora.plan.inputs import SequenceStats, model_sizes
+
+    values = config.to_dict()
+    values["num_hidden_layers"] = layers
+    sizes = model_sizes(values, text_head=False)
+    fraction = batch_stats["labelled_audio_positions"] / batch_stats["positions"]
+    seq = SequenceStats(longest=batch_stats["positions"], labelled_fraction=fraction, source="this micro-batch")
+    memory = MemoryModel(sizes, trainable, 1, "bf16", "none", 0.0, seq, config.hidden_size, config.intermediate_size)
+    terms = {t.name: t.at(batch_stats["positions"]) for t in memory.terms(Candidate(2, "none", checkpointing))}
+    activations = sum(terms[n] for n in terms if n.startswith("activations") or n == "audio logits")
+    if checkpointing:
+        activations_at_peak = activations + terms["recomputed layer"]
+    else:
+        activations_at_peak = activations
+    lora = terms["LoRA weights"] + terms["LoRA gradients (partition)"] + terms["fp32 master + Adam m, v"]
+    return {
+        "activations": activations,
+        "recomputed_layer": terms.get("recomputed layer", 0.0),
+        "working_set": terms["backward working set"],
+        "lora_state": lora,
+        "sum": activations_at_peak + terms["backward working set"] + lora,
+        "cuda_context": terms["CUDA context"],
+    }
+
+
+def compare(config, processor, items, layer_counts, budgets, checkpointing_modes, log=print) -> list[dict]:
+    """Measured (extrapolated to 28 layers) against predicted, per budget and checkpointing; rows of a table."""
+    table = []
+    for checkpointing in checkpointing_modes:
+        for budget in budgets:
+            rows = []
+            for layers in layer_counts:
+                config.num_hidden_layers = layers
+                row = measure_step(config, processor, items, budget, checkpointing)
+                row["layers"] = layers
+                rows.append(row)
+                log(json.dumps({"checkpointing": checkpointing, "budget": budget, **row}))
+            measured = {
+                "positions": rows[0]["positions"],
+                "labelled_audio_positions": rows[0]["labelled_audio_positions"],
+            }
+            trainable_per_layer = fit_layers(rows, "trainable")
+            trainable = round(trainable_per_layer[0] + RELEASED_LAYERS * trainable_per_layer[1])
+            for key in ("activations", "peak", "lora_state"):
+                fixed, per_layer = fit_layers(rows, key)
+                measured[key] = fixed + RELEASED_LAYERS * per_layer
+            measured["working_set"] = measured["peak"] - measured["activations"] - 2 * trainable
+            config.num_hidden_layers = RELEASED_LAYERS
+            predicted = planner_terms(config, measured, RELEASED_LAYERS, checkpointing, trainable)
+            # At the step's peak: what backward needs of the forward (activations, and with checkpointing the one
+            # layer recomputed), its working set, and the LoRA state.
+            measured_sum = measured["peak"] - 2 * trainable + measured["lora_state"]
+            table.append(
+                {
+                    "checkpointing": checkpointing,
+                    "budget": budget,
+                    "positions": measured["positions"],
+                    "layers_run": list(layer_counts),
+                    "measured": {k: measured[k] for k in ("activations", "working_set", "lora_state")}
+                    | {"sum": measured_sum},
+                    "predicted": predicted,
+                    "error": predicted["sum"] / measured_sum - 1,
+                }
+            )
+    return table
+
+
+def markdown(table: list[dict]) -> str:
+    gib = 1024**3
+    lines = [
+        "| checkpointing | positions | activations meas / pred (GiB) | backward working set meas / pred | "
+        "LoRA state meas / pred | sum meas / pred | error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in table:
+        m, p = row["measured"], row["predicted"]
+        act_pred = p["activations"] + p["recomputed_layer"] if row["checkpointing"] else p["activations"]
+        lines.append(
+            f"| {'on' if row['checkpointing'] else 'off'} | {row['positions']:,} | "
+            f"{m['activations'] / gib:.2f} / {act_pred / gib:.2f} | {m['working_set'] / gib:.2f} / "
+            f"{p['working_set'] / gib:.2f} | {m['lora_state'] / gib:.3f} / {p['lora_state'] / gib:.3f} | "
+            f"{m['sum'] / gib:.2f} / {p['sum'] / gib:.2f} | {100 * row['error']:+.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048])
+    parser.add_argument("--checkpointing", choices=["off", "on", "both"], default="both")
+    parser.add_argument("--hidden", type=int, default=3072)
+    parser.add_argument("--intermediate", type=int, default=8192)
+    parser.add_argument("--vocab", type=int, default=None, help="text vocabulary (default: the released 128,256)")
+    parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tiny-dir", type=Path, default=Path("build/tiny"))
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)
+    model_dir, processor = pc.setup(args.tiny_dir)
+    items = tt.synthetic_corpus(processor, args.num_samples, args.seed)
+    config = pc.layer_config(model_dir, processor, args.hidden, args.intermediate, max(args.layers), args.vocab)
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    table = compare(config, processor, items, args.layers, args.budgets, modes)
+    text = markdown(table)
+    print(text)
+    if args.json:
+        meta = {"date": started, "torch": torch.__version__, "machine": platform.machine(), "args": vars(args)}
+        meta["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in meta["args"].items()}
+        args.json.write_text(json.dumps({"meta": meta, "table": table}, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
