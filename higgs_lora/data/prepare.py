@@ -519,8 +519,9 @@ def _prepare(args: argparse.Namespace) -> None:
         print(f"[prepare] report: {cache_dir_of(cfg) / 'report.json'}")
         if report["kept"] == 0:
             raise CacheError(
-                f"no utterance was kept: all {report['items_in']} items were rejected (reasons above and in "
-                f"{cache_dir_of(cfg) / 'report.json'}); fix the corpus or the data.* limits"
+                f"no utterance of data.corpus={cfg.data.corpus} was kept: all {report['items_in']} items were "
+                f"rejected (reasons above and in {cache_dir_of(cfg) / 'report.json'}); fix the corpus, or the "
+                "data.* / audio.* limits that reject it"
             )
 
 

@@ -231,7 +231,6 @@ def plan_merge(
             "beside it)."
         )
     read_adapter_settings(location.path)
-    check_adapter_weights(location.path)
     if base:
         base_dir = Path(base).expanduser().resolve()
     else:
@@ -242,7 +241,8 @@ def plan_merge(
                 f"there: {base_dir}. If it moved, pass --base NEW_BASE_DIR (the codec is then looked for beside it; "
                 "add --codec CODEC_DIR if it is elsewhere)"
             )
-    check_model_dir(base_dir)
+    check_model_dir(base_dir)  # before the adapter's weights: an unconverted base gets the convert command first
+    check_adapter_weights(location.path)
     codec_dir = Path(codec).expanduser().resolve() if codec else find_codec(base_dir, cfg, base_given=bool(base))
     if not (codec_dir / "config.json").is_file():
         raise MergeError(f"codec {codec_dir} has no config.json; pass --codec with the audio tokenizer directory")

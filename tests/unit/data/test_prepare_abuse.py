@@ -146,7 +146,7 @@ def test_corpus_where_everything_is_rejected_exits_2_after_the_report(tiny_check
     rc = main(["--quiet", *make_cfg_overrides(tiny_checkpoint, manifest, cache)])
     captured = capsys.readouterr()
     assert rc == 2
-    assert "no utterance was kept: all 2 items were rejected" in captured.err
+    assert "was kept: all 2 items were rejected" in captured.err
     report = json.loads((cache / "report.json").read_text("utf-8"))
     assert reasons_by_id(report) == {"manifest.jsonl:1": "bad_encoding", "manifest.jsonl:2": "missing"}
 

@@ -82,6 +82,11 @@ def test_score_generated_in_memory(demo_rows):
     assert same_scores["similarity"] > cross_scores["similarity"]
     for scores in (same_scores, cross_scores):
         assert 1.0 <= scores["dnsmos_ovrl"] <= 5.0 and 1.0 <= scores["dnsmos_sig"] <= 5.0
-    assert score_generated([]) == {"num_scored": 0.0, "num_failed": 0.0}  # no NaN means to log
+    assert score_generated([]) == {"num_scored": 0.0, "num_failed": 0.0, "num_silent": 0.0}  # no NaN means to log
     without_dnsmos = score_generated([GeneratedPair(reference, 16000, same, RATE)], dnsmos=False)
-    assert without_dnsmos == {"num_scored": 1.0, "num_failed": 0.0, "similarity": same_scores["similarity"]}
+    assert without_dnsmos == {
+        "num_scored": 1.0,
+        "num_failed": 0.0,
+        "num_silent": 0.0,
+        "similarity": same_scores["similarity"],
+    }
