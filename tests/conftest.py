@@ -138,6 +138,14 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_whisper(tmp_path_factory):
+    """A tiny random multilingual Whisper (transformers layout, <|ar|> and <|en|>), built once per test session."""
+    from higgs_lora.tiny import write_tiny_whisper
+
+    return write_tiny_whisper(tmp_path_factory.mktemp("tiny-whisper") / "whisper", seed=0)
+
+
+@pytest.fixture(scope="session")
 def demo_rows():
     """The demo corpus utterances as dicts (absolute audio paths), read by the real manifest reader."""
     import dataclasses

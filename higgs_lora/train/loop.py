@@ -100,8 +100,27 @@ class Trainer:
             max_seconds=train.eval_sample_seconds,
             dnsmos=train.eval_dnsmos,
             seed=self.cfg.seed,
+            asr=train.eval_asr,
+            language=self.cfg.data.language,
         )
-        return GenerationProbe(pairs, self.data, settings, self.output, self.topology.rank, self.topology.world_size)
+        probe = GenerationProbe(pairs, self.data, settings, self.output, self.topology.rank, self.topology.world_size)
+        self._load_asr(probe)
+        return probe
+
+    def _load_asr(self, probe) -> None:
+        """Rank 0 loads train.eval_asr before the first step: an unusable directory stops every rank now, not at the
+        first evaluation."""
+        from higgs_lora.distributed import raise_if_any_failed
+        from higgs_lora.errors import UserError
+
+        error = None
+        if self.topology.is_main and self.cfg.train.eval_asr:
+            try:
+                probe.load_asr()
+                self.say(f"train.eval_asr: {self.cfg.train.eval_asr} transcribes the evaluation clips", eval_log)
+            except UserError as err:
+                error = err
+        raise_if_any_failed(error, "loading train.eval_asr")
 
     def say(self, message: str, stage_log=log) -> None:
         """A `[train]` (or `stage_log`'s) line, from rank 0 only: the other ranks would repeat it."""
