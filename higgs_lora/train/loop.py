@@ -77,6 +77,9 @@ class Trainer:
         self.window = RateWindow()
         self.eval_enabled = bool(cfg.train.eval_every and data.eval_batches)
         self.probe = self._build_probe()
+        self.best_scores: dict | None = None
+        """The scores of the best evaluation so far (rank 0; `higgs_lora.train.best`), None before the first."""
+        self.best_step: int | None = None
 
     def _build_probe(self):
         """The held-out clips generated and scored at each evaluation (None when train.eval_samples is 0 or there
@@ -186,6 +189,7 @@ class Trainer:
             self.topology.rank,
             self.cfg.train.keep_last,
             run_files={"ds_config.json": self.ds_config, "plan.json": self.plan.to_dict()},
+            keep_step=self.best_step,
         )
         self.say(f"checkpoint {path}")
         self.last_saved = self.step
@@ -201,6 +205,7 @@ class Trainer:
         stop.catch()
         resumed = self.resume()
         self.metrics_log.start(self.step, resumed)
+        self._restore_best(resumed)
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -396,7 +401,63 @@ class Trainer:
             metrics.update(self.probe.run(engine.module, self.step, self.device, self.metrics_log.writer))
         engine.train()
         self.metrics_log.record("eval", metrics)
+        self._update_best(metrics)
         return metrics
+
+    # ----------------------------------------------------------------------------------------- best adapter
+
+    def _restore_best(self, resumed: bool) -> None:
+        """Rank 0: take up best.json when resuming (if it is not from past the resumed step, which this run will
+        evaluate again); a run from scratch moves an old best/ aside to best.previous_run/."""
+        import json
+        import shutil
+
+        from higgs_lora.train.best import BEST, BEST_JSON
+
+        best = self.output / BEST
+        if not (self.topology.is_main and (best / BEST_JSON).is_file()):
+            return
+        record = json.loads((best / BEST_JSON).read_text(encoding="utf-8"))
+        if resumed and record["step"] <= self.step:
+            self.best_scores, self.best_step = record["scores"], record["step"]
+            self.say(f"best adapter so far: step {self.best_step} ({best})")
+        elif not resumed:
+            old = self.output / f"{BEST}.previous_run"
+            if old.exists():
+                shutil.rmtree(old)
+            best.rename(old)
+            self.say(f"starting from scratch: the previous best/ is now {old.name}/")
+
+    def _update_best(self, metrics: dict) -> None:
+        """After an evaluation past step 0: rank 0 applies the rule; when this one wins, every rank takes part in
+        exporting the adapter (gathered under ZeRO-3) to <output_dir>/best/, with best.json."""
+        import shutil
+
+        from higgs_lora.distributed import broadcast_object, raise_if_any_failed
+        from higgs_lora.files import atomic_write_json, replace_directory
+        from higgs_lora.train.best import BEST, BEST_JSON, best_record, is_better, scores_of
+
+        decision = None
+        if self.topology.is_main and self.step > 0 and is_better(scores_of(metrics), self.best_scores):
+            decision = best_record(self.step, metrics)
+        decision = broadcast_object(decision)
+        if decision is None:
+            return
+        staging, error = self.output / f".{BEST}.partial", None
+        if self.topology.is_main and staging.exists():
+            shutil.rmtree(staging)
+        try:
+            checkpoint.export_adapter(self.engine.module, staging, self.cfg, self.step, self.topology.is_main)
+            if self.topology.is_main:
+                atomic_write_json(staging / BEST_JSON, decision)
+                replace_directory(staging, self.output / BEST)
+        except (OSError, RuntimeError) as err:
+            error = err
+        raise_if_any_failed(error, f"writing {self.output / BEST}")
+        if self.topology.is_main:
+            self.best_scores, self.best_step = decision["scores"], self.step
+            scores = ", ".join(f"{k} {v:.4f}" for k, v in decision["scores"].items())
+            self.say(f"best so far: step {self.step} ({scores}) -> {self.output / BEST}")
 
     def export_final(self) -> Path:
         """The final adapter at <output_dir>/adapter (a copy of the last checkpoint's, for convenience)."""
