@@ -216,7 +216,7 @@ class GenerationProbe:
             for clip, waveform in zip(clips, waveforms):
                 if len(waveform):
                     writer.add_audio(
-                        f"eval_samples/{clip.index:02d}",
+                        f"{self.root.name}/{clip.index:02d}",
                         torch.from_numpy(waveform)[None],
                         step,
                         sample_rate=SAMPLE_RATE,

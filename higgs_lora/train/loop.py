@@ -32,6 +32,15 @@ log = get_logger("train")
 eval_log = get_logger("eval")
 
 
+def side_by_side(step: int, metrics: dict, language: str, replay_language: str) -> str:
+    """One line with the main and the replay held-out scores next to each other (those both have)."""
+    parts = [f"step {step} | main ({language}) / replay ({replay_language}):"]
+    for key, label, digits in (("loss", "loss", 4), ("similarity", "similarity", 3), ("cer", "CER", 3)):
+        if metrics.get(key) is not None and metrics.get(f"replay_{key}") is not None:
+            parts.append(f"{label} {metrics[key]:.{digits}f} / {metrics[f'replay_{key}']:.{digits}f}")
+    return " ".join(parts[:1]) + " " + " | ".join(parts[1:])
+
+
 class NonFiniteLossError(RuntimeError):
     """Too many optimizer steps in a row had a NaN/inf loss."""
 
@@ -77,17 +86,19 @@ class Trainer:
         self.window = RateWindow()
         self.eval_enabled = bool(cfg.train.eval_every and data.eval_batches)
         self.probe = self._build_probe()
+        self.replay_probe = self._build_probe(replay=True) if data.replay_eval_batches else None
         self.best_scores: dict | None = None
         """The scores of the best evaluation so far (rank 0; `higgs_lora.train.best`), None before the first."""
         self.best_step: int | None = None
 
-    def _build_probe(self):
+    def _build_probe(self, replay: bool = False):
         """The held-out clips generated and scored at each evaluation (None when train.eval_samples is 0 or there
-        are no held-out speakers)."""
-        from higgs_lora.eval.probe import GenerationProbe, ProbeSettings, choose_pairs
+        are no held-out speakers); `replay`: those of the replay corpus's held-out speakers."""
+        from higgs_lora.eval.probe import FOLDER, GenerationProbe, ProbeSettings, choose_pairs
 
         train = self.cfg.train
-        samples = [s for micro_batch in self.data.eval_batches for s in micro_batch]
+        batches = self.data.replay_eval_batches if replay else self.data.eval_batches
+        samples = [s for micro_batch in batches or [] for s in micro_batch]
         if not (train.eval_every and train.eval_samples and samples):
             return None
         utterances = self.data.utterances
@@ -104,9 +115,17 @@ class Trainer:
             dnsmos=train.eval_dnsmos,
             seed=self.cfg.seed,
             asr=train.eval_asr,
-            language=self.cfg.data.language,
+            language=self.cfg.data.replay_language if replay else self.cfg.data.language,
         )
-        probe = GenerationProbe(pairs, self.data, settings, self.output, self.topology.rank, self.topology.world_size)
+        probe = GenerationProbe(
+            pairs,
+            self.data,
+            settings,
+            self.output,
+            self.topology.rank,
+            self.topology.world_size,
+            folder=f"{FOLDER}_replay" if replay else FOLDER,
+        )
         self._load_asr(probe)
         return probe
 
@@ -374,35 +393,50 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Loss on the held-out speakers, then the generated held-out clips' similarity and DNSMOS
-        (`higgs_lora.eval.probe`); all ranks take part, rank 0 logs."""
+        """Loss on the held-out speakers, then the generated held-out clips' similarity, DNSMOS and CER
+        (`higgs_lora.eval.probe`); the same for the replay corpus's held-out speakers (`replay_*` keys) when there
+        is one. All ranks take part, rank 0 logs."""
         engine = self.engine
         engine.eval()
-        totals = StepTotals.zeros(engine.module.config.num_codebooks)
-        for index, counted in eval_assignment(len(self.data.eval_batches), self.plan.world_size, self.topology.rank):
-            batch = self.data.collate(self.data.eval_batches[index])
-            result = micro_batch_loss_sums(engine, to_device(batch, self.device))
-            if counted:
-                totals.add_loss(result)
-        totals = totals.reduced(self.device)
-        positions = totals.audio_counts.tolist()[0]
-        metrics = {
-            "step": self.step,
-            "loss": totals.loss(),
-            "per_codebook_loss": totals.per_codebook_loss(),
-            "positions": positions,
-        }
+        metrics = {"step": self.step, **self._held_out_loss(self.data.eval_batches)}
         self.say(
             f"step {self.step} | held-out speakers {','.join(self.data.eval_speakers)} | "
-            f"loss {metrics['loss']:.4f} over {int(positions)} target positions",
+            f"loss {metrics['loss']:.4f} over {int(metrics['positions'])} target positions",
             eval_log,
         )
         if self.probe is not None:
             metrics.update(self.probe.run(engine.module, self.step, self.device, self.metrics_log.writer))
+        if self.data.replay_eval_batches:
+            replay = self._held_out_loss(self.data.replay_eval_batches)
+            self.say(
+                f"step {self.step} | replay held-out speakers {','.join(self.data.replay_eval_speakers or [])} | "
+                f"loss {replay['loss']:.4f} over {int(replay['positions'])} target positions",
+                eval_log,
+            )
+            if self.replay_probe is not None:
+                replay.update(self.replay_probe.run(engine.module, self.step, self.device, self.metrics_log.writer))
+            metrics.update({f"replay_{key}": value for key, value in replay.items()})
+            self.say(side_by_side(self.step, metrics, self.cfg.data.language, self.cfg.data.replay_language), eval_log)
         engine.train()
         self.metrics_log.record("eval", metrics)
         self._update_best(metrics)
         return metrics
+
+    def _held_out_loss(self, micro_batches: list[list[Pair]]) -> dict:
+        """Loss, per-codebook losses and target positions over `micro_batches`, split over the ranks."""
+        engine = self.engine
+        totals = StepTotals.zeros(engine.module.config.num_codebooks)
+        for index, counted in eval_assignment(len(micro_batches), self.plan.world_size, self.topology.rank):
+            batch = self.data.collate(micro_batches[index])
+            result = micro_batch_loss_sums(engine, to_device(batch, self.device))
+            if counted:
+                totals.add_loss(result)
+        totals = totals.reduced(self.device)
+        return {
+            "loss": totals.loss(),
+            "per_codebook_loss": totals.per_codebook_loss(),
+            "positions": totals.audio_counts.tolist()[0],
+        }
 
     # ----------------------------------------------------------------------------------------- best adapter
 
