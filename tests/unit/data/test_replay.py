@@ -10,24 +10,13 @@ import pytest
 
 from higgs_lora.config import load_config
 from higgs_lora.data.cache import REPLAY, load_cache
-from higgs_lora.data.prepare import main as prepare_main
 from tests.conftest import REPO_ROOT
-from tests.replay_corpus import SENTENCES, make_english_corpus
+from tests.replay_corpus import SENTENCES
 
 
 @pytest.fixture(scope="module")
-def replay_setup(demo_cache, tmp_path_factory):
-    """The demo cache copied, the English corpus prepared into its replay/ by `prepare`, and the overrides."""
-    root = tmp_path_factory.mktemp("replay")
-    manifest = make_english_corpus(root / "english")
-    demo_dir = next(o.split("=", 1)[1] for o in demo_cache if o.startswith("data.cache_dir="))
-    cache = root / "cache"
-    shutil.copytree(demo_dir, cache)
-    overrides = [o for o in demo_cache if not o.startswith("data.cache_dir=")]
-    overrides += [f"data.cache_dir={cache}", f"data.replay={manifest}", "data.replay_fraction=0.25"]
-    argv = ["--config", str(REPO_ROOT / "configs" / "demo.yaml"), *overrides, f"output_dir={root}", "--quiet"]
-    assert prepare_main(argv) == 0
-    return overrides, cache
+def replay_setup(replay_cache):
+    return replay_cache
 
 
 def test_prepare_caches_the_replay_corpus_with_its_language_and_no_arabic_rules(replay_setup):
