@@ -6,6 +6,7 @@ Imports only the config. The layout is described in docs/training.md (Checkpoint
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -18,6 +19,9 @@ ADAPTER = "adapter"
 TRAINER_STATE = "trainer_state.json"
 LATEST = "latest"
 """The file in checkpoints/ that names the newest complete checkpoint."""
+BEST = "best"
+"""<output_dir>/best/: the adapter of the run's best evaluation (higgs_lora.train.best), with best.json."""
+BEST_JSON = "best.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -60,6 +64,25 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
             return named
     complete = list_checkpoints(output_dir)
     return complete[-1] if complete else None
+
+
+def resolve_adapter(given: str | Path) -> tuple[Path, str]:
+    """(the adapter directory, one line saying which one it is) for what a user gave `--adapter`:
+
+    an adapter directory as it is (a run's `best/` says its step, from best.json); a run folder -> its final
+    `adapter/`; anything else is returned as given (the caller's check says what is wrong with it).
+    """
+    path = Path(given)
+    if (path / "adapter_config.json").is_file():
+        if (path / BEST_JSON).is_file():
+            step = json.loads((path / BEST_JSON).read_text(encoding="utf-8"))["step"]
+            return path, f"{given}: the run's best adapter (step {step}, chosen by the rule in {BEST_JSON})"
+        return path, f"{given}: adapter directory"
+    if (path / ADAPTER / "adapter_config.json").is_file():
+        best = path / BEST
+        also = f"; the best evaluation's is {best}" if (best / BEST_JSON).is_file() else ""
+        return path / ADAPTER, f"{given}: run folder, its final adapter {path / ADAPTER}{also}"
+    return path, f"{given}"
 
 
 def read_adapter_config(adapter_dir: str | Path) -> RunConfig:

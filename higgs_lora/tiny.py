@@ -21,6 +21,9 @@ with random non-zero vectors (a freshly built codec has all-zero codebooks and m
 The processor config refers to its codec by absolute path (the released one names the tokenizer repository);
 move the two directories together and rebuild, or pass `model.codec_path`, if they move. Everything is
 deterministic for a seed. Weights are saved in float32: the tiny model is for CPU tests.
+
+`--whisper` also writes `build/tiny/whisper/`, a random multilingual Whisper (transformers layout, byte-level
+tokenizer) for `train.eval_asr` and `evaluate --asr` in tests and the demo; it transcribes garbage.
 """
 
 from __future__ import annotations
@@ -322,6 +325,96 @@ def write_tiny(out: str | Path, seed: int = 0, transcripts: Path | None = DEFAUL
     return TinyPaths(root=out, model_dir=out / "model", codec_dir=out / "codec")
 
 
+WHISPER_SPECIALS = (
+    "<|endoftext|>",
+    "<|startoftranscript|>",
+    "<|ar|>",
+    "<|en|>",
+    "<|translate|>",
+    "<|transcribe|>",
+    "<|startoflm|>",
+    "<|startofprev|>",
+    "<|nocaptions|>",
+    "<|notimestamps|>",
+)
+WHISPER_SIZES = {
+    "tiny": {"d_model": 32, "layers": 1, "heads": 2, "ffn": 64},
+    "small": {"d_model": 768, "layers": 12, "heads": 12, "ffn": 3072},
+}
+"""Layer sizes of the random Whispers: "tiny" for tests, "small" as openai/whisper-small's (for cost benchmarks)."""
+
+
+def write_tiny_whisper(out: str | Path, seed: int = 0, size: str = "tiny") -> Path:
+    """A random multilingual Whisper in the transformers layout (config, weights, generation config, processor),
+    written to `out` and returned; it knows `<|ar|>` and `<|en|>` and transcribes garbage, deterministically.
+
+    The tokenizer is byte-level with 256 byte tokens and no merges (any text encodes), plus Whisper's special
+    tokens; "small" has whisper-small's layer sizes but this small vocabulary, so its output layer is cheaper.
+    """
+    import torch
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
+    )
+
+    out = Path(out).resolve()
+    dims = WHISPER_SIZES[size]
+    with tempfile.TemporaryDirectory(prefix="tiny-whisper-vocab-") as vocab_dir:
+        vocab = {ch: i for i, ch in enumerate(sorted(ByteLevel.alphabet()))}
+        (Path(vocab_dir) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+        (Path(vocab_dir) / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+        eot = WHISPER_SPECIALS[0]
+        tokenizer = WhisperTokenizer(
+            str(Path(vocab_dir) / "vocab.json"),
+            str(Path(vocab_dir) / "merges.txt"),
+            unk_token=eot,
+            bos_token=eot,
+            eos_token=eot,
+            pad_token=eot,
+        )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(WHISPER_SPECIALS[1:])})
+    ids = dict(zip(WHISPER_SPECIALS, tokenizer.convert_tokens_to_ids(list(WHISPER_SPECIALS))))
+    config = WhisperConfig(
+        vocab_size=len(tokenizer),
+        d_model=dims["d_model"],
+        encoder_layers=dims["layers"],
+        decoder_layers=dims["layers"],
+        encoder_attention_heads=dims["heads"],
+        decoder_attention_heads=dims["heads"],
+        encoder_ffn_dim=dims["ffn"],
+        decoder_ffn_dim=dims["ffn"],
+        num_mel_bins=80,
+        max_target_positions=448 if size == "small" else 64,
+        pad_token_id=ids[eot],
+        bos_token_id=ids[eot],
+        eos_token_id=ids[eot],
+        decoder_start_token_id=ids["<|startoftranscript|>"],
+    )
+    torch.manual_seed(seed)
+    model = WhisperForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=ids["<|startoftranscript|>"],
+        eos_token_id=ids[eot],
+        pad_token_id=ids[eot],
+        bos_token_id=ids[eot],
+        is_multilingual=True,
+        lang_to_id={"<|ar|>": ids["<|ar|>"], "<|en|>": ids["<|en|>"]},
+        task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]},
+        no_timestamps_token_id=ids["<|notimestamps|>"],
+        max_length=config.max_target_positions,
+    )
+    model.save_pretrained(out)
+    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tokenizer).save_pretrained(
+        out
+    )
+    return out
+
+
 def ensure_tiny(out: str | Path, seed: int = 0) -> TinyPaths:
     """Return the tiny checkpoint under `out`, building it first if it is missing."""
     out = Path(out).resolve()
@@ -333,6 +426,8 @@ def ensure_tiny(out: str | Path, seed: int = 0) -> TinyPaths:
 def _run(args: argparse.Namespace) -> int:
     paths = write_tiny(args.out, seed=args.seed, transcripts=Path(args.transcripts) if args.transcripts else None)
     print(f"tiny model: {paths.model_dir}\ntiny codec: {paths.codec_dir}")  # the command's output: where it is
+    if args.whisper:
+        print(f"tiny whisper: {write_tiny_whisper(paths.root / 'whisper', seed=args.seed)}")
     return 0
 
 
@@ -344,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
         "--transcripts",
         default=str(DEFAULT_TRANSCRIPTS) if DEFAULT_TRANSCRIPTS.is_file() else None,
         help="JSONL manifest whose `text` fields train the BPE tokenizer (default: the demo corpus)",
+    )
+    parser.add_argument(
+        "--whisper", action="store_true", help="also write a tiny random Whisper to <out>/whisper (for train.eval_asr)"
     )
     startup.add_common_arguments(parser)
     args = parser.parse_args(argv)

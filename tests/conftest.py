@@ -138,6 +138,14 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_whisper(tmp_path_factory):
+    """A tiny random multilingual Whisper (transformers layout, <|ar|> and <|en|>), built once per test session."""
+    from higgs_lora.tiny import write_tiny_whisper
+
+    return write_tiny_whisper(tmp_path_factory.mktemp("tiny-whisper") / "whisper", seed=0)
+
+
+@pytest.fixture(scope="session")
 def demo_rows():
     """The demo corpus utterances as dicts (absolute audio paths), read by the real manifest reader."""
     import dataclasses
@@ -174,3 +182,24 @@ def demo_cache(tiny_checkpoint, tmp_path_factory):
     run_prepare(cfg, quiet=True)
     join(cfg)
     return overrides
+
+
+@pytest.fixture(scope="session")
+def replay_cache(demo_cache, tmp_path_factory):
+    """The demo cache copied, with an English espeak-ng corpus (tests/replay_corpus.py) prepared into its replay/
+    by `prepare` itself. Returns (the overrides of a run with data.replay_fraction=0.25, the cache directory)."""
+    import shutil
+
+    from higgs_lora.data.prepare import main as prepare_main
+    from tests.replay_corpus import make_english_corpus
+
+    root = tmp_path_factory.mktemp("replay")
+    manifest = make_english_corpus(root / "english")
+    demo_dir = next(o.split("=", 1)[1] for o in demo_cache if o.startswith("data.cache_dir="))
+    cache = root / "cache"
+    shutil.copytree(demo_dir, cache)
+    overrides = [o for o in demo_cache if not o.startswith("data.cache_dir=")]
+    overrides += [f"data.cache_dir={cache}", f"data.replay={manifest}", "data.replay_fraction=0.25"]
+    argv = ["--config", str(REPO_ROOT / "configs" / "demo.yaml"), *overrides, f"output_dir={root}", "--quiet"]
+    assert prepare_main(argv) == 0
+    return overrides, cache

@@ -109,6 +109,15 @@ class DataConfig:
     """Speakers held out of training for the evaluation loss. Empty: data.num_eval_speakers drawn with the seed."""
     num_eval_speakers: int = 1
     """Speakers held out when data.eval_speakers is empty (none when the corpus has fewer than 3 speakers)."""
+    replay: str = ""
+    """A second corpus (any format data.corpus takes, e.g. English speech the base speaks well) mixed into training
+    against forgetting; `prepare` caches it in <cache_dir>/replay. Empty: no replay."""
+    replay_format: Literal["auto", "manifest", "chatml", "ljspeech", "commonvoice", "hf"] = "auto"
+    """Format of data.replay; 'auto' detects it from the path."""
+    replay_language: str = "en"
+    """Language code of data.replay (its records carry it; Arabic text rules apply only to 'ar')."""
+    replay_fraction: float = 0.0
+    """Share of every optimizer step's training targets drawn from data.replay (e.g. 0.1); 0: off."""
 
 
 @dataclass
@@ -181,6 +190,9 @@ class TrainConfig:
     """Longest clip the evaluation generates; targets up to this long are chosen first."""
     eval_dnsmos: bool = True
     """Score the evaluation clips with DNSMOS too (a second or so per clip on the CPU of rank 0)."""
+    eval_asr: str = ""
+    """Local speech-recognition checkpoint (transformers Whisper or CTC layout, never downloaded) that transcribes
+    the evaluation clips on rank 0 for CER/WER (and picks <output_dir>/best/). Empty: no CER/WER."""
     max_nonfinite_steps: int = 5
     """A step whose loss is NaN/inf is skipped with a warning; this many in a row stop the run with an error."""
     peak_tflops: float = 0.0

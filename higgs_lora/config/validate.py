@@ -84,6 +84,18 @@ def validate_run(cfg: RunConfig) -> list[str]:
     if model.attn_implementation == "flash_attention_2" and model.dtype == "fp32":
         problems.append("model.attn_implementation=flash_attention_2 needs model.dtype=bf16 or fp16; or use sdpa")
 
+    if train.eval_asr and not (train.eval_samples and train.eval_every):
+        problems.append(
+            f"train.eval_asr={train.eval_asr} transcribes the evaluation clips, but there are none: set "
+            "train.eval_samples and train.eval_every > 0, or train.eval_asr=''"
+        )
+    if not 0 <= data.replay_fraction < 1:
+        problems.append(f"data.replay_fraction={data.replay_fraction} must be in [0, 1) (e.g. 0.1); 0 turns it off")
+    if data.replay_fraction > 0 and not data.replay:
+        problems.append(
+            f"data.replay_fraction={data.replay_fraction} but data.replay is empty: name the replay corpus or set "
+            "data.replay_fraction=0"
+        )
     if data.max_letters_per_second <= 0:
         problems.append(f"data.max_letters_per_second={data.max_letters_per_second} must be > 0")
     for key in ("shard_size", "num_workers", "codec_batch_size"):

@@ -31,6 +31,30 @@ def cache_dir_of(cfg: RunConfig) -> Path:
     return Path(cfg.data.cache_dir or Path(cfg.output_dir) / "cache")
 
 
+REPLAY = "replay"
+"""<cache_dir>/replay/: the cache of `data.replay`, prepared with the main one."""
+REPLAY_PREFIX = "replay:"
+"""Prefix of the replay corpus's speakers and source ids in training, so they never meet the main corpus's."""
+
+
+def replay_config(cfg: RunConfig) -> RunConfig:
+    """The run config that prepares `data.replay` into <cache_dir>/replay: its corpus, format and language, the
+    same audio and length settings, no replay of its own and no named held-out speakers (drawn as usual)."""
+    import dataclasses
+
+    data = dataclasses.replace(
+        cfg.data,
+        corpus=cfg.data.replay,
+        format=cfg.data.replay_format,
+        language=cfg.data.replay_language,
+        cache_dir=str(cache_dir_of(cfg) / REPLAY),
+        replay="",
+        replay_fraction=0.0,
+        eval_speakers=[],
+    )
+    return dataclasses.replace(cfg, data=data)
+
+
 def cache_settings(cfg: RunConfig, codec_path: str) -> dict:
     """Everything that changes the cache's content; a cache made with other settings is not reused."""
     data = cfg.data

@@ -36,7 +36,15 @@ from higgs_lora import startup
 from higgs_lora.config import ConfigError, RunConfig, add_config_arguments, config_from_args
 from higgs_lora.constants import FRAMES_PER_SECOND, HOP_SAMPLES
 from higgs_lora.data.audio import AudioError, Conditioned, audio_seconds, condition, read_audio
-from higgs_lora.data.cache import CacheError, cache_dir_of, cache_features, cache_settings, shard_dirs, shard_name
+from higgs_lora.data.cache import (
+    CacheError,
+    cache_dir_of,
+    cache_features,
+    cache_settings,
+    replay_config,
+    shard_dirs,
+    shard_name,
+)
 from higgs_lora.data.sources import CorpusFormatError, Utterance, printable, read_corpus, unicode_problem
 from higgs_lora.files import atomic_write_json, atomic_write_text, writable_dir_problem
 from higgs_lora.logs import get_logger, progress_bars_wanted
@@ -505,24 +513,27 @@ def _prepare(args: argparse.Namespace) -> None:
     problem = writable_dir_problem(cache_dir_of(cfg))
     if problem is not None:
         raise ConfigError([f"the cache directory: {problem}; set data.cache_dir (or output_dir) to one you can write"])
-    started = time.perf_counter()
-    # What was done and the report are the command's result: printed even with --quiet (which hides the bar).
-    if not args.join:
-        counts = run_prepare(cfg, args.num_shards, args.shard_index)
-        print(
-            f"[prepare] shards written: {counts['done']}, already done: {counts['skipped']} "
-            f"({time.perf_counter() - started:.1f} s)"
-        )
-    if args.join or args.num_shards == 1:
-        report = join(cfg)
-        print(format_report(report))
-        print(f"[prepare] report: {cache_dir_of(cfg) / 'report.json'}")
-        if report["kept"] == 0:
-            raise CacheError(
-                f"no utterance of data.corpus={cfg.data.corpus} was kept: all {report['items_in']} items were "
-                f"rejected (reasons above and in {cache_dir_of(cfg) / 'report.json'}); fix the corpus, or the "
-                "data.* / audio.* limits that reject it"
+    # data.replay is prepared the same way, into <cache_dir>/replay, after the main corpus.
+    for what, run_cfg in [("", cfg)] + ([("replay corpus ", replay_config(cfg))] if cfg.data.replay else []):
+        started = time.perf_counter()
+        # What was done and the report are the command's result: printed even with --quiet (which hides the bar).
+        if not args.join:
+            counts = run_prepare(run_cfg, args.num_shards, args.shard_index)
+            print(
+                f"[prepare] {what}shards written: {counts['done']}, already done: {counts['skipped']} "
+                f"({time.perf_counter() - started:.1f} s)"
             )
+        if args.join or args.num_shards == 1:
+            report = join(run_cfg)
+            print(format_report(report))
+            print(f"[prepare] {what}report: {cache_dir_of(run_cfg) / 'report.json'}")
+            if report["kept"] == 0:
+                key = "data.replay" if what else "data.corpus"
+                raise CacheError(
+                    f"no utterance of {key}={run_cfg.data.corpus} was kept: all {report['items_in']} items were "
+                    f"rejected (reasons above and in {cache_dir_of(run_cfg) / 'report.json'}); fix the corpus, or "
+                    "the data.* / audio.* limits that reject it"
+                )
 
 
 if __name__ == "__main__":

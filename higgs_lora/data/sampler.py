@@ -109,6 +109,7 @@ def draw_pairs(
     reference_frames: tuple[int, int],
     seed: int,
     epoch: int,
+    stream: str = "references",
 ) -> tuple[list[tuple[int, int]], int]:
     """(target, reference) index pairs for `targets` in this epoch, and how many targets got no reference.
 
@@ -122,7 +123,7 @@ def draw_pairs(
         if low <= utterance.num_frames <= high:
             position[index] = len(candidates[utterance.speaker])
             candidates[utterance.speaker].append(index)
-    rng = random.Random(f"references/{seed}/{epoch}")
+    rng = random.Random(f"{stream}/{seed}/{epoch}")
     pairs, missing = [], 0
     for target in targets:
         if target in fixed_references:
@@ -141,11 +142,8 @@ def draw_pairs(
     return pairs, missing
 
 
-def pack_micro_batches(samples: list[Pair], budget: int, rng: random.Random, pool_size: int = 1024) -> list[list[Pair]]:
-    """Group `samples` into micro-batches whose len x longest sample is <= `budget`, in shuffled order.
-
-    Raises DataError naming the sample when one sample alone is longer than the budget.
-    """
+def _check_budget(samples: list[Pair], budget: int) -> None:
+    """DataError naming the longest sample when any sample alone is longer than `budget` positions."""
     too_long = [s for s in samples if s.num_positions > budget]
     if too_long:
         worst = max(too_long, key=lambda s: s.num_positions)
@@ -155,6 +153,14 @@ def pack_micro_batches(samples: list[Pair], budget: int, rng: random.Random, poo
             f"positions, target #{worst.target} with reference #{worst.reference}); raise train.micro_batch_tokens "
             "or lower data.max_seconds / data.reference_max_seconds"
         )
+
+
+def pack_micro_batches(samples: list[Pair], budget: int, rng: random.Random, pool_size: int = 1024) -> list[list[Pair]]:
+    """Group `samples` into micro-batches whose len x longest sample is <= `budget`, in shuffled order.
+
+    Raises DataError naming the sample when one sample alone is longer than the budget.
+    """
+    _check_budget(samples, budget)
     order = list(samples)
     rng.shuffle(order)
     micro_batches: list[list[Pair]] = []
@@ -188,6 +194,10 @@ class EpochSampler:
     accumulation: int = 1
     fixed_references: dict[int, int] = field(default_factory=dict)
     pool_size: int = 1024
+    replay_targets: list[int] = field(default_factory=list)
+    """Indices of the replay corpus's training targets (`data.replay`); they take references of their own speakers."""
+    replay_fraction: float = 0.0
+    """Share of every step's samples drawn from `replay_targets` (`data.replay_fraction`); 0: off."""
     _cached: tuple[int, EpochPlan] | None = field(default=None, init=False, repr=False, compare=False)
 
     def plan(self, epoch: int) -> EpochPlan:
@@ -196,28 +206,137 @@ class EpochSampler:
             self._cached = (epoch, self._compute(epoch))
         return self._cached[1]
 
+    def _samples(self, pairs: list[tuple[int, int]]) -> list[Pair]:
+        return [
+            Pair(t, r, sample_positions(self.utterances[t], self.utterances[r], self.prompt_overhead)) for t, r in pairs
+        ]
+
     def _compute(self, epoch: int) -> EpochPlan:
         pairs, missing = draw_pairs(
             self.utterances, self.targets, self.fixed_references, self.reference_frames, self.seed, epoch
         )
-        samples = [
-            Pair(t, r, sample_positions(self.utterances[t], self.utterances[r], self.prompt_overhead)) for t, r in pairs
-        ]
+        samples = self._samples(pairs)
         rng = random.Random(f"batches/{self.seed}/{epoch}")
-        micro_batches = pack_micro_batches(samples, self.micro_batch_tokens, rng, self.pool_size)
         per_step = self.world_size * self.accumulation
+        if self.replay_fraction > 0 and self.replay_targets and samples:
+            replay, replay_missing = draw_pairs(
+                self.utterances,
+                replay_schedule(self.replay_targets, len(samples), self.replay_fraction, self.seed, epoch),
+                self.fixed_references,
+                self.reference_frames,
+                self.seed,
+                epoch,
+                stream="replay-references",
+            )
+            steps, num_dropped = pack_mixed_steps(
+                samples, self._samples(replay), self.micro_batch_tokens, per_step, rng, self.pool_size
+            )
+            return self._epoch_plan(steps, missing + replay_missing, num_dropped)
+        micro_batches = pack_micro_batches(samples, self.micro_batch_tokens, rng, self.pool_size)
         num_steps = len(micro_batches) // per_step
         kept = micro_batches[: num_steps * per_step]
         steps = [kept[s * per_step : (s + 1) * per_step] for s in range(num_steps)]
+        return self._epoch_plan(steps, missing, sum(len(mb) for mb in micro_batches[num_steps * per_step :]))
+
+    @staticmethod
+    def _epoch_plan(steps: list[list[list[Pair]]], missing: int, num_dropped: int) -> EpochPlan:
+        kept = [mb for step in steps for mb in step]
         budgeted = sum(len(mb) * max(s.num_positions for s in mb) for mb in kept)
         used = sum(s.num_positions for mb in kept for s in mb)
         return EpochPlan(
             steps=steps,
             num_samples=sum(len(mb) for mb in kept),
             num_without_reference=missing,
-            num_dropped=sum(len(mb) for mb in micro_batches[num_steps * per_step :]),
+            num_dropped=num_dropped,
             padding_fraction=(1 - used / budgeted) if budgeted else 0.0,
         )
+
+
+# ------------------------------------------------------------------------------------------------ replay
+
+
+def replay_schedule(replay_targets: list[int], num_main: int, fraction: float, seed: int, epoch: int) -> list[int]:
+    """The replay targets of one epoch: as many as make `fraction` of the epoch's samples beside `num_main` main
+    ones, walking a seeded shuffle of the replay corpus epoch after epoch (so a large replay corpus is covered over
+    the epochs, a small one repeats)."""
+    count = round(num_main * fraction / (1 - fraction))
+    order = list(replay_targets)
+    random.Random(f"replay/{seed}").shuffle(order)
+    start = epoch * count
+    return [order[(start + k) % len(order)] for k in range(count)]
+
+
+def _length_sorted_pools(samples: list[Pair], num_pools: int, rng: random.Random) -> list[Pair]:
+    """`samples` shuffled, cut into `num_pools` consecutive pools of (nearly) equal size, each sorted by length."""
+    order = list(samples)
+    rng.shuffle(order)
+    size, extra = divmod(len(order), num_pools)
+    pools, start = [], 0
+    for k in range(num_pools):
+        end = start + size + (k < extra)
+        pools.extend(sorted(order[start:end], key=lambda s: s.num_positions))
+        start = end
+    return pools
+
+
+def _greedy_pack(ascending: list[Pair], budget: int) -> list[list[Pair]]:
+    """Micro-batches of `ascending` (sorted by length) whose len x longest is <= `budget`, filled in order."""
+    micro_batches: list[list[Pair]] = []
+    current: list[Pair] = []
+    for sample in ascending:
+        if current and (len(current) + 1) * sample.num_positions > budget:
+            micro_batches.append(current)
+            current = []
+        current.append(sample)
+    if current:
+        micro_batches.append(current)
+    return micro_batches
+
+
+def pack_mixed_steps(
+    main: list[Pair], replay: list[Pair], budget: int, per_step: int, rng: random.Random, pool_size: int = 1024
+) -> tuple[list[list[list[Pair]]], int]:
+    """(steps of exactly `per_step` micro-batches each, samples left over) with the replay share of every step
+    equal to that of the whole epoch, to within about one sample.
+
+    Both streams are shuffled and sorted by length within pools that cover the same share of each stream, then
+    merged by relative position (main sample i at (i + 1/2)/len(main), replay sample j at (j + 1/2)/len(replay)),
+    so that any stretch of the merged stream holds the epoch's share of replay samples and similar lengths. Each
+    step takes the longest stretch that packs into `per_step` micro-batches under `budget` (a micro-batch is split
+    when there are fewer); the steps are then shuffled. Raises DataError when one sample exceeds `budget`.
+    """
+    _check_budget(main + replay, budget)
+    num_pools = max(1, -(-len(main) // pool_size))
+    keyed = [((i + 0.5) / len(main), 0, s) for i, s in enumerate(_length_sorted_pools(main, num_pools, rng))]
+    if replay:
+        pooled = _length_sorted_pools(replay, num_pools, rng)
+        keyed += [((j + 0.5) / len(replay), 1, s) for j, s in enumerate(pooled)]
+    stream = [s for _, _, s in sorted(keyed, key=lambda k: (k[0], k[1]))]
+
+    def packed(window: list[Pair]) -> list[list[Pair]]:
+        return _greedy_pack(sorted(window, key=lambda s: s.num_positions), budget)
+
+    # No step holds more than per_step micro-batches of the most samples of the shortest length.
+    most = per_step * (budget // min(s.num_positions for s in stream)) if stream else 0
+    steps, start = [], 0
+    while len(stream) - start >= per_step:
+        low, high = per_step, min(most, len(stream) - start)  # `low` samples always fit: one per micro-batch
+        while low < high:
+            middle = (low + high + 1) // 2
+            if len(packed(stream[start : start + middle])) <= per_step:
+                low = middle
+            else:
+                high = middle - 1
+        micro_batches = packed(stream[start : start + low])
+        while len(micro_batches) < per_step:  # split the fullest: never costs more than the budget
+            fullest = max(range(len(micro_batches)), key=lambda k: len(micro_batches[k]))
+            batch = micro_batches.pop(fullest)
+            micro_batches[fullest:fullest] = [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
+        rng.shuffle(micro_batches)
+        steps.append(micro_batches)
+        start += low
+    rng.shuffle(steps)
+    return steps, len(stream) - start
 
 
 def split_speakers(speakers: list[str], eval_speakers: list[str], num_eval_speakers: int, seed: int) -> set[str]:

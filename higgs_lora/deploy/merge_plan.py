@@ -17,8 +17,12 @@ from higgs_lora.constants import RUN_CONFIG
 from higgs_lora.deploy.lora_weights import AdapterError
 from higgs_lora.deploy.shards import sha256_file
 from higgs_lora.errors import UserError
-from higgs_lora.model.loading import check_codec, check_model_dir, resolve_codec_path
-from higgs_lora.run_folder import ADAPTER, latest_checkpoint, read_adapter_config
+from higgs_lora.model.loading import (
+    check_codec,
+    check_model_dir,
+    resolve_codec_path,
+)
+from higgs_lora.run_folder import ADAPTER, BEST, BEST_JSON, latest_checkpoint, read_adapter_config
 
 MERGE_MARKER = "higgs_lora_merge.json"
 """Provenance of a merged directory; its presence is how an already merged directory is recognised."""
@@ -69,6 +73,11 @@ def locate_adapter(given: str | Path) -> AdapterLocation:
     if not path.is_dir():
         raise MergeError(f"--adapter {given}: no such directory")
     refuse_if_merged(path)
+    if is_adapter_dir(path) and (path / BEST_JSON).is_file():
+        step = json.loads((path / BEST_JSON).read_text(encoding="utf-8"))["step"]
+        return AdapterLocation(
+            path, f"the run's best adapter {path} (step {step}, by the rule in {BEST_JSON})", path.parent, step
+        )
     if is_adapter_dir(path):
         parent = path.parent
         step_match = _STEP.match(parent.name)
@@ -83,7 +92,10 @@ def locate_adapter(given: str | Path) -> AdapterLocation:
             path / ADAPTER, f"checkpoint {path.name}: its adapter {path / ADAPTER}", run_dir, int(step_match[1])
         )
     if is_adapter_dir(path / ADAPTER):
-        return AdapterLocation(path / ADAPTER, f"run directory {path}: its final adapter {path / ADAPTER}", path, None)
+        also = f" (the best evaluation's is {path / BEST}/)" if (path / BEST / BEST_JSON).is_file() else ""
+        return AdapterLocation(
+            path / ADAPTER, f"run directory {path}: its final adapter {path / ADAPTER}{also}", path, None
+        )
     latest = latest_checkpoint(path)
     if latest is not None and is_adapter_dir(latest / ADAPTER):
         return AdapterLocation(

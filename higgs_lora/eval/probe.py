@@ -13,7 +13,10 @@ is closer to the reference. At each evaluation the trainer calls `GenerationProb
 3. scores them with `scoring.score_generated` (resemblyzer similarity to the reference, DNSMOS) and logs
    `eval/similarity`, `eval/dnsmos_{sig,bak,ovrl}`, `eval/eos_fraction` (clips the model ended itself) next to the
    held-out loss, plus the same scores of the real held-out target (`*_ground_truth`: what a perfect model would
-   get, computed once);
+   get, computed once); with `train.eval_asr` also `eval/cer` and `eval/wer` (a local Whisper or CTC model
+   transcribes the clips on rank 0's CPU; scoring normalisation of the pairs' language) and `eval/cer_ground_truth`.
+   The other ranks do not wait here: they go on to the next collective (the checkpoint, or the next step's first
+   all-reduce) and wait there for rank 0, so the evaluation costs them rank 0's decode + scoring time, no more;
 4. writes the clips as an inference folder, `<output_dir>/eval_samples/step_NNNNNNNN/` (`manifest.jsonl` +
    wavs; references and ground-truth targets in `eval_samples/references/` and `targets/`), which
    `python -m higgs_lora.evaluate --pred` reads (CER with an ASR model, `--compare` with step 0: base vs tuned),
@@ -61,6 +64,10 @@ class ProbeSettings:
     seed: int = 0
     temperature: float = SamplingParams.temperature
     """The inference default; 0 (greedy) only in tests that compare codes across batch layouts."""
+    asr: str = ""
+    """`train.eval_asr`: a local ASR checkpoint for CER/WER; empty: none (said once)."""
+    language: str = "ar"
+    """Language of the pairs' texts: what the ASR is told and which scoring normalisation CER/WER use."""
 
 
 def choose_pairs(
@@ -91,11 +98,23 @@ class _Clip:
 class GenerationProbe:
     """Generates and scores the chosen held-out pairs; `run` is collective (every rank calls it)."""
 
-    def __init__(self, pairs: list[Pair], data, settings: ProbeSettings, output_dir: Path, rank: int, world_size: int):
+    def __init__(
+        self,
+        pairs: list[Pair],
+        data,
+        settings: ProbeSettings,
+        output_dir: Path,
+        rank: int,
+        world_size: int,
+        folder: str = FOLDER,
+    ):
         self.pairs, self.data, self.settings = pairs, data, settings
-        self.root = Path(output_dir) / FOLDER
+        self.root = Path(output_dir) / folder
         self.rank, self.world_size = rank, world_size
         self._ground_truth: dict | None = None
+        self._asr_ground_truth: dict | None = None
+        self._transcriber = None
+        self._said_no_asr = False
         self._scoring: object = _UNCHECKED
         self._references: dict[int, np.ndarray] = {}
         self._targets: dict[int, np.ndarray] = {}
@@ -197,7 +216,7 @@ class GenerationProbe:
             for clip, waveform in zip(clips, waveforms):
                 if len(waveform):
                     writer.add_audio(
-                        f"eval_samples/{clip.index:02d}",
+                        f"{self.root.name}/{clip.index:02d}",
                         torch.from_numpy(waveform)[None],
                         step,
                         sample_rate=SAMPLE_RATE,
@@ -233,6 +252,26 @@ class GenerationProbe:
                 parts.append(f"{silent} near-silent (clip or reference): no similarity, not a clone")
             if scores["num_failed"] - silent:
                 parts.append(f"{int(scores['num_failed'] - silent)} too short or silent to score")
+        if self.settings.asr:
+            try:
+                rates = self._asr_scores(clips, waveforms, targets)
+            except Exception as err:  # noqa: BLE001 - an ASR problem must never cost a training run
+                log.warning(f"transcribing the clips of step {step} failed: {type(err).__name__}: {err}")
+                rates = {}
+            metrics.update(rates)
+            if "cer" in rates:
+                truth = (
+                    f" (ground truth {rates['cer_ground_truth']:.3f} / {rates['wer_ground_truth']:.3f})"
+                    if "cer_ground_truth" in rates
+                    else ""
+                )
+                parts.append(
+                    f"CER {rates['cer']:.3f} WER {rates['wer']:.3f}{truth}, "
+                    f"ASR {rates['asr_seconds_per_clip']:.2f} s/clip"
+                )
+        elif not self._said_no_asr:
+            parts.append("CER/WER skipped: no train.eval_asr given")
+            self._said_no_asr = True
         metrics["score_seconds"] = time.perf_counter() - started
         parts.append(f"decoded, written and scored in {metrics['score_seconds']:.1f} s")
         log.info(" | ".join(parts) + f" | {self.root / STEP_NAME.format(step)}")
@@ -251,6 +290,42 @@ class GenerationProbe:
             )
             self._ground_truth = {f"{k}_ground_truth": v for k, v in truth.items() if not k.startswith("num_")}
         return scores, self._ground_truth
+
+    def load_asr(self) -> None:
+        """Rank 0: load `settings.asr` now (AsrError if it is unusable), so a bad path fails before training."""
+        if self.settings.asr and self._transcriber is None:
+            from higgs_lora.eval.asr import load_asr
+
+            self._transcriber = load_asr(self.settings.asr, key="train.eval_asr=")
+
+    def _asr_scores(self, clips: list[_Clip], waveforms, targets) -> dict:
+        """CER/WER of the clips against their target texts (scoring normalisation of `settings.language`), the
+        ASR seconds per clip, and the same rates of the real targets (`*_ground_truth`, transcribed once)."""
+        from higgs_lora.eval.text import EmptyReferenceError, corpus_rates, error_counts
+
+        self.load_asr()
+        language = self.settings.language
+        texts = [self.data.texts[self.pairs[c.index].target] for c in clips]
+
+        def rates_of(audio: list[np.ndarray]) -> dict | None:
+            counts = []
+            for text, waveform in zip(texts, audio):
+                hypothesis = self._transcriber.transcribe(waveform, SAMPLE_RATE, language) if len(waveform) else ""
+                try:
+                    counts.append(error_counts(text, hypothesis, language))
+                except EmptyReferenceError:
+                    continue  # nothing to score against: left out of both sums
+            return corpus_rates(counts)
+
+        started = time.perf_counter()
+        rates = rates_of(waveforms)
+        if rates is None:
+            return {}
+        metrics = {**rates, "asr_seconds_per_clip": (time.perf_counter() - started) / len(clips)}
+        if self._asr_ground_truth is None:
+            truth = rates_of(targets) or {}
+            self._asr_ground_truth = {f"{k}_ground_truth": v for k, v in truth.items()}
+        return {**metrics, **self._asr_ground_truth}
 
     def _scorable(self) -> bool | None:
         """None when the speaker encoder is not installed (the clips are then only written), else whether DNSMOS

@@ -14,14 +14,25 @@ spaces to one.
 
 from __future__ import annotations
 
+import string
+import unicodedata
 from dataclasses import dataclass
 
 from higgs_lora.text.arabic import normalize_for_scoring
 
 
-def scoring_text(text: str) -> str:
-    """The form of ``text`` that CER/WER compare (see :func:`higgs_lora.text.arabic.normalize_for_scoring`)."""
-    return normalize_for_scoring(text)
+def scoring_text(text: str, language: str = "ar") -> str:
+    """The form of ``text`` that CER/WER compare.
+
+    Arabic (``language`` "ar"): :func:`higgs_lora.text.arabic.normalize_for_scoring`. Any other language (a replay
+    corpus in English, say) gets only the language-neutral part, so no Arabic letter folding touches it: NFC,
+    punctuation to spaces, lowercase, whitespace collapsed.
+    """
+    if language == "ar":
+        return normalize_for_scoring(text)
+    text = unicodedata.normalize("NFC", text)
+    text = "".join(" " if ch in string.punctuation or unicodedata.category(ch).startswith("P") else ch for ch in text)
+    return " ".join(text.lower().split())
 
 
 @dataclass(frozen=True)
@@ -50,7 +61,7 @@ class EmptyReferenceError(ValueError):
     """The reference text has nothing left to score against after normalisation."""
 
 
-def error_counts(reference: str, hypothesis: str) -> ErrorCounts:
+def error_counts(reference: str, hypothesis: str, language: str = "ar") -> ErrorCounts:
     """Character and word edit counts of ``hypothesis`` against ``reference``, both scoring-normalised.
 
     Raises EmptyReferenceError when the reference normalises to nothing (e.g. only punctuation): a rate against
@@ -58,7 +69,7 @@ def error_counts(reference: str, hypothesis: str) -> ErrorCounts:
     """
     import jiwer
 
-    ref, hyp = scoring_text(reference), scoring_text(hypothesis)
+    ref, hyp = scoring_text(reference, language), scoring_text(hypothesis, language)
     if not ref:
         raise EmptyReferenceError(f"reference text {reference!r} is empty after scoring normalisation")
     if hyp:

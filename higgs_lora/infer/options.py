@@ -6,7 +6,6 @@ May import config and the inference core; nothing of the faces that use it.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from higgs_lora.infer.sampling import SamplingParams
 
@@ -74,12 +73,24 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_adapters(given: list[str]) -> dict[str, str]:
-    """{name: dir} from NAME=DIR or DIR arguments."""
+    """{name: dir} from NAME=DIR or DIR arguments. DIR may be an adapter directory, a run's `best/`, or a run folder
+    (its final adapter/); which adapter was taken is logged. NAME defaults to the run's name (`runs/x` and
+    `runs/x/adapter` -> "x", `runs/x/best` -> "x-best")."""
+    from higgs_lora.logs import get_logger
+    from higgs_lora.run_folder import ADAPTER, BEST, resolve_adapter
+
     adapters = {}
     for item in given:
         name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
-        path_obj = Path(path)
-        adapters[name or (path_obj.parent.name if path_obj.name == "adapter" else path_obj.name)] = path
+        resolved, how = resolve_adapter(path)
+        if resolved.name == ADAPTER:
+            default = resolved.parent.name
+        elif resolved.name == BEST:
+            default = f"{resolved.parent.name}-{BEST}"
+        else:
+            default = resolved.name
+        adapters[name or default] = str(resolved)
+        get_logger("infer").info(f"adapter {name or default!r}: {how}")
     return adapters
 
 

@@ -242,14 +242,14 @@ def export_adapter(model, out: Path, cfg: RunConfig, step: int, is_main: bool) -
 # ------------------------------------------------------------------------------------------- save / load
 
 
-def prune(output_dir: str | Path, newest_step: int, keep_last: int) -> list[Path]:
+def prune(output_dir: str | Path, newest_step: int, keep_last: int, keep_step: int | None = None) -> list[Path]:
     """Delete complete checkpoints older than the newest `keep_last` up to `newest_step`; returns what was deleted.
 
     Checkpoints past `newest_step` (left by another run in the same directory) are never touched, and neither is
-    `newest_step` itself.
+    `newest_step` itself, nor `keep_step` (the best evaluation's step, whose checkpoint is kept when there is one).
     """
     older = [p for p in list_checkpoints(output_dir) if step_of(p) <= newest_step]
-    doomed = older[: -max(1, keep_last)]
+    doomed = [p for p in older[: -max(1, keep_last)] if step_of(p) != keep_step]
     for path in doomed:
         shutil.rmtree(path)
     return doomed
@@ -263,11 +263,12 @@ def save_checkpoint(
     rank: int,
     keep_last: int,
     run_files: dict[str, dict] | None = None,
+    keep_step: int | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically (all ranks call). Returns its final directory.
 
     `run_files` are JSON files written beside the trainer state (the resolved DeepSpeed config and the plan), so a
-    checkpoint says how it was trained.
+    checkpoint says how it was trained. `keep_step`: a checkpoint pruning must keep (the best one).
 
     A failure on any rank (disk full, an empty adapter) raises on every rank instead of leaving the others waiting.
     """
@@ -306,7 +307,7 @@ def save_checkpoint(
                 shutil.rmtree(final)
             partial.rename(final)
             atomic_write_text(root / LATEST, final.name + "\n")
-            prune(cfg.output_dir, step, keep_last)
+            prune(cfg.output_dir, step, keep_last, keep_step)
         except OSError as err:
             error = err
     raise_if_any_failed(error, f"publishing {final}")

@@ -42,6 +42,15 @@ def schedule_line(cfg: RunConfig, total_steps: int, steps_per_epoch: int) -> str
     )
 
 
+def side_by_side(step: int, metrics: dict, language: str, replay_language: str) -> str:
+    """One line with the main and the replay held-out scores next to each other (those both have)."""
+    parts = [f"step {step} | main ({language}) / replay ({replay_language}):"]
+    for key, label, digits in (("loss", "loss", 4), ("similarity", "similarity", 3), ("cer", "CER", 3)):
+        if metrics.get(key) is not None and metrics.get(f"replay_{key}") is not None:
+            parts.append(f"{label} {metrics[key]:.{digits}f} / {metrics[f'replay_{key}']:.{digits}f}")
+    return " ".join(parts[:1]) + " " + " | ".join(parts[1:])
+
+
 class NonFiniteLossError(RuntimeError):
     """Too many optimizer steps in a row had a NaN/inf loss."""
 
@@ -111,14 +120,19 @@ class Trainer:
         self.window = RateWindow()
         self.eval_enabled = bool(cfg.train.eval_every and data.eval_batches)
         self.probe = self._build_probe()
+        self.replay_probe = self._build_probe(replay=True) if data.replay_eval_batches else None
+        self.best_scores: dict | None = None
+        """The scores of the best evaluation so far (rank 0; `higgs_lora.train.best`), None before the first."""
+        self.best_step: int | None = None
 
-    def _build_probe(self):
+    def _build_probe(self, replay: bool = False):
         """The held-out clips generated and scored at each evaluation (None when train.eval_samples is 0 or there
-        are no held-out speakers)."""
-        from higgs_lora.eval.probe import GenerationProbe, ProbeSettings, choose_pairs
+        are no held-out speakers); `replay`: those of the replay corpus's held-out speakers."""
+        from higgs_lora.eval.probe import FOLDER, GenerationProbe, ProbeSettings, choose_pairs
 
         train = self.cfg.train
-        samples = [s for micro_batch in self.data.eval_batches for s in micro_batch]
+        batches = self.data.replay_eval_batches if replay else self.data.eval_batches
+        samples = [s for micro_batch in batches or [] for s in micro_batch]
         if not (train.eval_every and train.eval_samples and samples):
             return None
         utterances = self.data.utterances
@@ -134,8 +148,35 @@ class Trainer:
             max_seconds=train.eval_sample_seconds,
             dnsmos=train.eval_dnsmos,
             seed=self.cfg.seed,
+            asr=train.eval_asr,
+            language=self.cfg.data.replay_language if replay else self.cfg.data.language,
         )
-        return GenerationProbe(pairs, self.data, settings, self.output, self.topology.rank, self.topology.world_size)
+        probe = GenerationProbe(
+            pairs,
+            self.data,
+            settings,
+            self.output,
+            self.topology.rank,
+            self.topology.world_size,
+            folder=f"{FOLDER}_replay" if replay else FOLDER,
+        )
+        self._load_asr(probe)
+        return probe
+
+    def _load_asr(self, probe) -> None:
+        """Rank 0 loads train.eval_asr before the first step: an unusable directory stops every rank now, not at the
+        first evaluation."""
+        from higgs_lora.distributed import raise_if_any_failed
+        from higgs_lora.errors import UserError
+
+        error = None
+        if self.topology.is_main and self.cfg.train.eval_asr:
+            try:
+                probe.load_asr()
+                self.say(f"train.eval_asr: {self.cfg.train.eval_asr} transcribes the evaluation clips", eval_log)
+            except UserError as err:
+                error = err
+        raise_if_any_failed(error, "loading train.eval_asr")
 
     def say(self, message: str, stage_log=log) -> None:
         """A `[train]` (or `stage_log`'s) line, from rank 0 only: the other ranks would repeat it."""
@@ -213,6 +254,7 @@ class Trainer:
             self.topology.rank,
             self.cfg.train.keep_last,
             run_files={"ds_config.json": self.ds_config, "plan.json": self.plan.to_dict()},
+            keep_step=self.best_step,
         )
         self.say(f"checkpoint {path}")
         self.last_saved = self.step
@@ -228,6 +270,7 @@ class Trainer:
         stop.catch()
         resumed = self.resume()
         self.metrics_log.start(self.step, resumed)
+        self._restore_best(resumed)
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -396,34 +439,105 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Loss on the held-out speakers, then the generated held-out clips' similarity and DNSMOS
-        (`higgs_lora.eval.probe`); all ranks take part, rank 0 logs."""
+        """Loss on the held-out speakers, then the generated held-out clips' similarity, DNSMOS and CER
+        (`higgs_lora.eval.probe`); the same for the replay corpus's held-out speakers (`replay_*` keys) when there
+        is one. All ranks take part, rank 0 logs."""
         engine = self.engine
         engine.eval()
-        totals = StepTotals.zeros(engine.module.config.num_codebooks)
-        for index, counted in eval_assignment(len(self.data.eval_batches), self.plan.world_size, self.topology.rank):
-            batch = self.data.collate(self.data.eval_batches[index])
-            result = micro_batch_loss_sums(engine, to_device(batch, self.device))
-            if counted:
-                totals.add_loss(result)
-        totals = totals.reduced(self.device)
-        positions = totals.audio_counts.tolist()[0]
-        metrics = {
-            "step": self.step,
-            "loss": totals.loss(),
-            "per_codebook_loss": totals.per_codebook_loss(),
-            "positions": positions,
-        }
+        metrics = {"step": self.step, **self._held_out_loss(self.data.eval_batches)}
         self.say(
             f"step {self.step} | held-out speakers {','.join(self.data.eval_speakers)} | "
-            f"loss {metrics['loss']:.4f} over {int(positions)} target positions",
+            f"loss {metrics['loss']:.4f} over {int(metrics['positions'])} target positions",
             eval_log,
         )
         if self.probe is not None:
             metrics.update(self.probe.run(engine.module, self.step, self.device, self.metrics_log.writer))
+        if self.data.replay_eval_batches:
+            replay = self._held_out_loss(self.data.replay_eval_batches)
+            self.say(
+                f"step {self.step} | replay held-out speakers {','.join(self.data.replay_eval_speakers or [])} | "
+                f"loss {replay['loss']:.4f} over {int(replay['positions'])} target positions",
+                eval_log,
+            )
+            if self.replay_probe is not None:
+                replay.update(self.replay_probe.run(engine.module, self.step, self.device, self.metrics_log.writer))
+            metrics.update({f"replay_{key}": value for key, value in replay.items()})
+            self.say(side_by_side(self.step, metrics, self.cfg.data.language, self.cfg.data.replay_language), eval_log)
         engine.train()
         self.metrics_log.record("eval", metrics)
+        self._update_best(metrics)
         return metrics
+
+    def _held_out_loss(self, micro_batches: list[list[Pair]]) -> dict:
+        """Loss, per-codebook losses and target positions over `micro_batches`, split over the ranks."""
+        engine = self.engine
+        totals = StepTotals.zeros(engine.module.config.num_codebooks)
+        for index, counted in eval_assignment(len(micro_batches), self.plan.world_size, self.topology.rank):
+            batch = self.data.collate(micro_batches[index])
+            result = micro_batch_loss_sums(engine, to_device(batch, self.device))
+            if counted:
+                totals.add_loss(result)
+        totals = totals.reduced(self.device)
+        return {
+            "loss": totals.loss(),
+            "per_codebook_loss": totals.per_codebook_loss(),
+            "positions": totals.audio_counts.tolist()[0],
+        }
+
+    # ----------------------------------------------------------------------------------------- best adapter
+
+    def _restore_best(self, resumed: bool) -> None:
+        """Rank 0: take up best.json when resuming (if it is not from past the resumed step, which this run will
+        evaluate again); a run from scratch moves an old best/ aside to best.previous_run/."""
+        import json
+        import shutil
+
+        from higgs_lora.train.best import BEST, BEST_JSON
+
+        best = self.output / BEST
+        if not (self.topology.is_main and (best / BEST_JSON).is_file()):
+            return
+        record = json.loads((best / BEST_JSON).read_text(encoding="utf-8"))
+        if resumed and record["step"] <= self.step:
+            self.best_scores, self.best_step = record["scores"], record["step"]
+            self.say(f"best adapter so far: step {self.best_step} ({best})")
+        elif not resumed:
+            old = self.output / f"{BEST}.previous_run"
+            if old.exists():
+                shutil.rmtree(old)
+            best.rename(old)
+            self.say(f"starting from scratch: the previous best/ is now {old.name}/")
+
+    def _update_best(self, metrics: dict) -> None:
+        """After an evaluation past step 0: rank 0 applies the rule; when this one wins, every rank takes part in
+        exporting the adapter (gathered under ZeRO-3) to <output_dir>/best/, with best.json."""
+        import shutil
+
+        from higgs_lora.distributed import broadcast_object, raise_if_any_failed
+        from higgs_lora.files import atomic_write_json, replace_directory
+        from higgs_lora.train.best import BEST, BEST_JSON, best_record, is_better, scores_of
+
+        decision = None
+        if self.topology.is_main and self.step > 0 and is_better(scores_of(metrics), self.best_scores):
+            decision = best_record(self.step, metrics)
+        decision = broadcast_object(decision)
+        if decision is None:
+            return
+        staging, error = self.output / f".{BEST}.partial", None
+        if self.topology.is_main and staging.exists():
+            shutil.rmtree(staging)
+        try:
+            checkpoint.export_adapter(self.engine.module, staging, self.cfg, self.step, self.topology.is_main)
+            if self.topology.is_main:
+                atomic_write_json(staging / BEST_JSON, decision)
+                replace_directory(staging, self.output / BEST)
+        except (OSError, RuntimeError) as err:
+            error = err
+        raise_if_any_failed(error, f"writing {self.output / BEST}")
+        if self.topology.is_main:
+            self.best_scores, self.best_step = decision["scores"], self.step
+            scores = ", ".join(f"{k} {v:.4f}" for k, v in decision["scores"].items())
+            self.say(f"best so far: step {self.step} ({scores}) -> {self.output / BEST}")
 
     def export_final(self) -> Path:
         """The final adapter at <output_dir>/adapter (a copy of the last checkpoint's, for convenience)."""

@@ -58,6 +58,10 @@ def test_demo_command_end_to_end(tmp_path):
         "step_00000005",
         "step_00000010",
     ]
+    # The best evaluation's adapter (no ASR in the demo: similarity decides), and CER said to be skipped.
+    best = json.loads((out / "best" / "best.json").read_text())
+    assert best["step"] in (5, 10) and (out / "best" / "adapter_model.safetensors").is_file()
+    assert "CER/WER skipped: no train.eval_asr given" in result.stdout
     # ... and ends with the evaluation report of the clones.
     evaluation = json.loads((out / "clone" / "metrics.json").read_text())
     assert evaluation["num_scored"] == 2 and evaluation["summary"]["similarity_reference"]["n"] == 2

@@ -215,3 +215,53 @@ def test_a_pinned_budget_that_cannot_fit_stops_every_rank_before_loading(demo_ca
     assert result.stderr.count("does not fit 2 x 1 GiB") == 2, result.stderr[-3000:]
     assert "train.micro_batch_tokens=" in result.stderr
     assert "[train] data:" not in result.stdout and not (out / "config.yaml").exists()
+
+
+def test_replay_asr_and_the_best_adapter_through_two_ranks(replay_cache, tiny_whisper, tmp_path):
+    """data.replay at 25 %, train.eval_asr (tiny Whisper), keep_last=1: the evaluations log Arabic and replay
+    scores side by side (loss, similarity, CER), best/ holds the rule's choice and pruning kept its checkpoint."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from higgs_lora.run_folder import list_checkpoints
+    from higgs_lora.train.best import RULE, is_better, scores_of
+
+    overrides, _ = replay_cache
+    out = tmp_path / "run"
+    probe = ["train.eval_samples=2", "train.eval_sample_seconds=1", "train.eval_dnsmos=false"]
+    result = train(
+        out,
+        [
+            *overrides,
+            *FAST,
+            *probe,
+            f"train.eval_asr={tiny_whisper}",
+            "train.max_steps=6",
+            "train.eval_every=2",
+            "train.save_every=2",
+            "train.keep_last=1",
+        ],
+    )
+    evals = metrics(out, "eval")
+    assert [m["step"] for m in evals] == [0, 2, 4, 6]
+    for m in evals:
+        for key in ("loss", "similarity", "cer", "wer", "cer_ground_truth"):
+            assert math.isfinite(m[key]) and math.isfinite(m[f"replay_{key}"]), (key, m)
+        assert m["cer"] >= 0 and m["replay_positions"] > 0
+    assert (out / "eval_samples_replay" / "step_00000006" / "manifest.jsonl").is_file()
+    assert "main (ar) / replay (en): loss" in result.stdout and "CER " in result.stdout
+
+    record = json.loads((out / "best" / "best.json").read_text(encoding="utf-8"))
+    expected = None
+    for m in evals[1:]:  # the rule over the logged evaluations (step 0 is never a candidate)
+        if expected is None or is_better(scores_of(m), scores_of(expected)):
+            expected = m
+    assert record["step"] == expected["step"] and record["rule"] == RULE
+    assert record["scores"]["cer"] == pytest.approx(expected["cer"])
+    assert (out / "best" / "adapter_model.safetensors").is_file()
+    kept = [p.name for p in list_checkpoints(out)]
+    assert kept == sorted({f"step_{record['step']:08d}", "step_00000006"})
+    assert f"best so far: step {record['step']}" in result.stdout
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    assert [e.step for e in events.Scalars("eval/replay_loss")] == [0, 2, 4, 6]
+    assert [e.value for e in events.Scalars("eval/cer")] == pytest.approx([m["cer"] for m in evals])

@@ -182,3 +182,57 @@ def test_one_step_problem_names_the_knob_that_helps():
     assert "micro_batch_tokens" not in message
     assert "use fewer ranks" in one_step_problem(3, 4, 1, 2048, 0)
     assert "lower train.global_batch_tokens to 8,192" in one_step_problem(9, 4, 8, 1024, 32768)  # 2 per rank x 4
+
+
+# ------------------------------------------------------------------------------------------------ replay
+
+
+def replay_sampler(fraction, world_size=2, accumulation=2, replay_speakers=3, seed=5):
+    main = corpus(num_speakers=5, per_speaker=40, seed=1)
+    replay = [
+        UtteranceInfo(f"replay:{u.speaker}", u.num_frames, u.num_text_tokens) for u in corpus(replay_speakers, 10, 2)
+    ]
+    utterances = main + replay
+    sampler = EpochSampler(
+        utterances,
+        list(range(len(main))),
+        prompt_overhead=30,
+        micro_batch_tokens=1500,
+        reference_frames=(20, 200),
+        seed=seed,
+        world_size=world_size,
+        accumulation=accumulation,
+        replay_targets=list(range(len(main), len(utterances))),
+        replay_fraction=fraction,
+    )
+    return sampler, utterances, len(main)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5])
+@pytest.mark.parametrize("world_size,accumulation", [(1, 1), (2, 2), (4, 1)])
+def test_replay_takes_its_share_of_every_step_and_references_of_its_own_speakers(fraction, world_size, accumulation):
+    sampler, utterances, num_main = replay_sampler(fraction, world_size, accumulation)
+    for epoch in (0, 1):
+        plan = sampler.plan(epoch)
+        assert plan.steps
+        for step in plan.steps:
+            assert len(step) == world_size * accumulation  # every rank the same number of micro-batches
+            samples = [s for mb in step for s in mb]
+            assert all(len(mb) * max(s.num_positions for s in mb) <= 1500 for mb in step)
+            replayed = sum(s.target >= num_main for s in samples)
+            assert abs(replayed - fraction * len(samples)) <= 1.5, (replayed, len(samples))
+            for s in samples:  # a replay target's reference is another utterance of its own (replay) speaker
+                assert s.reference != s.target
+                assert utterances[s.reference].speaker == utterances[s.target].speaker
+        main_targets = [s.target for step in plan.steps for mb in step for s in mb if s.target < num_main]
+        assert len(main_targets) == len(set(main_targets))  # each main target at most once an epoch
+        total = plan.num_samples + plan.num_dropped
+        replay_total = round(200 * fraction / (1 - fraction))
+        assert total + plan.num_without_reference == 200 + replay_total
+    assert sampler.plan(0).steps != sampler.plan(1).steps
+
+
+def test_replay_off_is_the_schedule_without_replay():
+    with_zero, utterances, num_main = replay_sampler(0.0)
+    plain = EpochSampler(utterances, list(range(num_main)), 30, 1500, (20, 200), seed=5, world_size=2, accumulation=2)
+    assert with_zero.plan(0).steps == plain.plan(0).steps

@@ -18,84 +18,8 @@ import pytest
 from higgs_lora.eval.asr import AsrError, asr_kind, load_asr
 from higgs_lora.eval.cli import main
 from higgs_lora.eval.text import scoring_text
+from higgs_lora.tiny import write_tiny_whisper
 from tests.eval_folders import make_prediction_folder, same_speaker_samples
-
-WHISPER_SPECIALS = [
-    "<|endoftext|>",
-    "<|startoftranscript|>",
-    "<|ar|>",
-    "<|translate|>",
-    "<|transcribe|>",
-    "<|startoflm|>",
-    "<|startofprev|>",
-    "<|nocaptions|>",
-    "<|notimestamps|>",
-]
-
-
-def write_tiny_whisper(out: Path) -> Path:
-    """A 1-layer Whisper (d_model 32) with a byte-level tokenizer (256 byte tokens, no merges) that knows <|ar|>."""
-    import torch
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import (
-        GenerationConfig,
-        WhisperConfig,
-        WhisperFeatureExtractor,
-        WhisperForConditionalGeneration,
-        WhisperProcessor,
-        WhisperTokenizer,
-    )
-
-    vocab = {ch: i for i, ch in enumerate(sorted(ByteLevel.alphabet()))}
-    (out / "src").mkdir(parents=True)
-    (out / "src" / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (out / "src" / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    eot = WHISPER_SPECIALS[0]
-    tokenizer = WhisperTokenizer(
-        str(out / "src" / "vocab.json"),
-        str(out / "src" / "merges.txt"),
-        unk_token=eot,
-        bos_token=eot,
-        eos_token=eot,
-        pad_token=eot,
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": WHISPER_SPECIALS[1:]})
-    ids = dict(zip(WHISPER_SPECIALS, tokenizer.convert_tokens_to_ids(WHISPER_SPECIALS)))
-    config = WhisperConfig(
-        vocab_size=len(tokenizer),
-        d_model=32,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        num_mel_bins=80,
-        max_target_positions=64,
-        pad_token_id=ids[eot],
-        bos_token_id=ids[eot],
-        eos_token_id=ids[eot],
-        decoder_start_token_id=ids["<|startoftranscript|>"],
-    )
-    torch.manual_seed(0)
-    model = WhisperForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(
-        decoder_start_token_id=ids["<|startoftranscript|>"],
-        eos_token_id=ids[eot],
-        pad_token_id=ids[eot],
-        bos_token_id=ids[eot],
-        is_multilingual=True,
-        lang_to_id={"<|ar|>": ids["<|ar|>"]},
-        task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]},
-        no_timestamps_token_id=ids["<|notimestamps|>"],
-        max_length=64,
-    )
-    model_dir = out / "whisper"
-    model.save_pretrained(model_dir)
-    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tokenizer).save_pretrained(
-        model_dir
-    )
-    return model_dir
 
 
 def write_tiny_ctc(out: Path) -> Path:

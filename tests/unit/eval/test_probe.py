@@ -321,3 +321,40 @@ def test_two_ranks_decode_in_lockstep_when_one_finishes_early_or_has_no_pair(dem
     ).generate(model, torch.device("cpu"))
     for index, codes, _ in ranks[0][3]["mine"]:
         assert torch.equal(codes, alone[index].codes), index
+
+
+@pytest.mark.slow
+def test_probe_scores_cer_with_the_asr_and_transcribes_the_ground_truth_once(setup, tmp_path, tiny_whisper):
+    from higgs_lora.eval.asr import Transcriber
+    from higgs_lora.eval.text import corpus_rates, error_counts
+
+    heard: list[str] = []
+    real = Transcriber.transcribe
+
+    def spy(self, samples, rate, language="ar"):
+        assert language == "ar"
+        heard.append(real(self, samples, rate, language))
+        return heard[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Transcriber, "transcribe", spy)
+        probe, pairs, first, second, lines = run_probe(setup, tmp_path, count=2, dnsmos=False, asr=str(tiny_whisper))
+    _, data, _ = setup
+    texts = [data.texts[p.target] for p in pairs]
+    # step 0: the 2 clips, then the 2 real targets (once); step 5: the 2 clips again
+    assert len(heard) == 6
+    for metrics, hypotheses in ((first, heard[0:2]), (second, heard[4:6])):
+        expected = corpus_rates([error_counts(t, h) for t, h in zip(texts, hypotheses)])
+        assert metrics["cer"] == pytest.approx(expected["cer"]) and metrics["wer"] == pytest.approx(expected["wer"])
+        assert metrics["asr_seconds_per_clip"] > 0
+    truth = corpus_rates([error_counts(t, h) for t, h in zip(texts, heard[2:4])])
+    assert first["cer_ground_truth"] == second["cer_ground_truth"] == pytest.approx(truth["cer"])
+    assert second["wer_ground_truth"] == pytest.approx(truth["wer"])
+    assert all("CER " in line and "ground truth" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_probe_without_asr_says_once_that_cer_is_skipped(setup, tmp_path):
+    _, _, first, second, lines = run_probe(setup, tmp_path, count=1, dnsmos=False)
+    assert "cer" not in first and "cer" not in second
+    assert [("CER/WER skipped: no train.eval_asr given" in line) for line in lines] == [True, False]
