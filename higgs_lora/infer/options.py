@@ -62,6 +62,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: cuda when present)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     parser.add_argument("--max-batch", type=int, default=8, help="requests generated together")
+    parser.add_argument(
+        "--scene",
+        default=None,
+        help="prompt scene for requests that name none ('' no scene, 'none' no system turn; default: the scene "
+        "recorded with the adapter or merged model, else Boson AI's quiet-room scene)",
+    )
 
 
 def parse_adapters(given: list[str]) -> dict[str, str]:
@@ -84,4 +90,7 @@ def load_cloner(args):
         raise InferenceError("give --model DIR (a merged model or base) and/or --adapter DIR")
     if args.model is None:
         adapters = {}
-    return VoiceCloner.load(model, adapters=adapters, device=args.device, dtype=args.dtype, max_batch=args.max_batch)
+    cloner = VoiceCloner.load(model, adapters=adapters, device=args.device, dtype=args.dtype, max_batch=args.max_batch)
+    if args.scene is not None:
+        cloner.use_scene(args.scene)
+    return cloner

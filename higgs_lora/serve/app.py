@@ -127,7 +127,10 @@ def build_request(
     adapter = body.get("adapter") or (cloner.adapters[0] if cloner.adapters else None)
     if adapter in ("base", "none"):
         adapter = None
-    request = CloneRequest(audio[0], audio[1], reference_text, target, _params(body), adapter)
+    scene = body.get("scene")
+    if scene is not None and not isinstance(scene, str):
+        raise RequestError(422, "scene must be a string ('' for no scene, 'none' for no system turn)")
+    request = CloneRequest(audio[0], audio[1], reference_text, target, _params(body), adapter, scene)
     try:
         cloner.prepare(request)
     except InferenceError as err:
