@@ -98,6 +98,10 @@ class DataConfig:
     """Fold alef/hamza forms, alef maqsura and ta marbuta in training text (off by default: it loses information)."""
     numbers_to_words: bool = True
     """Spell digits out as Arabic words (the model reads words; digits are ambiguous in speech)."""
+    diacritize: Literal["none", "auto"] = "none"
+    """Arabic diacritisation of transcripts (prepare) and target texts (inference), applied identically: 'auto'
+    adds tashkeel to every word that has none with text2tashkeel's bundled ONNX model (`pip install
+    higgs-lora[arabic]`); words already diacritised are kept. Recorded with the adapter (docs/arabic.md)."""
     require_arabic_letters: bool = True
     """Reject transcripts with no Arabic letter when data.language is 'ar' (catches misrouted Latin transcripts)."""
     max_letters_per_second: float = 25.0
@@ -116,7 +120,7 @@ class DataConfig:
         """What decides the tokens of a prompt besides its texts and audio: the scene and the text normalisation.
         Recorded with every adapter and merged model (their higgs_lora.yaml; listed in model cards and
         provenance) so inference prompts a model as it was trained (docs/inference.md#the-prompt)."""
-        keys = ("scene", "language", "strip_diacritics", "fold_letters", "numbers_to_words")
+        keys = ("scene", "language", "strip_diacritics", "fold_letters", "numbers_to_words", "diacritize")
         return {key: getattr(self, key) for key in keys}
 
 
