@@ -33,7 +33,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check pip==26.3
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[serve,eval,dev]"
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[serve,eval,dev,arabic]"
 	touch $(STAMP)
 
 tiny: $(STAMP)

@@ -15,6 +15,12 @@ NUM_CODEBOOKS = 8
 DELAY_POSITIONS = NUM_CODEBOOKS + 1
 """Extra model positions per audio segment: stream BOS + EOS, plus the 7-step delay pattern (T frames -> T+9)."""
 
+DEFAULT_SCENE = "Audio is recorded from a quiet room."
+"""The scene of Boson AI's cloning examples (`examples/scene_prompts/quiet_indoor.txt`), rendered in the system turn:
+the prompt the released model is prompted with by default, and `data.scene`'s default."""
+NO_SYSTEM_TURN = "none"
+"""`data.scene` value for no system turn at all (what Boson AI's code renders for a cloning prompt without a scene)."""
+
 RUN_CONFIG = "higgs_lora.yaml"
 """The resolved run config, written next to every adapter and merged model, read back by merge, infer and serve."""
 

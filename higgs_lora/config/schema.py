@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from higgs_lora.config.validate import validate_run
-from higgs_lora.constants import SAMPLE_RATE
+from higgs_lora.constants import DEFAULT_SCENE, SAMPLE_RATE
 from higgs_lora.errors import UserError
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -98,13 +98,19 @@ class DataConfig:
     """Fold alef/hamza forms, alef maqsura and ta marbuta in training text (off by default: it loses information)."""
     numbers_to_words: bool = True
     """Spell digits out as Arabic words (the model reads words; digits are ambiguous in speech)."""
+    diacritize: Literal["none", "auto"] = "none"
+    """Arabic diacritisation of transcripts (prepare) and target texts (inference), applied identically: 'auto'
+    adds tashkeel to every word that has none with text2tashkeel's bundled ONNX model (`pip install
+    higgs-lora[arabic]`); words already diacritised are kept. Recorded with the adapter (docs/arabic.md)."""
     require_arabic_letters: bool = True
     """Reject transcripts with no Arabic letter when data.language is 'ar' (catches misrouted Latin transcripts)."""
     max_letters_per_second: float = 25.0
     """Reject a transcript with more letters (diacritics not counted) per second of audio than this: the text is
     implausibly long for its recording."""
-    scene: str = ""
-    """Optional scene description added to the system prompt (e.g. 'Audio is recorded in a quiet room.')."""
+    scene: str = DEFAULT_SCENE
+    """Scene description in the system turn of every prompt (default: Boson AI's quiet-room scene, the prompt the
+    released model knows); '' keeps the system turn without a scene; 'none' renders no system turn at all. Saved
+    with the adapter: inference and the server prompt with it unless a request names its own."""
     eval_speakers: list[str] = field(default_factory=list)
     """Speakers held out of training for the evaluation loss. Empty: data.num_eval_speakers drawn with the seed."""
     num_eval_speakers: int = 1
@@ -118,6 +124,13 @@ class DataConfig:
     """Language code of data.replay (its records carry it; Arabic text rules apply only to 'ar')."""
     replay_fraction: float = 0.0
     """Share of every optimizer step's training targets drawn from data.replay (e.g. 0.1); 0: off."""
+
+    def prompt_settings(self) -> dict[str, Any]:
+        """What decides the tokens of a prompt besides its texts and audio: the scene and the text normalisation.
+        Recorded with every adapter and merged model (their higgs_lora.yaml; listed in model cards and
+        provenance) so inference prompts a model as it was trained (docs/inference.md#the-prompt)."""
+        keys = ("scene", "language", "strip_diacritics", "fold_letters", "numbers_to_words", "diacritize")
+        return {key: getattr(self, key) for key in keys}
 
 
 @dataclass

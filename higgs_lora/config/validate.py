@@ -41,6 +41,8 @@ def validate_run(cfg: RunConfig) -> list[str]:
         if value < 0:
             problems.append(f"{key}={value} must be >= 0")
 
+    if data.diacritize == "auto" and data.strip_diacritics:
+        problems.append("data.diacritize=auto adds the diacritics data.strip_diacritics=true removes: set one of them")
     positive("lora.r", lora.r)
     positive("lora.alpha", lora.alpha)
     if not 0 <= lora.dropout < 1:

@@ -69,6 +69,7 @@ def cache_settings(cfg: RunConfig, codec_path: str) -> dict:
         "strip_diacritics": data.strip_diacritics,
         "fold_letters": data.fold_letters,
         "numbers_to_words": data.numbers_to_words,
+        "diacritize": data.diacritize,
         "require_arabic_letters": data.require_arabic_letters,
         "max_letters_per_second": data.max_letters_per_second,
         "audio": asdict(cfg.audio),

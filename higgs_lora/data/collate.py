@@ -25,8 +25,16 @@ from dataclasses import dataclass
 
 import torch
 
+from higgs_lora.constants import DEFAULT_SCENE, NO_SYSTEM_TURN
+
 IGNORE_INDEX = -100
 SYSTEM_PROMPT = "Generate audio following instruction."
+_SYSTEM_HEADER = "<|start_header_id|>system<|end_header_id|>\n\n"
+
+
+def has_system_turn(scene: str) -> bool:
+    """Whether a prompt with this `data.scene` opens with a system turn ('none': it does not)."""
+    return scene.strip().lower() != NO_SYSTEM_TURN
 
 
 def build_delay_pattern(codes: torch.Tensor, bos_id: int, eos_id: int) -> torch.Tensor:
@@ -82,10 +90,16 @@ class Example:
         return int(self.input_ids.shape[0])
 
 
-def render_zero_shot_prompt(processor, reference_text: str, target_text: str, scene: str = "") -> str:
-    """The chat-template text of a cloning conversation with an assistant audio turn for reference and target."""
+def render_zero_shot_prompt(processor, reference_text: str, target_text: str, scene: str = DEFAULT_SCENE) -> str:
+    """The chat-template text of a cloning conversation with an assistant audio turn for reference and target.
+
+    `scene` ('' none, else folded into the system turn as `<|scene_desc_start|>...`); `NO_SYSTEM_TURN` renders no
+    system turn at all. The chat template (ours and the transformers port's) requires a system message, so that
+    form is rendered with one and the system turn is cut out, leaving what Boson AI's code renders without a scene.
+    """
+    system = has_system_turn(scene)
     conversation = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]}]
-    if scene:
+    if scene and system:
         conversation.append({"role": "scene", "content": [{"type": "text", "text": scene}]})
     conversation += [
         {"role": "user", "content": [{"type": "text", "text": reference_text}]},
@@ -93,7 +107,14 @@ def render_zero_shot_prompt(processor, reference_text: str, target_text: str, sc
         {"role": "user", "content": [{"type": "text", "text": target_text}]},
         {"role": "assistant", "content": [{"type": "audio", "audio": "target"}]},
     ]
-    return processor.apply_chat_template(conversation, tokenize=False)
+    text = processor.apply_chat_template(conversation, tokenize=False)
+    if system:
+        return text
+    start = text.find(_SYSTEM_HEADER)
+    end = text.find("<|eot_id|>", start)
+    if start < 0 or end < 0 or text.find(_SYSTEM_HEADER, end) >= 0:
+        raise ValueError("the chat template rendered no single system turn to cut out for data.scene=none")
+    return text[:start] + text[end + len("<|eot_id|>") :]
 
 
 def build_example(
@@ -102,7 +123,7 @@ def build_example(
     reference_codes: torch.Tensor,
     target_text: str,
     target_codes: torch.Tensor,
-    scene: str = "",
+    scene: str = DEFAULT_SCENE,
 ) -> Example:
     """A zero-shot training example from texts and (K, T) codec codes of the reference and target audio."""
     bos_id, eos_id = processor.audio_stream_bos_id, processor.audio_stream_eos_id
@@ -147,7 +168,7 @@ def shift_left(labels: torch.Tensor) -> torch.Tensor:
     return shifted
 
 
-def prompt_overhead_tokens(processor, scene: str = "") -> int:
+def prompt_overhead_tokens(processor, scene: str = DEFAULT_SCENE) -> int:
     """Tokens of a zero-shot prompt besides the two transcripts and the audio positions.
 
     A sample's length in model positions is this + tokens(reference text) + tokens(target text) + (T_ref + 9) +
@@ -215,7 +236,7 @@ class Prompt:
 
 
 def build_prompt(
-    processor, reference_text: str, reference_codes: torch.Tensor, target_text: str, scene: str = ""
+    processor, reference_text: str, reference_codes: torch.Tensor, target_text: str, scene: str = DEFAULT_SCENE
 ) -> Prompt:
     """The generation prompt of a cloning request: the training sample's layout cut where the target audio begins.
 

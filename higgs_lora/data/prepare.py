@@ -195,6 +195,7 @@ def prepare_item(item: Item, cfg: RunConfig) -> Outcome:
             strip_diacritics=data.strip_diacritics,
             fold_letters=data.fold_letters,
             numbers_to_words=data.numbers_to_words,
+            diacritize=data.diacritize,
         )
         if utterance.language == "ar"
         else " ".join(utterance.text.split())

@@ -54,8 +54,15 @@ def detect_kind(src: Path) -> str:
     )
 
 
-def convert(src: str | Path, out: str | Path, codec: str | None = None, force: bool = False) -> Path:
-    """Convert `src` (original model or codec) into `out`, atomically; returns `out`."""
+def convert(
+    src: str | Path,
+    out: str | Path,
+    codec: str | None = None,
+    force: bool = False,
+    hubert_heads: int | None = None,
+) -> Path:
+    """Convert `src` (original model or codec) into `out`, atomically; returns `out`. `hubert_heads`: attention
+    heads of the codec's HuBERT (default: hidden size / 64, HuBERT-base's 12); not stored in model.pth."""
     from higgs_lora.deploy.original_codec import convert_codec
 
     src, out = Path(src).expanduser().resolve(), Path(out).expanduser().resolve()
@@ -74,7 +81,7 @@ def convert(src: str | Path, out: str | Path, codec: str | None = None, force: b
             reference = str(Path(codec).expanduser().resolve()) if codec else DEFAULT_CODEC_REFERENCE
             summary = convert_model(src, staging, reference)
         else:
-            summary = convert_codec(src, staging)
+            summary = convert_codec(src, staging, hubert_heads)
         for path in src.iterdir():  # the weights' licence travels with them
             if path.is_file() and re.match(r"^(LICEN[CS]E|NOTICE)", path.name, re.IGNORECASE):
                 shutil.copy2(path, staging / path.name)
@@ -86,7 +93,9 @@ def convert(src: str | Path, out: str | Path, codec: str | None = None, force: b
 
 
 def _run(args: argparse.Namespace) -> int:
-    convert(args.src, args.out, args.codec, args.force)
+    if args.hubert_heads is not None and args.hubert_heads < 1:
+        raise ConvertError(f"--hubert-heads {args.hubert_heads}: give a positive number of attention heads")
+    convert(args.src, args.out, args.codec, args.force, args.hubert_heads)
     return 0
 
 
@@ -103,6 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         "--codec",
         help="for a generation model: the (converted) codec directory its processor "
         "config should name (default: the released Hub id; set model.codec_path)",
+    )
+    parser.add_argument(
+        "--hubert-heads",
+        type=int,
+        default=None,
+        help="for a codec: attention heads of its HuBERT semantic model (model.pth does not store them; "
+        "default: hidden size / 64, i.e. 12 for HuBERT-base)",
     )
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
     startup.add_common_arguments(parser)

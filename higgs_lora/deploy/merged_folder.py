@@ -14,6 +14,8 @@ import re
 import shutil
 from typing import TYPE_CHECKING
 
+from higgs_lora.config import save_config
+from higgs_lora.constants import RUN_CONFIG
 from higgs_lora.deploy.merge_plan import ADAPTER_FILES, MERGE_MARKER, MergePlan
 from higgs_lora.deploy.shards import sha256_file
 from higgs_lora.files import atomic_write_json, atomic_write_text
@@ -62,6 +64,10 @@ def write_support_files(plan: MergePlan, staging: Path) -> list[str]:
         processor["audio_tokenizer"].setdefault("audio_tokenizer_class", "HiggsAudioV2TokenizerModel")
         atomic_write_json(staging / "processor_config.json", processor)
         copied.append("processor_config.json")
+    # The run config travels with the merged model: inference reads its prompt settings (scene, text normalisation)
+    # from it, so the merged model is prompted as the adapter was trained.
+    save_config(plan.cfg, staging / RUN_CONFIG)
+    copied.append(RUN_CONFIG)
     atomic_write_text(staging / "NOTICE", licence_notice("model"))
     atomic_write_text(staging / "README.md", _model_card(plan))
     return copied
@@ -77,6 +83,8 @@ def _model_card(plan: MergePlan) -> str:
         f"{'4-bit NF4' if cfg.model.quantization == 'nf4' else cfg.model.dtype} base), for zero-shot voice cloning "
         f"(language: {cfg.data.language}). Weights in {plan.dtype}; written by `python -m higgs_lora.merge`.\n\n"
         f"Base model: `{plan.base}`. Adapter: `{plan.adapter.path}`. Provenance: `{MERGE_MARKER}`.\n\n"
+        f"Prompt settings it was trained with (in `{RUN_CONFIG}`; `infer` and `serve` use them): "
+        f"`{json.dumps(cfg.data.prompt_settings(), ensure_ascii=False)}`.\n\n"
         "Load with plain transformers:\n\n```python\n"
         "from transformers import HiggsAudioV2ForConditionalGeneration, HiggsAudioV2TokenizerModel\n"
         "model = HiggsAudioV2ForConditionalGeneration.from_pretrained(THIS_DIR)\n"
@@ -103,6 +111,7 @@ def provenance(plan: MergePlan, result: MergeResult, verification: dict | None) 
         "dtype": plan.dtype,
         "trained_quantization": plan.cfg.model.quantization,
         "lora": {"r": plan.cfg.lora.r, "alpha": plan.cfg.lora.alpha, "target_modules": plan.cfg.lora.target_modules},
+        "prompt": plan.cfg.data.prompt_settings(),
         "tensors": result.num_tensors,
         "merged_weights": result.num_merged,
         "weights_sha256": {path.name: sha256_file(path) for path in result.files},

@@ -173,16 +173,12 @@ def codec_config_from_original(
         "hidden_size": original.get("D", quantizer_dim - hubert_hidden),
         "sampling_rate": sample_rate,
     }
-    bandwidths = list(original.get("target_bandwidths", [0.5, 1, 1.5, 2]))
     frame_rate = math.ceil(sample_rate / math.prod(ratios))
     bins = original.get("bins", 1024)
-    num_quantizers = int(1000 * bandwidths[-1] // (frame_rate * math.ceil(math.log2(bins))))
     stored = len({m[1] for name in shapes if (m := re.match(r"quantizer\.vq\.layers\.(\d+)\.", name))})
-    if num_quantizers != stored:
-        raise CodecConvertError(
-            f"target_bandwidths ending at {bandwidths[-1]} kbps give {num_quantizers} "
-            f"quantizers at {frame_rate} frames/s, but model.pth holds {stored}"
-        )
+    if original.get("n_q", stored) != stored:
+        raise CodecConvertError(f"config.json says n_q={original['n_q']}, but model.pth holds {stored} quantizers")
+    bandwidths = bandwidths_for(original.get("target_bandwidths", [0.5, 1, 1.5, 2]), stored, frame_rate, bins)
     return {
         "target_bandwidths": bandwidths,
         "sample_rate": sample_rate,
@@ -193,6 +189,21 @@ def codec_config_from_original(
         "semantic_sample_rate": original.get("semantic_sample_rate") or 16000,
         "downsample_factor": 320,
     }
+
+
+def bandwidths_for(bandwidths: list[float], num_quantizers: int, frame_rate: int, bins: int) -> list[float]:
+    """The target bandwidths (kbps) the port's codec can use with the `num_quantizers` the checkpoint holds.
+
+    The port derives its quantizer count from the last bandwidth; the released config lists up to 4 kbps (16
+    quantizers at 25 frames/s) while model.pth holds 8, and Boson's quantizer uses the 8 it holds. So bandwidths
+    that need more quantizers are dropped, and the bandwidth of all of them is appended when none is left at it.
+    """
+    bits = math.ceil(math.log2(bins))
+    needed = lambda kbps: int(1000 * kbps // (frame_rate * bits))  # noqa: E731
+    kept = [float(b) for b in sorted(bandwidths) if needed(b) <= num_quantizers]
+    if not kept or needed(kept[-1]) < num_quantizers:
+        kept.append(num_quantizers * frame_rate * bits / 1000)
+    return kept
 
 
 def expected_codec_shapes(config_args: dict) -> dict[str, tuple[int, ...]]:

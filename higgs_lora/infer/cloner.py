@@ -115,6 +115,8 @@ class VoiceCloner:
         self.decoder = DecodeLoop(model, cache=cache, compile_step=compile_step, max_batch=max_batch)
         self.stream_settings = stream
         self.references = ReferenceCache(codec, run_config)
+        self.scenes: dict[str | None, str] = {}
+        """Per adapter name: the scene recorded with it (its higgs_lora.yaml); others use `run_config.data.scene`."""
 
     # ---------------------------------------------------------------------------------------------- loading
 
@@ -162,7 +164,7 @@ class VoiceCloner:
         processor = load_processor(model_cfg, codec)
         cache = ("static" if on_gpu else "dynamic") if cache == "auto" else cache
         compile_step = (on_gpu and cache == "static") if compile_step == "auto" else bool(compile_step)
-        return cls(
+        cloner = cls(
             model,
             processor,
             codec,
@@ -172,6 +174,10 @@ class VoiceCloner:
             cache=cache,
             compile_step=compile_step,
         )
+        for name, path in adapters.items():
+            if (Path(path) / RUN_CONFIG).is_file():
+                cloner.scenes[name] = load_config(Path(path) / RUN_CONFIG).data.scene
+        return cloner
 
     # --------------------------------------------------------------------------------------------- requests
 
@@ -196,6 +202,7 @@ class VoiceCloner:
         params: SamplingParams | None = None,
         adapter: str | None = None,
         reference_rate: int = SAMPLE_RATE,
+        scene: str | None = None,
     ) -> CloneRequest:
         """A `CloneRequest` from a path or samples (read here, so a bad file fails before any batch starts)."""
         if not isinstance(reference_audio, np.ndarray):
@@ -206,7 +213,7 @@ class VoiceCloner:
             except AudioError as err:
                 raise InferenceError(f"reference audio: {err}") from None
         return CloneRequest(
-            reference_audio, reference_rate, reference_text, target_text, params or SamplingParams(), adapter
+            reference_audio, reference_rate, reference_text, target_text, params or SamplingParams(), adapter, scene
         )
 
     def clone_batch(self, requests: list[CloneRequest]) -> list[CloneResult]:
@@ -329,7 +336,7 @@ class VoiceCloner:
         """The prompt of `job`'s current piece: reference, the earlier pieces that fit the request's context
         settings (oldest dropped first), then the piece's text; what it holds is recorded on `job`."""
         prompt = build_prompt(
-            self.processor, job.reference.text, job.reference.codes, job.pieces[job.piece], self.run_config.data.scene
+            self.processor, job.reference.text, job.reference.codes, job.pieces[job.piece], self.scene(job.request)
         )
         params = job.request.params
         sizes = [piece.num_positions for piece in job.spoken]
@@ -392,6 +399,18 @@ class VoiceCloner:
 
     # ---------------------------------------------------------------------------------------------- inputs
 
+    def scene(self, request: CloneRequest) -> str:
+        """The scene `request` is prompted with: its own, else the one recorded with its adapter, else the loaded
+        model's (the merged model's or first adapter's run config; the `data.scene` default for a bare base)."""
+        if request.scene is not None:
+            return request.scene
+        return self.scenes.get(request.adapter, self.run_config.data.scene)
+
+    def use_scene(self, scene: str) -> None:
+        """Prompt every request that names no scene with `scene` (the `--scene` option of infer and serve)."""
+        self.run_config.data.scene = scene
+        self.scenes = dict.fromkeys(self.scenes, scene)
+
     def normalize(self, text: str) -> str:
         """`text` normalised as the training run normalised its transcripts."""
         return normalize_text(text, self.run_config.data)
@@ -431,6 +450,8 @@ class VoiceCloner:
             "cache": self.decoder.cache_kind,
             "compiled": self.decoder._step is not self.decoder._forward,
             "max_batch": self.max_batch,
+            "prompt": self.run_config.data.prompt_settings(),
+            "adapter_scenes": self.scenes,
             "frames_per_second": FRAMES_PER_SECOND,
             "sample_rate": SAMPLE_RATE,
         }

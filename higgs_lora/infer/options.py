@@ -70,6 +70,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "(256, 512, ... slots) up to N positions of prompt + audio columns (0 = compile each bucket at its first "
         "request; only where the step is compiled: on a GPU)",
     )
+    parser.add_argument(
+        "--scene",
+        default=None,
+        help="prompt scene for requests that name none ('' no scene, 'none' no system turn; default: the scene "
+        "recorded with the adapter or merged model, else Boson AI's quiet-room scene)",
+    )
 
 
 def parse_adapters(given: list[str]) -> dict[str, str]:
@@ -116,4 +122,6 @@ def load_cloner(args):
             log.info(f"decode step compiled for {len(warmed)} (batch, cache slots) buckets: {warmed}")
         else:
             log.info("--warm-up-positions: nothing to warm, the decode step is not compiled on this device")
+    if args.scene is not None:
+        cloner.use_scene(args.scene)
     return cloner

@@ -43,6 +43,7 @@ def normalize_text(text: str, data: DataConfig) -> str:
         strip_diacritics=data.strip_diacritics,
         fold_letters=data.fold_letters,
         numbers_to_words=data.numbers_to_words,
+        diacritize=data.diacritize,
     )
 
 

@@ -31,6 +31,9 @@ class CloneRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     adapter: str | None = None
     """Name of a loaded adapter, or None for the model as loaded (the base, or a merged model)."""
+    scene: str | None = None
+    """The prompt's scene (`data.scene` values: text, '' or 'none'); None: the one recorded with the adapter or model
+    (`VoiceCloner.scene`)."""
 
 
 @dataclass

@@ -67,7 +67,7 @@ def build_request(cloner: VoiceCloner, settings: ServeSettings, body: dict, audi
     if adapter in ("base", "none"):
         adapter = None
     samples, rate = decode_audio(audio, settings)
-    request = CloneRequest(samples, rate, reference_text, target, params, adapter)
+    request = CloneRequest(samples, rate, reference_text, target, params, adapter, body.get("scene"))
     try:
         cloner.prepare(request)
     except InferenceError as err:

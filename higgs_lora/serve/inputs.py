@@ -17,7 +17,7 @@ import numpy as np
 
 from higgs_lora.infer.sampling import SamplingParams
 
-TEXT_FIELDS = ("target_text", "reference_text", "adapter")
+TEXT_FIELDS = ("target_text", "reference_text", "adapter", "scene")
 
 
 @dataclass(frozen=True)

@@ -172,7 +172,12 @@ def spell_out_numbers(text: str) -> str:
 
 
 def normalize_arabic(
-    text: str, *, strip_diacritics: bool = False, fold_letters: bool = False, numbers_to_words: bool = True
+    text: str,
+    *,
+    strip_diacritics: bool = False,
+    fold_letters: bool = False,
+    numbers_to_words: bool = True,
+    diacritize: str = "none",
 ) -> str:
     """Normalise training/inference text.
 
@@ -180,6 +185,8 @@ def normalize_arabic(
     tatweel out, diacritics kept (or stripped with ``strip_diacritics``), letters folded only with
     ``fold_letters``, digits unified to ASCII, numbers spelled as Arabic words with ``numbers_to_words``,
     ",;?" turned into "،؛؟" where they belong to Arabic words, whitespace collapsed. Idempotent.
+    ``diacritize='auto'`` adds tashkeel to undiacritised words after the numbers are spelled out
+    (`higgs_lora.text.diacritize`, optional package).
     """
     text = _letters_only_pass(text)
     if strip_diacritics:
@@ -197,6 +204,10 @@ def normalize_arabic(
             text = strip_arabic_diacritics(text)
         if fold_letters:
             text = fold_arabic_letters(text)
+    if diacritize != "none":
+        from higgs_lora.text.diacritize import diacritize as add_diacritics
+
+        text = _letters_only_pass(add_diacritics(text, diacritize))
     text = _arabic_punctuation(text)
     return _collapse_whitespace(text)
 

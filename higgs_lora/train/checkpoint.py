@@ -200,6 +200,8 @@ def _model_card(cfg: RunConfig, step: int) -> str:
         f"Higgs Audio v2 zero-shot voice cloning (language: {cfg.data.language}), trained with higgs-lora for "
         f"{step} optimizer steps.\n\n"
         f"Base model: `{cfg.model.path}`. The resolved training config is in `{RUN_CONFIG}`.\n\n"
+        f"Prompt settings (inference uses them unless a request names its own): "
+        f"`{json.dumps(cfg.data.prompt_settings(), ensure_ascii=False)}`.\n\n"
         "Load with PEFT:\n\n```python\n"
         "from peft import PeftModel\n"
         "from transformers import HiggsAudioV2ForConditionalGeneration\n"

@@ -117,6 +117,11 @@ def test_lora_adapter_merges_into_a_plain_transformers_checkpoint(lora_run, demo
     assert "Higgs Audio 2" in notice and "Meta Llama 3" in notice and "Copyright (c) Meta Platforms" in notice
     record = json.loads((merged / MERGE_MARKER).read_text())
     assert record["adapter"] == str(lora_run / "adapter") and record["dtype"] == "bf16"
+    # The prompt settings travel with the merged model (inference reads its higgs_lora.yaml) and are on record.
+    from higgs_lora.config import load_config
+
+    trained = load_config(lora_run / "adapter" / "higgs_lora.yaml").data.prompt_settings()
+    assert load_config(merged / "higgs_lora.yaml").data.prompt_settings() == record["prompt"] == trained
     assert record["adapter_sha256"]["adapter_model.safetensors"] == sha256_file(
         lora_run / "adapter" / "adapter_model.safetensors"
     )

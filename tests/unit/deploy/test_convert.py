@@ -153,6 +153,24 @@ def test_converted_codec_encodes_and_decodes_like_the_source(tiny_checkpoint, tm
         )
 
 
+def test_the_cli_converts_a_codec_with_the_released_bandwidth_list(tiny_checkpoint, tmp_path, capsys):
+    original = write_original_codec(tiny_checkpoint.codec_dir, tmp_path / "released-style")
+    config = json.loads((original / "config.json").read_text())
+    config["target_bandwidths"] = [0.5, 1, 1.5, 2, 4]  # as released: up to 4 kbps, while model.pth holds 8
+    (original / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "released-style-hf"
+    assert convert_main(["--src", str(original), "--out", str(out), "--hubert-heads", "0"]) == 2
+    assert "--hubert-heads 0" in capsys.readouterr().err
+    assert convert_main(["--src", str(original), "--out", str(out), "--hubert-heads", "2"]) == 0
+    written = json.loads((out / "config.json").read_text())
+    assert written["target_bandwidths"] == [0.5, 1.0, 1.5, 2.0]
+    assert written["semantic_model_config"]["num_attention_heads"] == 2
+    from transformers import HiggsAudioV2TokenizerModel
+
+    converted, info = HiggsAudioV2TokenizerModel.from_pretrained(str(out), output_loading_info=True)
+    assert converted.config.num_quantizers == 8 and not info["missing_keys"] and not info["unexpected_keys"]
+
+
 def test_the_cli_detects_what_it_is_given(original_model, tiny_checkpoint, tmp_path, capsys):
     assert convert_main(["--src", str(tiny_checkpoint.model_dir), "--out", str(tmp_path / "x")]) == 2
     assert "already in the transformers layout" in capsys.readouterr().err
@@ -309,7 +327,15 @@ def test_released_codec_config_gets_hubert_base_and_eight_quantizers():
 
     config = HiggsAudioV2TokenizerConfig(**args)
     assert (config.num_quantizers, config.frame_rate, config.hop_length) == (8, 25, 960)
-    with pytest.raises(CodecConvertError, match="give 16 quantizers"):
-        codec_config_from_original({**original, "target_bandwidths": [1, 2, 4]}, shapes)
+    # The released config lists bandwidths up to 4 kbps (16 quantizers) while model.pth holds 8: the count comes
+    # from the checkpoint, and only the bandwidths 8 quantizers support are kept.
+    released = codec_config_from_original({**original, "target_bandwidths": [0.5, 1, 1.5, 2, 4]}, shapes)
+    assert released["target_bandwidths"] == [0.5, 1.0, 1.5, 2.0]
+    assert HiggsAudioV2TokenizerConfig(**released).num_quantizers == 8
+    short = codec_config_from_original({**original, "target_bandwidths": [0.5, 1]}, shapes)
+    assert short["target_bandwidths"] == [0.5, 1.0, 2.0]  # all 8 stored quantizers stay in use
+    assert HiggsAudioV2TokenizerConfig(**short).num_quantizers == 8
+    with pytest.raises(CodecConvertError, match="n_q=12, but model.pth holds 8"):
+        codec_config_from_original({**original, "n_q": 12}, shapes)
     with pytest.raises(CodecConvertError, match="HuBERT semantic model only"):
         codec_config_from_original({**original, "semantic_techer": "wavlm_base_plus"}, shapes)
