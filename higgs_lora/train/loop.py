@@ -465,7 +465,8 @@ class Trainer:
             self.say(side_by_side(self.step, metrics, self.cfg.data.language, self.cfg.data.replay_language), eval_log)
         engine.train()
         self.metrics_log.record("eval", metrics)
-        self._update_best(metrics)
+        if self.optimizer is not None:  # a checkpoint evaluated on its own (no optimizer) has no best/ to keep
+            self._update_best(metrics)
         return metrics
 
     def _held_out_loss(self, micro_batches: list[list[Pair]]) -> dict:
