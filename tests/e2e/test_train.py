@@ -46,16 +46,23 @@ def assert_probe_logged(out, evals, count, dnsmos):
     from higgs_lora.eval.predictions import read_predictions
 
     for m in evals:
-        assert m["num_scored"] + m["num_failed"] == count and m["num_scored"] >= 1, m
-        assert -1 <= m["similarity"] <= 1 and -1 <= m["similarity_ground_truth"] <= 1
+        # Each clip is scored, or flagged near-silent (clip or reference) and left unscored: the tiny random model
+        # mostly makes near-silence, and silence against silence must never look like a perfect clone.
+        assert m["num_scored"] + m["num_failed"] == count, m
+        if m["num_scored"]:
+            assert -1 <= m["similarity"] <= 1
+        else:
+            assert m["num_silent"] >= 1 and "similarity" not in m, m
         assert ("dnsmos_ovrl" in m) == dnsmos and 0 <= m["eos_fraction"] <= 1
         folder = read_predictions(out / "eval_samples" / f"step_{m['step']:08d}")
         assert not folder.problems and len(folder.predictions) == count
         assert all(p.wav.stat().st_size > 44 and p.reference_audio.is_file() for p in folder.predictions)
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"audio": 0, "scalars": 0}).Reload()
-    similarity = events.Scalars("eval/similarity")
-    assert [e.step for e in similarity] == [0, 4, 8]
-    assert [e.value for e in similarity] == pytest.approx([m["similarity"] for m in evals])
+    assert [e.step for e in events.Scalars("eval/num_scored")] == [0, 4, 8]
+    scored = [m for m in evals if "similarity" in m]
+    if scored:
+        similarity = events.Scalars("eval/similarity")
+        assert [e.value for e in similarity] == pytest.approx([m["similarity"] for m in scored])
     assert {f"eval_samples/{i:02d}" for i in range(count)} <= set(events.Tags()["audio"])
 
 
@@ -244,8 +251,10 @@ def test_replay_asr_and_the_best_adapter_through_two_ranks(replay_cache, tiny_wh
     evals = metrics(out, "eval")
     assert [m["step"] for m in evals] == [0, 2, 4, 6]
     for m in evals:
-        for key in ("loss", "similarity", "cer", "wer", "cer_ground_truth"):
+        for key in ("loss", "cer", "wer", "cer_ground_truth"):
             assert math.isfinite(m[key]) and math.isfinite(m[f"replay_{key}"]), (key, m)
+        for key in ("similarity", "replay_similarity"):  # absent when every clip was flagged near-silent
+            assert key not in m or math.isfinite(m[key]), (key, m)
         assert m["cer"] >= 0 and m["replay_positions"] > 0
     assert (out / "eval_samples_replay" / "step_00000006" / "manifest.jsonl").is_file()
     assert "main (ar) / replay (en): loss" in result.stdout and "CER " in result.stdout

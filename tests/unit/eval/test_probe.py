@@ -154,8 +154,17 @@ def eval_lines():
         logger.setLevel(level)
 
 
+@pytest.fixture
+def audible(monkeypatch):
+    """Score every clip: the tiny random model's clips are near-silent, which training flags instead of scoring
+    (tests/unit/eval/test_speaker.py and the e2e training tests check that gate); here the scoring path is tested."""
+    from higgs_lora.eval import scoring
+
+    monkeypatch.setattr(scoring, "MIN_SPEECH_SECONDS", 0.0)
+
+
 @pytest.mark.slow
-def test_probe_generates_scores_and_writes_an_inference_folder(setup, tmp_path):
+def test_probe_generates_scores_and_writes_an_inference_folder(setup, tmp_path, audible):
     from higgs_lora.eval.predictions import read_predictions
 
     _, data, model = setup
@@ -215,7 +224,7 @@ def test_probe_without_the_eval_extras_writes_the_clips_and_says_why_they_are_un
 
 
 @pytest.mark.slow
-def test_probe_without_dnsmos_installed_still_scores_similarity(setup, tmp_path, monkeypatch):
+def test_probe_without_dnsmos_installed_still_scores_similarity(setup, tmp_path, monkeypatch, audible):
     import importlib.util
 
     real = importlib.util.find_spec
