@@ -32,7 +32,16 @@ METRICS = "metrics.jsonl"
 REPORT = "report.html"
 EVAL_SAMPLES = "eval_samples"
 GROUND_TRUTH = "_ground_truth"
-BOOKKEEPING = {"step", "epoch", "positions", "generate_seconds", "score_seconds", "num_scored", "num_failed"}
+BOOKKEEPING = {
+    "step",
+    "epoch",
+    "positions",
+    "generate_seconds",
+    "score_seconds",
+    "num_scored",
+    "num_failed",
+    "num_silent",
+}
 """Eval record keys that are not scores of the model (counts and timings): left out of the score plots."""
 TRAIN_CURVES = [
     ("lr", "learning rate"),
