@@ -53,7 +53,7 @@ def assert_probe_logged(out, evals, count, dnsmos):
             assert -1 <= m["similarity"] <= 1
         else:
             assert m["num_silent"] >= 1 and "similarity" not in m, m
-        assert ("dnsmos_ovrl" in m) == dnsmos and 0 <= m["eos_fraction"] <= 1
+        assert ("dnsmos_ovrl" in m) == (dnsmos and m["num_scored"] > 0) and 0 <= m["eos_fraction"] <= 1
         folder = read_predictions(out / "eval_samples" / f"step_{m['step']:08d}")
         assert not folder.problems and len(folder.predictions) == count
         assert all(p.wav.stat().st_size > 44 and p.reference_audio.is_file() for p in folder.predictions)
