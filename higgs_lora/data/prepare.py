@@ -266,6 +266,15 @@ def _table(rows: list[dict]):
     return Dataset.from_dict(columns, features=cache_features())
 
 
+def _table_error(rows: list[dict]) -> Exception | None:
+    """Why `rows` cannot be stored as a cache table (None when they can)."""
+    try:
+        _table(rows)
+    except Exception as err:  # noqa: BLE001 - any failure of a row is that row's rejection reason
+        return err
+    return None
+
+
 def _reject_unwritable(outcomes: list[Outcome]) -> None:
     """Turn every kept outcome whose row cannot be stored into a rejection (`unserialisable`), keeping the rest.
 
@@ -282,15 +291,11 @@ def _reject_unwritable(outcomes: list[Outcome]) -> None:
                 f"no {', '.join(missing)}" if missing else f"{strings[0]}: {unicode_problem(outcome.row[strings[0]])}"
             )
             outcome.row, outcome.reason, outcome.detail = None, "unserialisable", detail
-    try:
-        _table([o.row for o in outcomes if o.row is not None])
+    if _table_error([o.row for o in outcomes if o.row is not None]) is None:
         return
-    except Exception:  # noqa: BLE001 - find the row(s) at fault below; the error is recorded for each of them
-        pass
-    for outcome in (o for o in outcomes if o.row is not None):
-        try:
-            _table([outcome.row])
-        except Exception as err:  # noqa: BLE001 - one record's problem, recorded as its rejection
+    for outcome in (o for o in outcomes if o.row is not None):  # find the row(s) at fault
+        err = _table_error([outcome.row])
+        if err is not None:
             outcome.row, outcome.reason = None, "unserialisable"
             outcome.detail = f"{type(err).__name__}: {err}"[:300]
 
