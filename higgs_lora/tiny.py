@@ -8,19 +8,23 @@ repositories (the generation model, and the audio tokenizer it refers to):
     build/tiny/codec/   config.json, model.safetensors, preprocessor_config.json
 
 Both load with plain transformers from the local directory (`HiggsAudioV2ForConditionalGeneration`,
-`AutoProcessor`, `HiggsAudioV2TokenizerModel`), offline, so the project's loading code is exercised exactly as with
-real weights. What differs from the real model is only size: 2 layers, hidden 64, a byte-level BPE text vocabulary
-of about a thousand tokens trained on the demo transcripts and some English, followed by the 256 Llama-3 special
-tokens in their usual order (so `<|AUDIO_OUT|>` sits at vocab_base + 16, as 128016 = 128000 + 16 in the real one).
-Token ids therefore differ from the real ones: code must read them from the tokenizer/config, never hard-code them.
+`HiggsAudioV2TokenizerModel`, and `AutoProcessor` given that codec), offline, so the project's loading code is
+exercised exactly as with real weights. What differs from the real model is only size: 2 layers, hidden 64, a
+byte-level BPE text vocabulary of about a thousand tokens trained on the demo transcripts and some English, followed by
+the 256 Llama-3 special tokens in their usual order (so `<|AUDIO_OUT|>` sits at vocab_base + 16, as 128016 = 128000 + 16
+in the real one). Token ids therefore differ from the real ones: code must read them from the tokenizer/config, never
+hard-code them.
 
 The codec keeps the real signal path and numbers that matter: 24 kHz, hop 960 samples -> 25 frames/s, 8 residual
 codebooks of 1024 codes, a HuBERT semantic branch at 16 kHz and a DAC acoustic branch; its codebooks are filled
 with random non-zero vectors (a freshly built codec has all-zero codebooks and maps everything to code 0).
 
-The processor config refers to its codec by absolute path (the released one names the tokenizer repository);
-move the two directories together and rebuild, or pass `model.codec_path`, if they move. Everything is
-deterministic for a seed. Weights are saved in float32: the tiny model is for CPU tests.
+The released processor config names its codec by Hub id; the tiny codec has none, and transformers resolves a
+local path from the current directory, so the tiny processor config names no codec at all (a path would go stale
+when the folder moves). Our loader finds `../codec` beside the model (or `model.codec_path`); plain transformers
+is given it: `AutoProcessor.from_pretrained(model_dir, audio_tokenizer=codec)`. The two directories can move
+together anywhere. Everything is deterministic for a seed. Weights are saved in float32: the tiny model is for CPU
+tests.
 
 `--whisper` also writes `build/tiny/whisper/`, a random multilingual Whisper (transformers layout, byte-level
 tokenizer) for `train.eval_asr` and `evaluate --asr` in tests and the demo; it transcribes garbage.
@@ -37,7 +41,7 @@ from pathlib import Path
 
 from higgs_lora import startup
 from higgs_lora.files import replace_directory
-from higgs_lora.model.loading import CHAT_TEMPLATE_PATH
+from higgs_lora.model.loading import CHAT_TEMPLATE_PATH, portable_codec_reference
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TRANSCRIPTS = REPO_ROOT / "examples" / "demo_corpus" / "manifest.jsonl"
@@ -300,10 +304,6 @@ def write_tiny(out: str | Path, seed: int = 0, transcripts: Path | None = DEFAUL
         codec.save_pretrained(codec_dir)
         feature_extractor.save_pretrained(codec_dir)
 
-        # The processor config records where its codec lives; record the final location, not the staging one.
-        final_codec_dir = str(out / "codec")
-        codec.name_or_path = final_codec_dir
-        codec.config._name_or_path = final_codec_dir
         processor = HiggsAudioV2Processor(
             feature_extractor=feature_extractor,
             tokenizer=tokenizer,
@@ -313,6 +313,11 @@ def write_tiny(out: str | Path, seed: int = 0, transcripts: Path | None = DEFAUL
         model_dir = staging / "model"
         model.save_pretrained(model_dir)
         processor.save_pretrained(model_dir)
+        # transformers wrote the codec's (staging) path; a local path cannot survive a move: drop it (see
+        # portable_codec_reference). Our loader finds ../codec; plain transformers is given the codec.
+        processor_file = model_dir / "processor_config.json"
+        settings = json.loads(processor_file.read_text(encoding="utf-8"))
+        processor_file.write_text(json.dumps(portable_codec_reference(settings), indent=2) + "\n", encoding="utf-8")
         (staging / "README.md").write_text(
             "Tiny random Higgs Audio v2 checkpoint written by `python -m higgs_lora.tiny` "
             f"(seed {seed}) for tests and the demo. Not a speech model.\n",

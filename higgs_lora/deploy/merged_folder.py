@@ -19,6 +19,7 @@ from higgs_lora.constants import RUN_CONFIG
 from higgs_lora.deploy.merge_plan import ADAPTER_FILES, MERGE_MARKER, MergePlan
 from higgs_lora.deploy.shards import sha256_file
 from higgs_lora.files import atomic_write_json, atomic_write_text
+from higgs_lora.model.loading import portable_codec_reference
 from higgs_lora.run_folder import licence_notice
 
 if TYPE_CHECKING:
@@ -57,11 +58,9 @@ def write_support_files(plan: MergePlan, staging: Path) -> list[str]:
     copied.append(f"{CODEC_SUBDIR}/ (codec from {plan.codec})")
     processor_file = plan.base / "processor_config.json"
     if processor_file.is_file():
-        processor = json.loads(processor_file.read_text(encoding="utf-8"))
-        # transformers resolves this reference from the current directory or the Hub; the absolute path of the
-        # published copy loads from anywhere on this machine (and our loader also finds <model>/audio_tokenizer).
-        processor.setdefault("audio_tokenizer", {})["audio_tokenizer_name_or_path"] = str(plan.out / CODEC_SUBDIR)
-        processor["audio_tokenizer"].setdefault("audio_tokenizer_class", "HiggsAudioV2TokenizerModel")
+        # The base's Hub id for its codec is kept (fine-tuning never changes the codec, and a Hub id loads on any
+        # machine); a local path is not written: the copy in audio_tokenizer/ is what travels with the folder.
+        processor = portable_codec_reference(json.loads(processor_file.read_text(encoding="utf-8")))
         atomic_write_json(staging / "processor_config.json", processor)
         copied.append("processor_config.json")
     # The run config travels with the merged model: inference reads its prompt settings (scene, text normalisation)
@@ -86,9 +85,10 @@ def _model_card(plan: MergePlan) -> str:
         f"Prompt settings it was trained with (in `{RUN_CONFIG}`; `infer` and `serve` use them): "
         f"`{json.dumps(cfg.data.prompt_settings(), ensure_ascii=False)}`.\n\n"
         "Load with plain transformers:\n\n```python\n"
-        "from transformers import HiggsAudioV2ForConditionalGeneration, HiggsAudioV2TokenizerModel\n"
+        "from transformers import AutoProcessor, HiggsAudioV2ForConditionalGeneration, HiggsAudioV2TokenizerModel\n"
         "model = HiggsAudioV2ForConditionalGeneration.from_pretrained(THIS_DIR)\n"
-        f"codec = HiggsAudioV2TokenizerModel.from_pretrained(THIS_DIR + '/{CODEC_SUBDIR}')\n```\n\n"
+        f"codec = HiggsAudioV2TokenizerModel.from_pretrained(THIS_DIR + '/{CODEC_SUBDIR}')\n"
+        "processor = AutoProcessor.from_pretrained(THIS_DIR, audio_tokenizer=codec)\n```\n\n"
         "The weights are under the Boson Higgs Audio 2 Community License (see NOTICE): a distributed fine-tune's name "
         'must start with "Higgs Audio 2" and it must ship NOTICE.\n'
     )

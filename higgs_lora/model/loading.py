@@ -9,6 +9,7 @@ downloads: every path must be a local directory.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -129,6 +130,32 @@ def load_base_model(cfg: ModelConfig, device: str | torch.device | None = None):
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
     return model
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def portable_codec_reference(settings: dict) -> dict:
+    """A processor config (`processor_config.json` as a dict) whose codec reference resolves on any machine.
+
+    transformers loads the codec that `audio_tokenizer.audio_tokenizer_name_or_path` names before anything else,
+    as a directory relative to the *current* directory or else as a Hub id; it has no notion of a path relative to
+    the model folder. So the only references that survive moving a folder to another machine are Hub ids (the
+    released `bosonai/higgs-audio-v2-tokenizer`: plain `AutoProcessor.from_pretrained(folder)` resolves it wherever
+    the Hub or its cache is, exactly as for the released model). Those are kept. A local path (a tiny model's
+    codec, a codec the user converted) is dropped rather than written: it would be stale, and a stale path makes
+    transformers fail even when the codec is passed explicitly, while without the entry
+    `AutoProcessor.from_pretrained(folder, audio_tokenizer=HiggsAudioV2TokenizerModel.from_pretrained(codec_dir))`
+    works from anywhere. Our own loader never needs the entry (`resolve_codec_path`). docs/deploy.md says so.
+    """
+    settings = dict(settings)
+    reference = settings.get("audio_tokenizer") or {}
+    named = str(reference.get("audio_tokenizer_name_or_path") or "")
+    if _HUB_ID.match(named) and not Path(named).expanduser().exists():
+        settings["audio_tokenizer"] = {"audio_tokenizer_class": "HiggsAudioV2TokenizerModel", **reference}
+    else:
+        settings.pop("audio_tokenizer", None)
+    return settings
 
 
 def resolve_codec_path(cfg: ModelConfig) -> Path:

@@ -83,7 +83,7 @@ def plain_logits(merged_dir, batch, dtype=torch.float32):
         return model(**batch).logits.float()
 
 
-def test_lora_adapter_merges_into_a_plain_transformers_checkpoint(lora_run, demo_cache, tmp_path):
+def test_lora_adapter_merges_into_a_plain_transformers_checkpoint(lora_run, demo_cache, tmp_path, monkeypatch):
     from transformers import AutoProcessor
 
     result = run_merge_cli("--adapter", str(lora_run), "--shard-size", "1MB")
@@ -94,7 +94,7 @@ def test_lora_adapter_merges_into_a_plain_transformers_checkpoint(lora_run, demo
     assert "max |merged - adapter on base| = " in result.stdout and "[verify] passed" in result.stdout
 
     # The released layout: sharded weights with an index, config with codebook_size 1026 in bf16, generation
-    # config, tokenizer, chat template, processor config pointing at the codec copied alongside.
+    # config, tokenizer, chat template, processor config, and the codec copied alongside.
     shards = sorted(merged.glob("model-*-of-*.safetensors"))
     index = json.loads((merged / INDEX_FILE).read_text())
     assert len(shards) >= 3 and set(index["weight_map"].values()) == {s.name for s in shards}
@@ -111,8 +111,10 @@ def test_lora_adapter_merges_into_a_plain_transformers_checkpoint(lora_run, demo
         "README.md",
     ):
         assert (merged / name).is_file(), name
-    processor_config = json.loads((merged / "processor_config.json").read_text())
-    assert processor_config["audio_tokenizer"]["audio_tokenizer_name_or_path"] == str(merged / "audio_tokenizer")
+    # The tiny base names no codec (a local path would go stale): the merged processor config names none either,
+    # and no path of this machine is in it.
+    processor_text = (merged / "processor_config.json").read_text()
+    assert "audio_tokenizer" not in json.loads(processor_text) and str(tmp_path.parents[1]) not in processor_text
     notice = (merged / "NOTICE").read_text()
     assert "Higgs Audio 2" in notice and "Meta Llama 3" in notice and "Copyright (c) Meta Platforms" in notice
     record = json.loads((merged / MERGE_MARKER).read_text())
@@ -140,17 +142,86 @@ def test_lora_adapter_merges_into_a_plain_transformers_checkpoint(lora_run, demo
     base_logits = plain_logits(overrides_value(demo_cache, "model.path"), batch)
     adapter_effect = float((fp32_reference - base_logits).abs().max())
     assert merge_error < 0.05 * adapter_effect, (merge_error, adapter_effect)
-    processor = AutoProcessor.from_pretrained(str(merged))
-    assert type(processor.audio_tokenizer).__name__ == "HiggsAudioV2TokenizerModel"
-    # Moved elsewhere (the processor config's absolute path gone stale, another codec beside it), our loader still
-    # takes the model's own codec copy.
+    # Copied elsewhere and loaded from another directory: plain transformers with the folder's own codec copy, and
+    # our loader, which takes that copy by itself (even with another codec beside the folder).
     moved = tmp_path / "elsewhere" / "model"
     shutil.copytree(merged, moved)
     shutil.copytree(merged / "audio_tokenizer", moved.parent / "codec")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    from transformers import HiggsAudioV2TokenizerModel
+
+    codec = HiggsAudioV2TokenizerModel.from_pretrained(str(moved / "audio_tokenizer"))
+    processor = AutoProcessor.from_pretrained(str(moved), audio_tokenizer=codec)
+    assert processor.audio_tokenizer is codec and processor.audio_token_id == config["audio_token_id"]
+    assert resolve_codec_path(ModelConfig(path=str(moved))) == moved / "audio_tokenizer"
+    # A processor config an older version wrote (the codec's absolute path, now stale) does not mislead our loader.
     stale = json.loads((moved / "processor_config.json").read_text())
-    stale["audio_tokenizer"]["audio_tokenizer_name_or_path"] = str(tmp_path / "gone")
+    stale["audio_tokenizer"] = {"audio_tokenizer_name_or_path": str(tmp_path / "gone")}
     (moved / "processor_config.json").write_text(json.dumps(stale))
     assert resolve_codec_path(ModelConfig(path=str(moved))) == moved / "audio_tokenizer"
+
+
+PLAIN_LOAD = """
+import sys
+from transformers import AutoProcessor
+processor = AutoProcessor.from_pretrained(sys.argv[1])
+codec = processor.audio_tokenizer
+print(type(codec).__name__, repr(sum(float(p.double().sum()) for p in codec.parameters())))
+"""
+
+
+def hub_cache_with(codec_dir, repo_id, cache):
+    """`cache` laid out as huggingface_hub's cache holding `codec_dir` as a snapshot of `repo_id`."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(codec_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return cache
+
+
+def test_a_moved_merged_folder_loads_with_plain_autoprocessor(lora_run, demo_cache, tmp_path):
+    """A base whose processor config names its codec by Hub id (as the released one does): the merged folder keeps
+    the id, so after a move to another machine plain `AutoProcessor.from_pretrained(folder)` finds the codec where
+    the released model's would be (the Hub or its cache; here an offline cache)."""
+    from transformers import HiggsAudioV2TokenizerModel
+
+    repo_id = "higgs-lora-tests/tiny-codec"
+    codec_dir = overrides_value(demo_cache, "model.codec_path")
+    base = tmp_path / "hub-base"
+    shutil.copytree(overrides_value(demo_cache, "model.path"), base)
+    settings = json.loads((base / "processor_config.json").read_text())
+    settings["audio_tokenizer"] = {
+        "audio_tokenizer_class": "HiggsAudioV2TokenizerModel",
+        "audio_tokenizer_name_or_path": repo_id,
+    }
+    (base / "processor_config.json").write_text(json.dumps(settings))
+    out = tmp_path / "machine-a" / "Higgs-Audio-2-hub"
+    args = ["--adapter", str(lora_run), "--base", str(base), "--codec", codec_dir, "--out", str(out), "--no-verify"]
+    assert merge_main([*args, "--dtype", "fp32"]) == 0
+    reference = json.loads((out / "processor_config.json").read_text())["audio_tokenizer"]
+    assert reference == {"audio_tokenizer_class": "HiggsAudioV2TokenizerModel", "audio_tokenizer_name_or_path": repo_id}
+
+    moved = tmp_path / "machine-b" / "models" / "Higgs-Audio-2-hub"
+    moved.parent.mkdir(parents=True)
+    shutil.move(out, moved)
+    shutil.rmtree(base)  # nothing of machine A is left to find
+    cache = hub_cache_with(moved / "audio_tokenizer", repo_id, tmp_path / "machine-b" / "hf-cache")
+    env = {**train_env(), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    result = subprocess.run(
+        [sys.executable, "-c", PLAIN_LOAD, str(moved)],
+        cwd=tmp_path / "machine-b",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    name, checksum = result.stdout.split()[-2:]
+    codec = HiggsAudioV2TokenizerModel.from_pretrained(codec_dir)
+    assert name == "HiggsAudioV2TokenizerModel"
+    assert float(checksum) == sum(float(p.double().sum()) for p in codec.parameters())
+    assert resolve_codec_path(ModelConfig(path=str(moved))) == moved / "audio_tokenizer"  # ours needs no cache
 
 
 def test_fp32_merge_reproduces_the_adapter_exactly(lora_run, demo_cache, tmp_path):

@@ -73,10 +73,11 @@ def moved_setup(tiny_checkpoint, trained_adapter, tmp_path, with_codec_beside=Tr
     save_config(cfg, adapter / "higgs_lora.yaml")
     new = tmp_path / "new"
     shutil.copytree(tiny_checkpoint.model_dir, new / "model")
-    # The moved model's processor config still names the codec where it was (absolute): gone as well.
+    # The moved model's processor config still names the codec where it was (absolute, as older versions wrote
+    # it): gone as well.
     processor = new / "model" / "processor_config.json"
     settings = json.loads(processor.read_text())
-    settings["audio_tokenizer"]["audio_tokenizer_name_or_path"] = str(gone / "codec")
+    settings["audio_tokenizer"] = {"audio_tokenizer_name_or_path": str(gone / "codec")}
     processor.write_text(json.dumps(settings))
     if with_codec_beside:
         shutil.copytree(tiny_checkpoint.codec_dir, new / "codec")

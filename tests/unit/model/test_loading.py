@@ -10,7 +10,13 @@ import torch
 
 from higgs_lora.config import LoraConfig, ModelConfig
 from higgs_lora.errors import CheckpointError
-from higgs_lora.model.loading import inspect_checkpoint, load_base_model, load_processor, resolve_codec_path
+from higgs_lora.model.loading import (
+    inspect_checkpoint,
+    load_base_model,
+    load_processor,
+    portable_codec_reference,
+    resolve_codec_path,
+)
 from higgs_lora.model.lora import apply_lora
 
 
@@ -47,12 +53,23 @@ def test_codebook_size_1024_is_refused(tmp_path, tiny_checkpoint):
 
 def test_codec_is_found_from_the_processor_config_or_beside_the_model(tiny_checkpoint, tmp_path):
     assert resolve_codec_path(ModelConfig(path=str(tiny_checkpoint.model_dir))) == tiny_checkpoint.codec_dir
-    # A processor config naming a Hub id (as the released one does) falls back to a sibling codec/ directory.
     copy = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint.root, copy)
     processor_config = json.loads((copy / "model" / "processor_config.json").read_text())
-    processor_config["audio_tokenizer"]["audio_tokenizer_name_or_path"] = "someorg/some-tokenizer"
-    (copy / "model" / "processor_config.json").write_text(json.dumps(processor_config))
+
+    def name_codec(reference):
+        processor_config["audio_tokenizer"] = {
+            "audio_tokenizer_class": "HiggsAudioV2TokenizerModel",
+            "audio_tokenizer_name_or_path": reference,
+        }
+        (copy / "model" / "processor_config.json").write_text(json.dumps(processor_config))
+
+    # A local directory the processor config names is taken first ...
+    shutil.copytree(tiny_checkpoint.codec_dir, tmp_path / "named-codec")
+    name_codec(str(tmp_path / "named-codec"))
+    assert resolve_codec_path(ModelConfig(path=str(copy / "model"))) == tmp_path / "named-codec"
+    # ... a Hub id (as the released one names it) falls back to a sibling codec/ directory.
+    name_codec("someorg/some-tokenizer")
     assert resolve_codec_path(ModelConfig(path=str(copy / "model"))) == copy / "codec"
     shutil.rmtree(copy / "codec")
     with pytest.raises(CheckpointError, match="model.codec_path"):
@@ -60,10 +77,11 @@ def test_codec_is_found_from_the_processor_config_or_beside_the_model(tiny_check
 
 
 def test_processor_from_local_parts_matches_autoprocessor(tiny_checkpoint):
-    from transformers import AutoProcessor
+    from transformers import AutoProcessor, HiggsAudioV2TokenizerModel
 
     ours = load_processor(model_cfg(tiny_checkpoint))
-    plain = AutoProcessor.from_pretrained(str(tiny_checkpoint.model_dir))
+    codec = HiggsAudioV2TokenizerModel.from_pretrained(str(tiny_checkpoint.codec_dir))
+    plain = AutoProcessor.from_pretrained(str(tiny_checkpoint.model_dir), audio_tokenizer=codec)
     conversation = [
         {"role": "system", "content": "Generate audio following instruction."},
         {"role": "user", "content": "اقرأ هذا"},
@@ -141,3 +159,40 @@ def test_nf4_quantises_the_layers_but_not_heads_or_embeddings(tiny_checkpoint):
     assert isinstance(base.model.embed_tokens, torch.nn.Embedding)
     model = apply_lora(base, LoraConfig(r=4, alpha=8, dropout=0.0), cfg)
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize(
+    ("reference", "kept"),
+    [
+        ("bosonai/higgs-audio-v2-tokenizer", True),  # the released Hub id resolves on any machine
+        ("someorg/some.tokenizer-v2", True),
+        ("/models/higgs-codec", False),  # a local path goes stale once the folder moves
+        ("codec", False),  # relative: transformers reads it from the current directory, not the model's
+        ("../codec", False),
+        ("", False),
+    ],
+)
+def test_only_hub_ids_are_kept_as_codec_references(reference, kept):
+    settings = {
+        "processor_class": "HiggsAudioV2Processor",
+        "audio_stream_bos_id": 1024,
+        "audio_tokenizer": {"audio_tokenizer_name_or_path": reference},
+    }
+    portable = portable_codec_reference(settings)
+    assert portable["processor_class"] == "HiggsAudioV2Processor" and portable["audio_stream_bos_id"] == 1024
+    if kept:
+        assert portable["audio_tokenizer"] == {
+            "audio_tokenizer_class": "HiggsAudioV2TokenizerModel",
+            "audio_tokenizer_name_or_path": reference,
+        }
+    else:
+        assert "audio_tokenizer" not in portable
+    assert settings["audio_tokenizer"] == {"audio_tokenizer_name_or_path": reference}  # the input is not changed
+
+
+def test_a_hub_id_that_is_also_a_local_folder_is_not_taken_for_one(tmp_path, monkeypatch):
+    (tmp_path / "org" / "codec").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert "audio_tokenizer" not in portable_codec_reference(
+        {"audio_tokenizer": {"audio_tokenizer_name_or_path": "org/codec"}}
+    )
