@@ -80,6 +80,13 @@ def random_lora_model(config, dtype: torch.dtype, device: str, dropout: float, c
     model.initialize_weights()
     model.requires_grad_(False)
     model = apply_lora(model, LoraConfig(dropout=dropout), ModelConfig(gradient_checkpointing=checkpointing))
+    # PEFT makes the adapters fp32; DeepSpeed's bf16/fp16 engine casts every parameter to the training dtype (its
+    # buffers stay as they are), so training runs them in `dtype`. With fp32 adapters each adapted projection would
+    # keep an fp32 copy of its input for backward: ~60% more activation memory than training really has
+    # (the coefficients of 2026-11-26 were measured that way; corrected 2026-12-03).
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
     return model.train()
 
 
@@ -300,7 +307,11 @@ def _released_model(model_dir, processor, quantization, dropout, checkpointing, 
                 (path / name).write_bytes((Path(model_dir) / name).read_bytes())
         _SAVED_RANDOM["path"] = path
     model_cfg = ModelConfig(path=str(_SAVED_RANDOM["path"]), quantization="nf4", gradient_checkpointing=checkpointing)
-    return apply_lora(load_base_model(model_cfg, device), LoraConfig(dropout=dropout), model_cfg).train()
+    model = apply_lora(load_base_model(model_cfg, device), LoraConfig(dropout=dropout), model_cfg)
+    for param in model.parameters():  # adapters in bf16, as DeepSpeed's bf16 engine runs them (random_lora_model)
+        if param.requires_grad:
+            param.data = param.data.to(torch.bfloat16)
+    return model.train()
 
 
 def _batch_of(processor, items, budget: int, step: int) -> dict:

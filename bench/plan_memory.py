@@ -54,10 +54,17 @@ BOUND = 0.10
 
 
 class LiveBytes(TorchDispatchMode):
-    """Bytes of the storages made by operators under this mode that are still alive; their peak."""
+    """Bytes of the storages made by operators under this mode that are still alive; their peak.
 
-    def __init__(self):
+    `existing`: tensors made before the step (parameters, buffers, the batch, optimizer state). An operator that
+    returns a view of one (`aten::t` of a weight inside every linear, an in-place update) returns *its* storage,
+    which must not be counted as made by the step: without this, each layer's weights were counted as activations
+    (a constant ~350 MB per released layer, 2026-12-03).
+    """
+
+    def __init__(self, existing=()):
         super().__init__()
+        self.existing = {t.untyped_storage().data_ptr() for t in existing if isinstance(t, torch.Tensor)}
         self.live: dict[int, int] = {}
         self.current = 0
         self.peak = 0
@@ -72,7 +79,7 @@ class LiveBytes(TorchDispatchMode):
 
     def _follow(self, storage) -> None:
         key, size = storage.data_ptr(), storage.nbytes()
-        if size == 0 or key in self.live:
+        if size == 0 or key in self.live or key in self.existing:
             return
         self.live[key] = size
         self.current += size
@@ -96,7 +103,6 @@ def measure_step(config, processor, items, budget: int, checkpointing: bool, ste
     from higgs_lora.train.loss import label_counts, micro_batch_loss_sums, normalised_loss
 
     model = pc.random_lora_model(config, torch.bfloat16, "cpu", 0.0, checkpointing)
-    model.to(torch.bfloat16)  # PEFT makes the adapters fp32; DeepSpeed's bf16 engine holds them in bf16
     params = [p for p in model.parameters() if p.requires_grad]
     masters = [p.detach().float().clone().requires_grad_(True) for p in params]
     optimizer = torch.optim.AdamW(masters, lr=1e-5, foreach=False)
@@ -126,7 +132,9 @@ def measure_step(config, processor, items, budget: int, checkpointing: bool, ste
         return found
 
     batch = pc._batch_of(processor, items, budget, step_index)
-    tracker = LiveBytes()
+    state = [v for per_param in optimizer.state.values() for v in per_param.values()]
+    existing = [*model.parameters(), *model.buffers(), *masters, *state, *tree_flatten(batch)[0]]
+    tracker = LiveBytes(existing)
     started = time.perf_counter()
     with tracker:
         found = step(batch, tracker)

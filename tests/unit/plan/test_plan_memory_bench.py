@@ -35,6 +35,20 @@ def test_live_bytes_follows_allocations_and_frees():
     assert tracker.current == 0 and tracker.peak == 8000
 
 
+def test_views_of_tensors_made_before_the_step_are_not_counted():
+    import plan_memory
+
+    weight = torch.ones(100, 100)  # a parameter: exists before the step
+    x = torch.ones(3, 100)
+    tracker = plan_memory.LiveBytes(existing=[weight, x])
+    with tracker:
+        transposed = weight.t()  # a view: the weight's storage, not made by the step
+        y = x @ transposed
+        x.mul_(2)  # in place: returns x's storage
+    assert tracker.current == 3 * 100 * 4 and tracker.peak == 3 * 100 * 4  # y only
+    del transposed, y
+
+
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     import plan_calibration
