@@ -23,12 +23,15 @@ class Coefficients:
     the saved-tensor counts of three layer shapes exactly (bench/plan_calibration.py --method saved-tensors).
     """
 
-    act_h: float = 40.03125
-    act_i: float = 10.0
+    act_h: float = 20.03125
+    act_i: float = 8.0
     act_0: float = 2048.0
-    """No checkpointing, LoRA dropout 0: what autograd keeps per position per layer (bf16, SDPA)."""
-    dropout_h: float = 24.0
-    dropout_i: float = 4.0
+    """No checkpointing, LoRA dropout 0: what autograd keeps per position per layer (bf16 base and adapters, SDPA).
+    Refitted 2026-12-03 with the adapters in bf16, as DeepSpeed's bf16 engine runs them (the 2026-11-26 fit,
+    40.03h + 10I, had PEFT's fp32 adapters keep an fp32 copy of every projection's input); exact constant 1728,
+    rounded up. Released width: 128,800 B measured by saved tensors, 128,954 B by bench/plan_memory.py."""
+    dropout_h: float = 20.0
+    dropout_i: float = 2.0
     """Extra with LoRA dropout > 0: PEFT keeps a dropped copy of each adapted projection's input, and its mask."""
     checkpoint_h: float = 2.0
     """With checkpointing: each layer keeps only its input (bf16 hidden states)."""
@@ -42,7 +45,7 @@ class Coefficients:
     cuda_context_gib: float = 0.6
     """CUDA context, cuBLAS workspaces and NCCL buffers outside PyTorch's allocator."""
     source: str = (
-        "activations: saved-tensor counts, full-size layer shapes, bf16, CPU, 2026-11-26 "
+        "activations: saved-tensor counts, full-size layer shapes, bf16 base and adapters, CPU, 2026-12-03 "
         "(bench/plan_calibration.py --method saved-tensors); transient and context: analytic. "
         "GPU calibration pending (no GPU was available)."
     )

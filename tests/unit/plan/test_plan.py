@@ -103,7 +103,9 @@ SCENARIOS = [
     ("arabic_lora", "zero3_offload", (), gpus(1, 24), (3, "optimizer+params", True)),
     ("arabic_lora", "auto", ("model.gradient_checkpointing=true",), gpus(4, 80), (2, "none", True)),
     ("arabic_lora", "auto", ("plan.offload=optimizer",), gpus(1, 24), (2, "optimizer", True)),
-    ("arabic_lora", "auto", (), gpus(1, 32), (2, "none", True)),
+    # 32 GB fits the longest sample without checkpointing since the activation coefficients were refitted with the
+    # adapters in bf16 as DeepSpeed runs them (2026-12-03; before: checkpointing on).
+    ("arabic_lora", "auto", (), gpus(1, 32), (2, "none", False)),
     ("arabic_lora", "auto", ("data.max_seconds=8", "data.reference_max_seconds=6"), gpus(1, 32), (2, "none", False)),
     ("arabic_lora", "auto", (), gpus(1, 141), (2, "none", False)),
     ("arabic_qlora_16gb", "auto", (), gpus(1, 12), (2, "none", True)),
