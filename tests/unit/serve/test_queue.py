@@ -138,6 +138,11 @@ def test_a_stuck_worker_fails_health():
         health = queue.health()
         cloner.gate.set()
         await outcome(ticket)
+        # The ticket is answered from inside the step; the worker leaves it (and stops being busy) just after.
+        for _ in range(500):
+            if not queue._busy:
+                break
+            await asyncio.sleep(0.01)
         after = queue.health()
         queue.close()
         return health, after
