@@ -12,12 +12,17 @@ per trainable parameter, as ZeRO-2 on one rank keeps). The model has the release
 
 Measurement: a TorchDispatchMode sees every tensor an operator returns and follows its storage until it is freed
 (a weak reference on the storage), so it knows the bytes alive at any moment that were made during the step:
-activations, gradients, temporaries. Adam's moments are created before the measured step (a step on zero
-gradients); their bytes and the weights' are counted from the tensors themselves. Reported per kind:
+activations, temporaries. Adam's moments are created before the measured step (a step on zero gradients), and so
+is the LoRA gradient buffer, which backward accumulates into (DeepSpeed's contiguous gradient buffer exists from the
+start too, and the planner counts it as a fixed term); their bytes and the weights' are counted from the tensors
+themselves. Reported per kind:
 - weights: frozen parameters (and buffers), counted;
 - LoRA state: LoRA weights + gradients + fp32 masters + Adam m, v, counted;
 - activations: bytes alive at the end of the forward (the loss computed), what backward will need;
-- backward working set: the step's peak minus the activations and the LoRA gradients.
+- backward, beyond the activations: the step's peak minus the activations (with checkpointing the recomputed
+  layer and the working set, without it the working set alone). The peak is either in the audio head's backward
+  (fp32 logit gradients) or in a layer's, whichever is larger; the planner takes the same maximum.
+Re-score stored rows against a changed planner without measuring again: `--rows out.json`.
 Activations and peak are fitted per layer (fixed + per-layer) over the layer counts run and extrapolated to the
 released 28 layers, then compared with the planner's terms (higgs_lora.plan.memory) for the same micro-batch.
 
@@ -110,6 +115,8 @@ def measure_step(config, processor, items, budget: int, checkpointing: bool, ste
         master.grad = torch.zeros_like(master)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    for param in params:  # the gradient buffer exists before the step, as DeepSpeed's contiguous one does
+        param.grad = torch.zeros_like(param)
 
     def step(batch, tracker: LiveBytes | None) -> dict:
         found: dict = {}
@@ -123,7 +130,7 @@ def measure_step(config, processor, items, budget: int, checkpointing: bool, ste
             found["after_backward"] = tracker.current
         for param, master in zip(params, masters):
             master.grad = param.grad.float()
-            param.grad = None
+            param.grad.zero_()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
@@ -133,7 +140,8 @@ def measure_step(config, processor, items, budget: int, checkpointing: bool, ste
 
     batch = pc._batch_of(processor, items, budget, step_index)
     state = [v for per_param in optimizer.state.values() for v in per_param.values()]
-    existing = [*model.parameters(), *model.buffers(), *masters, *state, *tree_flatten(batch)[0]]
+    grads = [p.grad for p in params]
+    existing = [*model.parameters(), *grads, *model.buffers(), *masters, *state, *tree_flatten(batch)[0]]
     tracker = LiveBytes(existing)
     started = time.perf_counter()
     with tracker:
@@ -145,7 +153,7 @@ def measure_step(config, processor, items, budget: int, checkpointing: bool, ste
         for state in optimizer.state.values()
     )
     frozen = _nbytes(p for p in model.parameters() if not p.requires_grad) + _nbytes(model.buffers())
-    lora_grads = lora_weights  # bf16 gradients of the bf16 LoRA weights, alive from backward to the step
+    lora_grads = _nbytes(grads)  # bf16, counted from the buffer (outside the live bytes)
     positions = batch["input_ids"].numel()
     labelled = int(batch["loss_mask"].sum())
     result = {
@@ -156,7 +164,7 @@ def measure_step(config, processor, items, budget: int, checkpointing: bool, ste
         "lora_state": lora_weights + lora_grads + _nbytes(masters) + adam,
         "trainable": sum(p.numel() for p in params),
         "activations": found["after_forward"],
-        "working_set": tracker.peak - found["after_forward"] - lora_grads,
+        "working_set": tracker.peak - found["after_forward"],
         "peak": tracker.peak,
         "seconds": seconds,
     }
@@ -199,62 +207,84 @@ def planner_terms(config, batch_stats: dict, layers: int, checkpointing: bool, t
     }
 
 
-def compare(config, processor, items, layer_counts, budgets, checkpointing_modes, log=print) -> list[dict]:
-    """Measured (extrapolated to 28 layers) against predicted, per budget and checkpointing; rows of a table."""
-    table = []
+def measure(config, processor, items, layer_counts, budgets, checkpointing_modes, log=print) -> list[dict]:
+    """One measured step per checkpointing mode, budget and layer count; the rows `compare` scores."""
+    rows = []
     for checkpointing in checkpointing_modes:
         for budget in budgets:
-            rows = []
             for layers in layer_counts:
                 config.num_hidden_layers = layers
                 row = measure_step(config, processor, items, budget, checkpointing)
-                row["layers"] = layers
+                row.update(checkpointing=checkpointing, budget=budget, layers=layers)
                 rows.append(row)
-                log(json.dumps({"checkpointing": checkpointing, "budget": budget, **row}))
-            measured = {
-                "positions": rows[0]["positions"],
-                "labelled_audio_positions": rows[0]["labelled_audio_positions"],
+                log(json.dumps(row))
+    return rows
+
+
+def compare(config, rows: list[dict]) -> list[dict]:
+    """Measured (extrapolated to 28 layers) against predicted, per budget and checkpointing; rows of a table."""
+    table = []
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["checkpointing"], row["budget"]), []).append(row)
+    for (checkpointing, budget), group in groups.items():
+        measured = {
+            "positions": group[0]["positions"],
+            "labelled_audio_positions": group[0]["labelled_audio_positions"],
+        }
+        trainable_per_layer = fit_layers(group, "trainable")
+        trainable = round(trainable_per_layer[0] + RELEASED_LAYERS * trainable_per_layer[1])
+        for key in ("activations", "peak", "lora_state"):
+            fixed, per_layer = fit_layers(group, key)
+            measured[key] = fixed + RELEASED_LAYERS * per_layer
+        measured["working_set"] = measured["peak"] - measured["activations"]
+        config.num_hidden_layers = RELEASED_LAYERS
+        predicted = planner_terms(config, measured, RELEASED_LAYERS, checkpointing, trainable)
+        # At the step's peak: what backward needs of the forward (activations), what it holds beyond them (with
+        # checkpointing the layer recomputed, and the working set), and the LoRA state.
+        measured_sum = measured["peak"] + measured["lora_state"]
+        table.append(
+            {
+                "checkpointing": checkpointing,
+                "budget": budget,
+                "positions": measured["positions"],
+                "layers_run": sorted({r["layers"] for r in group}),
+                "measured": {k: measured[k] for k in ("activations", "working_set", "lora_state")}
+                | {"sum": measured_sum},
+                "predicted": predicted,
+                "error": predicted["sum"] / measured_sum - 1,
             }
-            trainable_per_layer = fit_layers(rows, "trainable")
-            trainable = round(trainable_per_layer[0] + RELEASED_LAYERS * trainable_per_layer[1])
-            for key in ("activations", "peak", "lora_state"):
-                fixed, per_layer = fit_layers(rows, key)
-                measured[key] = fixed + RELEASED_LAYERS * per_layer
-            measured["working_set"] = measured["peak"] - measured["activations"] - 2 * trainable
-            config.num_hidden_layers = RELEASED_LAYERS
-            predicted = planner_terms(config, measured, RELEASED_LAYERS, checkpointing, trainable)
-            # At the step's peak: what backward needs of the forward (activations, and with checkpointing the one
-            # layer recomputed), its working set, and the LoRA state.
-            measured_sum = measured["peak"] - 2 * trainable + measured["lora_state"]
-            table.append(
-                {
-                    "checkpointing": checkpointing,
-                    "budget": budget,
-                    "positions": measured["positions"],
-                    "layers_run": list(layer_counts),
-                    "measured": {k: measured[k] for k in ("activations", "working_set", "lora_state")}
-                    | {"sum": measured_sum},
-                    "predicted": predicted,
-                    "error": predicted["sum"] / measured_sum - 1,
-                }
-            )
+        )
     return table
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Measured rows from an earlier run: its --json file, or its log (one JSON object per measured step)."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text)["rows"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        pass
+    rows = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    if not rows:
+        raise SystemExit(f"{path}: no measured rows (a --json file of this script, or its printed log)")
+    return rows
 
 
 def markdown(table: list[dict]) -> str:
     gib = 1024**3
     lines = [
-        "| checkpointing | positions | activations meas / pred (GiB) | backward working set meas / pred | "
+        "| checkpointing | positions | activations meas / pred (GiB) | backward, beyond them, meas / pred | "
         "LoRA state meas / pred | sum meas / pred | error |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in table:
         m, p = row["measured"], row["predicted"]
-        act_pred = p["activations"] + p["recomputed_layer"] if row["checkpointing"] else p["activations"]
+        beyond = p["recomputed_layer"] + p["working_set"]
         lines.append(
             f"| {'on' if row['checkpointing'] else 'off'} | {row['positions']:,} | "
-            f"{m['activations'] / gib:.2f} / {act_pred / gib:.2f} | {m['working_set'] / gib:.2f} / "
-            f"{p['working_set'] / gib:.2f} | {m['lora_state'] / gib:.3f} / {p['lora_state'] / gib:.3f} | "
+            f"{m['activations'] / gib:.2f} / {p['activations'] / gib:.2f} | {m['working_set'] / gib:.2f} / "
+            f"{beyond / gib:.2f} | {m['lora_state'] / gib:.3f} / {p['lora_state'] / gib:.3f} | "
             f"{m['sum'] / gib:.2f} / {p['sum'] / gib:.2f} | {100 * row['error']:+.1f}% |"
         )
     return "\n".join(lines)
@@ -272,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny-dir", type=Path, default=Path("build/tiny"))
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--rows",
+        type=Path,
+        help="score the steps an earlier run measured (its --json file or its log) against today's planner, "
+        "instead of measuring; give the same --hidden/--intermediate/--vocab",
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     model_dir, processor = pc.setup(args.tiny_dir)
@@ -279,13 +315,17 @@ def main(argv: list[str] | None = None) -> int:
     config = pc.layer_config(model_dir, processor, args.hidden, args.intermediate, max(args.layers), args.vocab)
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    table = compare(config, processor, items, args.layers, args.budgets, modes)
-    text = markdown(table)
-    print(text)
+    if args.rows:
+        rows = read_rows(args.rows)
+    else:
+        rows = measure(config, processor, items, args.layers, args.budgets, modes)
+    table = compare(config, rows)
+    print(markdown(table))
     if args.json:
         meta = {"date": started, "torch": torch.__version__, "machine": platform.machine(), "args": vars(args)}
         meta["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in meta["args"].items()}
-        args.json.write_text(json.dumps({"meta": meta, "table": table}, indent=2) + "\n", encoding="utf-8")
+        out = {"meta": meta, "rows": rows, "table": table}
+        args.json.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     return 0
 
 

@@ -35,18 +35,33 @@ class Coefficients:
     """Extra with LoRA dropout > 0: PEFT keeps a dropped copy of each adapted projection's input, and its mask."""
     checkpoint_h: float = 2.0
     """With checkpointing: each layer keeps only its input (bf16 hidden states)."""
-    transient_h: float = 6.0
-    transient_i: float = 8.0
-    """Backward working set of one layer per position (gradients of the MLP intermediates and of the hidden
-    states), analytic until calibrated on a GPU."""
-    logit_bytes: float = 12.0
-    """Per labelled position and audio-head output: fp32 logits kept for the loss (4), their gradient (4), the
-    bf16 copy and softmax temporaries (4)."""
+    checkpoint_tail_h: float = 6.3
+    """With checkpointing: the last layer's output (bf16, 2h) and the final norm's fp32 copy of it (4h), kept for
+    the head's backward; measured 6.2-6.4 h at 1.5k/3k widths (bench/plan_memory.py, 2026-12-03). Without
+    checkpointing the same bytes are already inside `28 * per_layer`: layer 0's input norm saves nothing (its input,
+    the frozen embedding, needs no gradient), which the final norm makes up almost exactly (the measured intercept
+    beyond the logits is 0.01-0.2 h)."""
+    layer_backward_h: float = 17.5
+    """Without checkpointing: what a layer's backward holds beyond the activations at its peak, per position (the
+    RMSNorm backward's fp32 copies of the hidden states); independent of the MLP size. Measured 15.4-17.5 h at
+    1.6k-16k positions, released width (bench/plan_memory.py, 2026-12-03)."""
+    recompute_extra_h: float = 1.0
+    """With checkpointing: beyond the recomputed layer's activations at its backward's peak (the first gradient of
+    the layer's output); measured -0.1 to +1.2 h."""
+    logit_bytes: float = 4.0
+    """Per labelled position and audio-head output, kept from the forward: the fp32 log-probabilities the loss's
+    backward reads (the measured activations' intercept at zero layers is exactly this)."""
+    head_backward_bytes: float = 11.0
+    """Per labelled position and audio-head output, during the head's backward: the fp32 logit gradient, its
+    softmax temporary and the gradient into the hidden states (measured 10.8-10.9, 2026-12-03). The backward's
+    peak is either here or in a layer, whichever is larger: the head's at small widths, a layer's at the released
+    one."""
     cuda_context_gib: float = 0.6
     """CUDA context, cuBLAS workspaces and NCCL buffers outside PyTorch's allocator."""
     source: str = (
         "activations: saved-tensor counts, full-size layer shapes, bf16 base and adapters, CPU, 2026-12-03 "
-        "(bench/plan_calibration.py --method saved-tensors); transient and context: analytic. "
+        "(bench/plan_calibration.py --method saved-tensors); backward working set: step peaks at four widths, CPU, "
+        "2026-12-03 (bench/plan_memory.py); CUDA context: analytic. "
         "GPU calibration pending (no GPU was available)."
     )
 
@@ -150,16 +165,21 @@ class MemoryModel:
         per_layer = k.act_h * h + k.act_i * i + k.act_0
         if self.lora_dropout > 0:
             per_layer += k.dropout_h * h + k.dropout_i * i
+        kept_logits = k.logit_bytes * s.audio_outputs * self.seq.labelled_fraction
+        head_backward = k.head_backward_bytes * s.audio_outputs * self.seq.labelled_fraction
         if c.checkpointing:
-            kept = s.num_layers * k.checkpoint_h * h
-            terms.append(Term("activations (layer inputs)", 0.0, kept))
+            terms.append(
+                Term("activations (layer inputs)", 0.0, (s.num_layers * k.checkpoint_h + k.checkpoint_tail_h) * h)
+            )
             terms.append(Term("recomputed layer", 0.0, per_layer))
+            # The peak is in the recomputed layer's backward or the head's, whichever holds more.
+            working = max(k.recompute_extra_h * h, head_backward - per_layer)
         else:
             terms.append(Term("activations", 0.0, s.num_layers * per_layer))
-        terms.append(Term("audio logits", 0.0, k.logit_bytes * s.audio_outputs * self.seq.labelled_fraction))
-        transient = k.transient_h * h + k.transient_i * i
+            working = max(k.layer_backward_h * h, head_backward)
+        terms.append(Term("audio logits", 0.0, kept_logits))
         dequant = 2 * 2 * s.largest_linear if self.quantization == "nf4" else 0.0
-        terms.append(Term("backward working set", dequant, transient))
+        terms.append(Term("backward working set", dequant, working))
         terms.append(Term("CUDA context", k.cuda_context_gib * GIB))
         return terms
 
