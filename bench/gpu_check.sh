@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 if compgen -G ".whl/*.whl" > /dev/null; then
-    "$PYTHON" -m pip install --quiet --no-index --no-deps --target build/wheels-site .whl/*.whl
+    "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade --target build/wheels-site .whl/*.whl
     export PYTHONPATH="$PWD/build/wheels-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
     echo "no .whl/: running with the packages installed here (missing ones are skipped)" >&2

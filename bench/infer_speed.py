@@ -28,9 +28,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def build_model(size: str, workdir: Path):
-    """A random model of the given size saved and loaded through the real loader; returns the model dir."""
-    from higgs_lora.tiny import ensure_tiny
+def build_model(size: str, workdir: Path, device: str = "cpu", layers: int | None = None):
+    """A random model of the given size saved and loaded through the real loader; returns the model dir.
+
+    The full size is the released architecture (model in bf16, codec with the released dimensions: its decode is
+    part of every figure) at `workdir/full/{model,codec}`, initialised on `device` (on a GPU: seconds; on a CPU the
+    5.8B initialisations take minutes) and reused when present, so several runs build it once."""
+    from higgs_lora.tiny import build_codec, build_feature_extractor, ensure_tiny
 
     tiny = ensure_tiny(workdir / "tiny")
     if size == "tiny":
@@ -39,21 +43,32 @@ def build_model(size: str, workdir: Path):
 
     from higgs_lora.plan import RELEASED_MODEL_CONFIG
 
+    tiny_config = json.loads((tiny.model_dir / "config.json").read_text())
     config = HiggsAudioV2Config(
-        **{
-            **json.loads((tiny.model_dir / "config.json").read_text()),
-            **{k: v for k, v in RELEASED_MODEL_CONFIG.items() if not k.endswith("_id")},
-        }
+        **{**tiny_config, **{k: v for k, v in RELEASED_MODEL_CONFIG.items() if not k.endswith("_id")}}
     )
-    config.vocab_size = json.loads((tiny.model_dir / "config.json").read_text())["vocab_size"]
-    out = workdir / "full"
-    if not (out / "config.json").is_file():
-        with torch.device("cpu"):
-            model = HiggsAudioV2ForConditionalGeneration(config).to(torch.bfloat16)
-        model.save_pretrained(out)
+    config.vocab_size = tiny_config["vocab_size"]  # the tiny tokenizer's; its special ids are the released ones
+    if layers:
+        config.num_hidden_layers = layers
+    out = workdir / (f"full-{layers}-layers" if layers else "full")
+    if not (out / "model" / "config.json").is_file():
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device(device):
+                model = HiggsAudioV2ForConditionalGeneration(config)
+        finally:
+            torch.set_default_dtype(previous)
+        model.save_pretrained(out / "model")
+        del model
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json"):
-            (out / name).write_bytes((tiny.model_dir / name).read_bytes())
-    return out
+            (out / "model" / name).write_bytes((tiny.model_dir / name).read_bytes())
+        codec = build_codec(0, full_size=True)
+        codec.save_pretrained(out / "codec")  # found as ../codec beside the model (resolve_codec_path)
+        build_feature_extractor().save_pretrained(out / "codec")
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return out / "model"
 
 
 def timed(fn, device: str) -> float:
@@ -76,8 +91,12 @@ def main() -> int:
         "--compile", choices=["auto", "on", "off"], default="auto", help="compiled decode step (auto: on a GPU)"
     )
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", type=int, help="--size full with this many decoder layers (a CPU smoke run)")
     parser.add_argument("--codec-seams", action="store_true")
-    parser.add_argument("--workdir", default=None)
+    parser.add_argument(
+        "--baseline", action=argparse.BooleanOptionalAction, default=True, help="also time transformers `generate`"
+    )
+    parser.add_argument("--workdir", default=None, help="keep the random checkpoint here (reused when present)")
     args = parser.parse_args()
     if args.codec_seams:
         return codec_seams()
@@ -101,7 +120,7 @@ def main() -> int:
 
 
 def measure(args, workdir: Path, build_prompt, VoiceCloner, SamplingParams) -> int:  # noqa: N803 (classes passed in)
-    model_dir = build_model(args.size, workdir)
+    model_dir = build_model(args.size, workdir, args.device, args.layers)
     compile_step = {"auto": "auto", "on": True, "off": False}[args.compile]
     cloner = VoiceCloner.load(
         model_dir, device=args.device, cache="static" if compile_step is True else "auto", compile_step=compile_step
@@ -148,18 +167,6 @@ def measure(args, workdir: Path, build_prompt, VoiceCloner, SamplingParams) -> i
             if len(chunk.samples):
                 return
 
-    ours(1)  # warm-up (and compilation, when compiled)
-    hf(1)
-    results = {}
-    for name, fn in [("ours", ours), ("transformers", hf)]:
-        single = min(timed(lambda fn=fn: fn(1), args.device) for _ in range(args.repeats))
-        results[name] = {"rtf_batch1": single / audio_seconds}
-        for size in args.batch:
-            batched = min(timed(lambda fn=fn, size=size: fn(size), args.device) for _ in range(args.repeats))
-            results[name][f"audio_s_per_s_batch{size}"] = size * audio_seconds / batched
-            results[name][f"frames_per_s_batch{size}"] = size * frames / batched
-    first_chunk()
-    results["ours"]["first_audio_s"] = min(timed(first_chunk, args.device) for _ in range(args.repeats))
     header = {
         "size": args.size,
         "device": args.device,
@@ -169,6 +176,31 @@ def measure(args, workdir: Path, build_prompt, VoiceCloner, SamplingParams) -> i
         "python": platform.python_version(),
         "machine": platform.machine(),
     }
+    results: dict = {"ours": {}}
+
+    def emit() -> None:  # after every figure: a run cut short by a time limit still leaves what it measured
+        print(json.dumps({**header, "results": results}), flush=True)
+
+    started = time.perf_counter()
+    ours(1)  # warm-up (and compilation, when compiled)
+    results["ours"]["warmup_s"] = time.perf_counter() - started
+    pipelines = [("ours", ours)]
+    if args.baseline:
+        hf(1)
+        pipelines.append(("transformers", hf))
+    for name, fn in pipelines:
+        single = min(timed(lambda fn=fn: fn(1), args.device) for _ in range(args.repeats))
+        results.setdefault(name, {})["rtf_batch1"] = single / audio_seconds
+        emit()
+        if name == "ours":
+            first_chunk()
+            results["ours"]["first_audio_s"] = min(timed(first_chunk, args.device) for _ in range(args.repeats))
+            emit()
+        for size in args.batch:
+            batched = min(timed(lambda fn=fn, size=size: fn(size), args.device) for _ in range(args.repeats))
+            results[name][f"audio_s_per_s_batch{size}"] = size * audio_seconds / batched
+            results[name][f"frames_per_s_batch{size}"] = size * frames / batched
+            emit()
     print(json.dumps({**header, "results": results}, indent=1))
     return 0
 

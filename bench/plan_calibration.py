@@ -171,6 +171,8 @@ def gpu_method(args) -> dict:
             Path(args.config),
             [f"model.quantization={quantization}", "model.path=released", "train.global_batch_tokens=0"],
         )
+        if quantization == "nf4":
+            _saved_random_base(model_dir, processor, device)
         # Slopes: peak at several budgets, checkpointing on and off, no cap; fitted as fixed + per-position bytes.
         for checkpointing in (False, True):
             peaks = []
@@ -202,7 +204,8 @@ def gpu_method(args) -> dict:
                         "points": good,
                     }
                 )
-        for cap in args.caps:
+        caps = args.caps if quantization == "none" or args.nf4_caps is None else args.nf4_caps
+        for cap in caps:
             hardware = Hardware(1, 1, int(cap * GIB), torch.cuda.get_device_name(device), "cap")
             plan = make_plan(cfg, load_ds_config("auto"), hardware, RELEASED_MODEL_CONFIG, sequence_stats(cfg))
             row = {
@@ -238,7 +241,43 @@ def gpu_method(args) -> dict:
                     row["error"] = row["measured_gb"] / (row["predicted_gb"] - context) - 1
             result["runs"].append(row)
             print(json.dumps(row), flush=True)
+        if quantization == "nf4" and args.nf4_budget:
+            # The planner's own 16 GiB row answers it when it ran at least that budget with checkpointing.
+            planned = [
+                r
+                for r in result["runs"]
+                if r["quantization"] == "nf4" and r["cap_gib"] == 16 and r["checkpointing"] and "skipped" not in r
+            ]
+            if planned and planned[0]["budget"] >= args.nf4_budget:
+                row = planned[0]
+                result["qlora_16gib"] = {
+                    "cap_gib": 16,
+                    "budget": row["budget"],
+                    "checkpointing": True,
+                    "fits": not row.get("oom", False),
+                    "from": "the planner's 16 GiB row",
+                }
+                if "measured_gb" in row:
+                    result["qlora_16gib"]["measured_gib"] = row["measured_gb"] * 1e9 / GIB
+            else:
+                result["qlora_16gib"] = _qlora_fits(args, model_dir, processor, items, cfg.lora.dropout, total, device)
+            print(json.dumps({"qlora_16gib": result["qlora_16gib"]}), flush=True)
     return result
+
+
+def _qlora_fits(args, model_dir, processor, items, dropout, total, device) -> dict:
+    """QLoRA on a 16 GiB card: `--nf4-budget` positions per micro-batch, checkpointing on, under a 16 GiB cap."""
+    from higgs_lora.plan import GIB
+
+    torch.cuda.set_per_process_memory_fraction(min(1.0, 16 * GIB / total), device)
+    try:
+        peak = _measure(model_dir, processor, items, "nf4", dropout, True, args.nf4_budget, args.steps, device)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+    row = {"cap_gib": 16, "budget": args.nf4_budget, "checkpointing": True, "fits": peak is not None}
+    if peak is not None:
+        row["measured_gib"] = peak / GIB
+    return row
 
 
 def _measure(model_dir, processor, items, quantization, dropout, checkpointing, budget, steps, device) -> int | None:
@@ -288,10 +327,31 @@ def _line(points: list[tuple[int, int]]) -> tuple[float, float]:
 _SAVED_RANDOM: dict[str, Path] = {}
 
 
-def _released_model(model_dir, processor, quantization, dropout, checkpointing, device):
-    """The released architecture with random weights; for NF4 saved once to disk and loaded 4-bit as training does."""
+def _saved_random_base(model_dir, processor, device) -> Path:
+    """The released architecture with random weights saved once (bf16, the released keys) for 4-bit loading.
+
+    Initialised on the GPU (5.8B random initialisations on a CPU take minutes), saved, and freed before any cap
+    or peak measurement (gpu_method calls this first), so the bf16 copy is in no measured peak."""
     import tempfile
 
+    if "path" not in _SAVED_RANDOM:
+        path = Path(tempfile.mkdtemp(prefix="higgs-random-"))
+        base = tt.build_on_meta(layer_config(model_dir, processor, 3072, 8192, 28), torch.bfloat16)
+        base.to_empty(device=device)
+        torch.manual_seed(0)
+        base.initialize_weights()
+        base.save_pretrained(path)
+        del base
+        torch.cuda.empty_cache()
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+            if (Path(model_dir) / name).is_file():
+                (path / name).write_bytes((Path(model_dir) / name).read_bytes())
+        _SAVED_RANDOM["path"] = path
+    return _SAVED_RANDOM["path"]
+
+
+def _released_model(model_dir, processor, quantization, dropout, checkpointing, device):
+    """The released architecture with random weights; for NF4 saved once to disk and loaded 4-bit as training does."""
     from higgs_lora.config import LoraConfig, ModelConfig
     from higgs_lora.model.loading import load_base_model
     from higgs_lora.model.lora import apply_lora
@@ -299,14 +359,8 @@ def _released_model(model_dir, processor, quantization, dropout, checkpointing, 
     config = layer_config(model_dir, processor, 3072, 8192, 28)
     if quantization == "none":
         return random_lora_model(config, torch.bfloat16, str(device), dropout, checkpointing)
-    if "path" not in _SAVED_RANDOM:
-        path = Path(tempfile.mkdtemp(prefix="higgs-random-"))
-        random_lora_model(config, torch.bfloat16, "cpu", dropout, False).base_model.model.save_pretrained(path)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-            if (Path(model_dir) / name).is_file():
-                (path / name).write_bytes((Path(model_dir) / name).read_bytes())
-        _SAVED_RANDOM["path"] = path
-    model_cfg = ModelConfig(path=str(_SAVED_RANDOM["path"]), quantization="nf4", gradient_checkpointing=checkpointing)
+    path = str(_saved_random_base(model_dir, processor, device))
+    model_cfg = ModelConfig(path=path, quantization="nf4", gradient_checkpointing=checkpointing)
     model = apply_lora(load_base_model(model_cfg, device), LoraConfig(dropout=dropout), model_cfg)
     for param in model.parameters():  # adapters in bf16, as DeepSpeed's bf16 engine runs them (random_lora_model)
         if param.requires_grad:
@@ -337,7 +391,11 @@ def main() -> int:
     parser.add_argument("--config", default="configs/arabic_lora.yaml")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument(
-        "--sweep", type=int, nargs="+", default=[1024, 2048, 4096], help="budgets for the slope fit (no cap)"
+        "--sweep", type=int, nargs="*", default=[1024, 2048, 4096], help="slope-fit budgets (no cap; none: skip)"
+    )
+    parser.add_argument("--nf4-caps", type=float, nargs="*", help="caps of the QLoRA rows (default: --caps)")
+    parser.add_argument(
+        "--nf4-budget", type=int, default=2048, help="QLoRA at this many positions under a 16 GiB cap (0: skip)"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny-dir", type=Path, default=Path("build/tiny"))
