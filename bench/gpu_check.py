@@ -3,18 +3,19 @@
     bash bench/gpu_check.sh                                   # on the GPU machine (installs .whl/ first)
     python bench/gpu_check.py --device cpu --size tiny        # the CI run on a CPU: the plumbing, in seconds
 
-Sections, each a bench/ script run as a subprocess under what is left of the time budget (a section that would not
-fit is skipped, saying so):
+Sections, most wanted first, each a bench/ script run as a subprocess under its own limit and what is left of the
+budget (a section that would not fit is skipped, saying so; one that runs over is killed with its process group and
+keeps the figures it printed):
 - gpu_tests: `pytest -m gpu tests/gpu`;
 - train: bench/train_throughput.py, ours vs the HF Trainer baseline (target-audio s/s, MFU, peak memory), LoRA
   bf16, the plain loop (DeepSpeed's launcher path is not run here: say so in the JSON);
-- planner_and_qlora: bench/plan_calibration.py --method gpu: measured vs predicted peak at 16/24/40/80 GiB caps for
-  LoRA bf16 and QLoRA (the 16 GiB row is the QLoRA-on-a-16-GiB-card question), CUDA and bitsandbytes only;
+- planner_and_qlora: bench/plan_calibration.py --method gpu: QLoRA under a 16 GiB cap first (the 16 GB-card
+  question), then LoRA bf16 measured vs predicted peak at 16/24/40/80 GiB caps; CUDA (and bitsandbytes) only;
+- codec: bench/codec_throughput.py, hours of audio encoded per hour;
 - decode_eager / decode_compiled: bench/infer_speed.py, batch-1 real-time factor, time to first streamed audio,
-  batched frames/s at 8/32/64 (compiled: CUDA only);
-- codec: bench/codec_throughput.py, hours of audio encoded per hour.
+  batched frames/s at 8/32/64 (compiled: CUDA only, ours only), one random full-size checkpoint for both.
 Writes `<out>/gpu_check.json` (every section's figures, status, reason, log file) and `<out>/gpu_check.md` (the
-table), and prints the table and what it skipped for want of a package or a GPU.
+table) after every section, and prints the table and what it skipped for want of a package or a GPU.
 """
 
 from __future__ import annotations
