@@ -36,6 +36,10 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from higgs_lora.files import atomic_write_text  # noqa: E402  (light: os, pathlib, tempfile)
+
 BENCH = REPO_ROOT / "bench"
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "deepspeed", "soundfile")
 
@@ -74,11 +78,8 @@ class Runner:
 
     def save(self) -> None:
         report = self.report()
-        texts = {"gpu_check.json": json.dumps(report, indent=2, default=str), "gpu_check.md": table(report)}
-        for name, text in texts.items():
-            partial = self.out / f".{name}.partial"
-            partial.write_text(text + "\n", encoding="utf-8")
-            partial.replace(self.out / name)
+        atomic_write_text(self.out / "gpu_check.json", json.dumps(report, indent=2, default=str) + "\n")
+        atomic_write_text(self.out / "gpu_check.md", table(report) + "\n")
 
     def run(self, name: str, command: list[str], timeout_s: float, parse) -> None:
         """Run one section under min(`timeout_s`, what is left); a section cut by its limit is killed with its
@@ -104,21 +105,20 @@ class Runner:
             timed_out = True
         log.write_text(stdout + "\n--- stderr ---\n" + stderr, encoding="utf-8")
         result |= {"seconds": round(time.monotonic() - started, 1), "log": log.name}
-        if timed_out:
-            result["status"] = "timeout"
-            try:
-                result["figures"] = parse(stdout)
-            except Exception:  # nothing complete was printed before the limit
-                pass
-        elif process.returncode == 0:
-            result |= {"status": "ok", "returncode": 0}
-            try:
-                result["figures"] = parse(stdout)
-            except Exception as error:  # a figure we could not read is reported, the others still run
-                result["status"], result["reason"] = "failed", f"could not read its output: {error!r}"
-        else:
-            result |= {"status": "failed", "returncode": process.returncode}
+        if not timed_out:
+            result["returncode"] = process.returncode
+        if not timed_out and process.returncode != 0:
+            result["status"] = "failed"
             result["reason"] = (stderr.strip().splitlines() or ["(no stderr)"])[-1][:300]
+        else:
+            result["status"] = "timeout" if timed_out else "ok"
+            try:
+                result["figures"] = parse(stdout)
+            except Exception as error:  # reported; the other sections still run
+                what = "printed no complete figure before its limit" if timed_out else "could not read its output"
+                result["reason"] = f"{what}: {error!r}"
+                if not timed_out:
+                    result["status"] = "failed"
         self.results[name] = result
         self.save()
 

@@ -26,6 +26,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import train_throughput as tt  # noqa: E402  (bench helpers: a random model of a config)
 
 
 def build_model(size: str, workdir: Path, device: str = "cpu", layers: int | None = None):
@@ -39,7 +42,7 @@ def build_model(size: str, workdir: Path, device: str = "cpu", layers: int | Non
     tiny = ensure_tiny(workdir / "tiny")
     if size == "tiny":
         return tiny.model_dir
-    from transformers import HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
+    from transformers import HiggsAudioV2Config
 
     from higgs_lora.plan import RELEASED_MODEL_CONFIG
 
@@ -52,13 +55,7 @@ def build_model(size: str, workdir: Path, device: str = "cpu", layers: int | Non
         config.num_hidden_layers = layers
     out = workdir / (f"full-{layers}-layers" if layers else "full")
     if not (out / "model" / "config.json").is_file():
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            with torch.device(device):
-                model = HiggsAudioV2ForConditionalGeneration(config)
-        finally:
-            torch.set_default_dtype(previous)
+        model = tt.random_model(config, torch.bfloat16, device)
         model.save_pretrained(out / "model")
         del model
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json"):

@@ -74,11 +74,7 @@ def random_lora_model(config, dtype: torch.dtype, device: str, dropout: float, c
     from higgs_lora.config import LoraConfig, ModelConfig
     from higgs_lora.model.lora import apply_lora
 
-    model = tt.build_on_meta(config, dtype)
-    model.to_empty(device=device)
-    torch.manual_seed(seed)
-    model.initialize_weights()
-    model.requires_grad_(False)
+    model = tt.random_model(config, dtype, device, seed)
     model = apply_lora(model, LoraConfig(dropout=dropout), ModelConfig(gradient_checkpointing=checkpointing))
     # PEFT makes the adapters fp32; DeepSpeed's bf16/fp16 engine casts every parameter to the training dtype (its
     # buffers stay as they are), so training runs them in `dtype`. With fp32 adapters each adapted projection would
@@ -242,39 +238,28 @@ def gpu_method(args) -> dict:
             result["runs"].append(row)
             print(json.dumps(row), flush=True)
         if quantization == "nf4" and args.nf4_budget:
-            # The planner's own 16 GiB row answers it when it ran at least that budget with checkpointing.
-            planned = [
-                r
-                for r in result["runs"]
-                if r["quantization"] == "nf4" and r["cap_gib"] == 16 and r["checkpointing"] and "skipped" not in r
-            ]
-            if planned and planned[0]["budget"] >= args.nf4_budget:
-                row = planned[0]
-                result["qlora_16gib"] = {
-                    "cap_gib": 16,
-                    "budget": row["budget"],
-                    "checkpointing": True,
-                    "fits": not row.get("oom", False),
-                    "from": "the planner's 16 GiB row",
-                }
-                if "measured_gb" in row:
-                    result["qlora_16gib"]["measured_gib"] = row["measured_gb"] * 1e9 / GIB
-            else:
-                result["qlora_16gib"] = _qlora_fits(args, model_dir, processor, items, cfg.lora.dropout, total, device)
+            result["qlora_16gib"] = _qlora_16gib(args, result["runs"], model_dir, processor, items, cfg, total, device)
             print(json.dumps({"qlora_16gib": result["qlora_16gib"]}), flush=True)
     return result
 
 
-def _qlora_fits(args, model_dir, processor, items, dropout, total, device) -> dict:
-    """QLoRA on a 16 GiB card: `--nf4-budget` positions per micro-batch, checkpointing on, under a 16 GiB cap."""
+def _qlora_16gib(args, runs, model_dir, processor, items, cfg, total, device) -> dict:
+    """QLoRA on a 16 GiB card at `--nf4-budget` positions, checkpointing on: the planner's 16 GiB run answers it
+    when it ran at least that budget with checkpointing, else one more run under a 16 GiB cap."""
     from higgs_lora.plan import GIB
 
-    torch.cuda.set_per_process_memory_fraction(min(1.0, 16 * GIB / total), device)
-    try:
-        peak = _measure(model_dir, processor, items, "nf4", dropout, True, args.nf4_budget, args.steps, device)
-    finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
-    row = {"cap_gib": 16, "budget": args.nf4_budget, "checkpointing": True, "fits": peak is not None}
+    planned = next((r for r in runs if r["quantization"] == "nf4" and r["cap_gib"] == 16 and "skipped" not in r), None)
+    if planned and planned["checkpointing"] and planned["budget"] >= args.nf4_budget:
+        budget, source = planned["budget"], "the planner's 16 GiB row"
+        peak = None if planned.get("oom") else planned["measured_gb"] * 1e9
+    else:
+        budget, source = args.nf4_budget, "its own run"
+        torch.cuda.set_per_process_memory_fraction(min(1.0, 16 * GIB / total), device)
+        try:
+            peak = _measure(model_dir, processor, items, "nf4", cfg.lora.dropout, True, budget, args.steps, device)
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+    row = {"cap_gib": 16, "budget": budget, "checkpointing": True, "fits": peak is not None, "from": source}
     if peak is not None:
         row["measured_gib"] = peak / GIB
     return row
@@ -336,10 +321,7 @@ def _saved_random_base(model_dir, processor, device) -> Path:
 
     if "path" not in _SAVED_RANDOM:
         path = Path(tempfile.mkdtemp(prefix="higgs-random-"))
-        base = tt.build_on_meta(layer_config(model_dir, processor, 3072, 8192, 28), torch.bfloat16)
-        base.to_empty(device=device)
-        torch.manual_seed(0)
-        base.initialize_weights()
+        base = tt.random_model(layer_config(model_dir, processor, 3072, 8192, 28), torch.bfloat16, device)
         base.save_pretrained(path)
         del base
         torch.cuda.empty_cache()
